@@ -1,0 +1,41 @@
+"""clusterattn: ClusterAttn prompt-KV compression for Hugging Face causal LMs, with its baselines."""
+
+from clusterattn.dbac import dbac, topk_indices
+from clusterattn.generation import GenerationOutput, generate
+from clusterattn.models import load_model
+from clusterattn.presses import (
+    PRESSES,
+    BasePress,
+    ChunkKVPress,
+    ClusterAttnPress,
+    FullKV,
+    H2OPress,
+    PyramidKVPress,
+    RandomPress,
+    SnapKVPress,
+    StreamingLLMPress,
+)
+from clusterattn.scoring import accumulated_scores, window_scores
+
+__version__ = "0.1.0"
+
+
+__all__ = [
+    "PRESSES",
+    "BasePress",
+    "ChunkKVPress",
+    "ClusterAttnPress",
+    "FullKV",
+    "GenerationOutput",
+    "H2OPress",
+    "PyramidKVPress",
+    "RandomPress",
+    "SnapKVPress",
+    "StreamingLLMPress",
+    "accumulated_scores",
+    "dbac",
+    "generate",
+    "load_model",
+    "topk_indices",
+    "window_scores",
+]

@@ -1,0 +1,177 @@
+"""DBAC: density-based attention clustering, as pure tensor functions (imports only torch).
+
+ClusterAttn (Zhang et al., *ClusterAttn: KV Cache Compression under Intrinsic Attention Clustering*,
+ACL 2025) keeps the contiguous spans ("clusters") of prompt tokens that each head attends to, instead
+of SnapKV's scattered top-k tokens. Given per-token scores ``(..., n)`` (typically ``(batch, kv_heads,
+prefix)``), :func:`dbac` returns exactly ``budget`` unique, sorted token indices per row, vectorised
+over all leading dimensions and linear in ``n``.
+
+Variant ``"A"`` (centre expansion, the default; reconstructed from the paper's description):
+
+1. ``blksize = max(1, budget // num_block)``; block max-pool of the scores (kernel = stride =
+   ``blksize``) gives one density peak and its arg-max position per block.
+2. Blocks whose peak is below ``theta`` cannot seed a cluster (noise).
+3. The ``num_block`` highest surviving peaks are the cluster centres.
+4. Each centre ``c`` claims the span ``[c - before, c - before + blksize)`` with
+   ``before = round(span_before * blksize)``, shifted to fit inside ``[0, n)``.
+5. Union of the spans; rank tokens by (in a cluster, score) and keep the top ``budget``: over-full
+   clusters are trimmed by score, spare budget goes to the best tokens between clusters.
+
+Variant ``"B"`` (prompt blocks, another public reading of the paper's Algorithm 1): cut the row into
+``num_block`` equal blocks, every block whose peak is ``>= theta`` is a centre, expand each by
+``expand`` neighbouring blocks, rank tokens by (inside a candidate block, score), keep the top
+``budget``. With a permissive ``theta`` it collapses into top-k.
+
+``num_block == budget`` (span width 1) reduces variant A to plain top-k of the scores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+VARIANTS = ("A", "B")
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def default_num_block(budget: int, span_width: int) -> int:
+    """Number of clusters for spans of about ``span_width`` tokens: ``max(1, budget // span_width)``."""
+    return max(1, budget // span_width)
+
+
+def rank_and_select(scores: torch.Tensor, budget: int, *tiers: torch.Tensor) -> torch.Tensor:
+    """Top-``budget`` indices by lexicographic key ``(tiers..., score)``, sorted ascending.
+
+    ``tiers`` are bool masks shaped like ``scores``; an earlier tier outranks a later one, and
+    within a tier tokens are ordered by score. Non-finite (``-inf``, e.g. padding) scores stay last
+    whatever their tier. Ranking runs in float64 so the tier offsets never blur score order.
+    """
+    s = scores.double()
+    finite = torch.isfinite(s)
+    hi = torch.where(finite, s, float("-inf")).amax(dim=-1, keepdim=True)
+    lo = torch.where(finite, s, float("inf")).amin(dim=-1, keepdim=True)
+    step = (hi - lo).nan_to_num(0.0, posinf=0.0, neginf=0.0).clamp_min(0.0) + 1.0
+    rank = s
+    for level, tier in enumerate(reversed(tiers)):
+        rank = rank + tier.double() * step * (2**level)
+    return rank.topk(budget, dim=-1).indices.sort(dim=-1).values
+
+
+def sink_mask(scores: torch.Tensor, n_sink: int) -> torch.Tensor:
+    """Bool mask of the first ``n_sink`` tokens with a finite score (the first real tokens)."""
+    finite = torch.isfinite(scores)
+    return finite & (finite.long().cumsum(dim=-1) <= n_sink)
+
+
+def _spans_variant_a(scores: torch.Tensor, budget: int, num_block: int, theta, span_before: float, length):
+    n = scores.shape[-1]
+    blk = max(1, budget // num_block)
+    n_blocks = math.ceil(n / blk)
+    padded = F.pad(scores.float(), (0, n_blocks * blk - n), value=float("-inf"))
+    peaks, arg = padded.view(*scores.shape[:-1], n_blocks, blk).max(dim=-1)
+    centres = torch.arange(n_blocks, device=scores.device) * blk + arg
+    if theta is not None:
+        peaks = peaks.masked_fill(peaks < theta, float("-inf"))
+    top_peaks, top_blocks = peaks.topk(min(num_block, n_blocks), dim=-1)
+    valid = torch.isfinite(top_peaks)
+    before = min(blk - 1, int(round(span_before * blk)))
+    start = torch.minimum((centres.gather(-1, top_blocks) - before).clamp_min(0), (length - blk).clamp_min(0))
+    span = start.unsqueeze(-1) + torch.arange(blk, device=scores.device)  # (..., k, blk)
+    hits = valid.unsqueeze(-1).expand_as(span).long()
+    counts = torch.zeros(scores.shape, dtype=torch.long, device=scores.device)
+    counts.scatter_add_(-1, span.flatten(-2).clamp_max(n - 1), hits.flatten(-2))
+    return counts > 0
+
+
+def _blocks_variant_b(scores: torch.Tensor, num_block: int, theta, expand: int):
+    n = scores.shape[-1]
+    blk = math.ceil(n / num_block)
+    n_blocks = math.ceil(n / blk)
+    padded = F.pad(scores.float(), (0, n_blocks * blk - n), value=float("-inf"))
+    peaks = padded.view(*scores.shape[:-1], n_blocks, blk).amax(dim=-1)
+    centre = torch.isfinite(peaks) if theta is None else peaks >= theta
+    flat = centre.float().reshape(-1, 1, n_blocks)
+    dilated = F.max_pool1d(flat, kernel_size=2 * expand + 1, stride=1, padding=expand) > 0
+    return dilated.view(*scores.shape[:-1], n_blocks).repeat_interleave(blk, dim=-1)[..., :n]
+
+
+def dbac(
+    scores: torch.Tensor,
+    budget: int,
+    *,
+    num_block: int | None = None,
+    theta: float | None = None,
+    span_width: int = 32,
+    span_before: float = 0.25,
+    n_sink: int = 0,
+    variant: str = "A",
+    expand: int = 1,
+) -> torch.Tensor:
+    """Fit contiguous attention clusters and return the kept token indices.
+
+    Args:
+        scores: ``(..., n)`` token importance, e.g. window scores ``(batch, kv_heads, prefix)``.
+            ``-inf`` marks tokens that must never be kept unless nothing else is left; leading
+            ``-inf`` (left padding) is skipped, so a padded row keeps what it would keep alone.
+        budget: number of indices to return per row (ClusterAttn passes the prefix budget
+            ``B - window``); ``1 <= budget <= n``.
+        num_block: number of clusters (variant A) or of equal prompt blocks (variant B). Default
+            ``max(1, budget // span_width)``: spans of about ``span_width`` tokens.
+        theta: absolute density threshold (a float, or a tensor broadcastable to ``(..., 1)``);
+            blocks whose peak score is below it seed no cluster. ``None`` admits every block.
+            (:class:`~clusterattn.ClusterAttnPress` sets it relative to the uniform mass.)
+        span_width: target span width used when ``num_block`` is None.
+        span_before: share of each span placed before its centre (0.5 = centred). Variant A.
+        n_sink: the first ``n_sink`` finite-scored tokens are always kept.
+        variant: ``"A"`` (centre expansion) or ``"B"`` (prompt blocks).
+        expand: neighbouring blocks added on each side of a centre block (variant B).
+
+    Returns:
+        ``(..., budget)`` int64 indices, unique and ascending in every row.
+    """
+    if not isinstance(scores, torch.Tensor) or scores.ndim < 1:
+        raise TypeError("scores must be a torch.Tensor with at least one dimension")
+    n = scores.shape[-1]
+    _check_int("budget", budget, 1)
+    if budget > n:
+        raise ValueError(f"budget ({budget}) must be <= the number of scored tokens ({n})")
+    if num_block is None:
+        num_block = default_num_block(budget, _check_int("span_width", span_width, 1))
+    _check_int("num_block", num_block, 1)
+    _check_int("n_sink", n_sink, 0)
+    _check_int("expand", expand, 0)
+    if not 0.0 <= span_before < 1.0:
+        raise ValueError(f"span_before must be in [0, 1), got {span_before}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if n_sink > budget:
+        raise ValueError(f"n_sink ({n_sink}) must be <= budget ({budget})")
+    # Left padding (leading -inf) is rolled to the end, so that every row's block grid and span
+    # clamping start at its first real token: a padded row selects what it would select alone.
+    lead = (~torch.isfinite(scores)).long().cumprod(dim=-1).sum(dim=-1, keepdim=True)
+    padded = bool(lead.any())
+    if padded:
+        scores = scores.gather(-1, (torch.arange(n, device=scores.device) + lead) % n)
+    if variant == "A":
+        clusters = _spans_variant_a(scores, budget, num_block, theta, span_before, n - lead)
+    else:
+        clusters = _blocks_variant_b(scores, num_block, theta, expand)
+    kept = rank_and_select(scores, budget, sink_mask(scores, n_sink), clusters)
+    return ((kept + lead) % n).sort(dim=-1).values if padded else kept
+
+
+def topk_indices(scores: torch.Tensor, budget: int, n_sink: int = 0) -> torch.Tensor:
+    """Plain top-``budget`` of ``scores`` ``(..., n)`` (SnapKV's selection), sorted ascending."""
+    _check_int("budget", budget, 1)
+    if budget > scores.shape[-1]:
+        raise ValueError(f"budget ({budget}) must be <= the number of scored tokens ({scores.shape[-1]})")
+    return rank_and_select(scores, budget, sink_mask(scores, n_sink))

@@ -1,0 +1,1 @@
+"""Evaluation helpers (synthetic long-context tasks such as needle-in-a-haystack)."""

@@ -1,0 +1,195 @@
+"""``generate()``: prefill (compressed by a press), optional question, greedy decode, with stats."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from clusterattn.integration import cache_kwarg, kv_bytes, new_cache
+
+
+@dataclass
+class GenerationOutput:
+    """Result of :func:`generate`.
+
+    ``text``: decoded answer (a list for batched input); ``tokens``: ``(batch, new_tokens)`` ids;
+    ``stats``: prompt tokens, kept tokens per layer, KV bytes before/after, timings in seconds.
+    """
+
+    text: str | list[str]
+    tokens: torch.Tensor
+    stats: dict = field(default_factory=dict)
+
+
+def build_prompt(tokenizer, context: str, question: str | None, answer_prefix: str = "", chat: bool = True):
+    """Split the prompt text into the context part and the rest (question, template tail, prefix).
+
+    With a chat template the user turn is ``context + "\\n\\n" + question``. Both parts are
+    tokenised separately, so query-aware and query-agnostic runs see identical token ids.
+    """
+    if not isinstance(context, str) or not context.strip():
+        raise ValueError("context must be a non-empty string")
+    if question is not None and not isinstance(question, str):
+        raise TypeError(f"question must be a str or None, got {type(question).__name__}")
+    user = context if question is None else f"{context}\n\n{question}"
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+        end = text.index(context) + len(context)
+        head, tail = text[:end], text[end:]
+    else:
+        head, tail = context, user[len(context) :]
+        if tokenizer.bos_token and not head.startswith(tokenizer.bos_token):
+            head = tokenizer.bos_token + head
+    tail = tail + (answer_prefix or "")
+    return head, tail
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    context: str | list[str],
+    question: str | list[str] | None = None,
+    *,
+    press=None,
+    max_new_tokens: int = 32,
+    query_aware: bool = True,
+    answer_prefix: str = "",
+    chat: bool = True,
+) -> GenerationOutput:
+    """Greedy generation from a long ``context`` with the prompt cache compressed by ``press``.
+
+    Args:
+        context: the document (or a list of documents for a batch, left-padded).
+        question: appended after the context (one per document, or one for all).
+        press: a press (e.g. ``ClusterAttnPress(budget=256)``); None or ``FullKV()`` = full cache.
+        query_aware: True puts the question inside the compressed prompt (the paper's setting);
+            False compresses the context alone and appends the question afterwards, uncompressed.
+        answer_prefix: text appended after the generation prompt (e.g. RULER's answer prefix).
+        chat: apply the tokenizer's chat template when it has one.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    batched = isinstance(context, (list, tuple))
+    contexts = list(context) if batched else [context]
+    if not contexts:
+        raise ValueError("context must not be an empty list")
+    questions = list(question) if isinstance(question, (list, tuple)) else [question] * len(contexts)
+    if len(questions) != len(contexts):
+        raise ValueError(f"question has {len(questions)} entries for {len(contexts)} contexts")
+    pairs = zip(contexts, questions, strict=True)
+    parts = [build_prompt(tokenizer, c, q, answer_prefix, chat) for c, q in pairs]
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    heads, tails = [encode(h) for h, _ in parts], [encode(t) for _, t in parts]
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if query_aware:
+        prompt_ids, prompt_mask = _left_pad([h + t for h, t in zip(heads, tails, strict=True)], pad_id)
+        rest = None
+    else:
+        prompt_ids, prompt_mask = _left_pad(heads, pad_id)
+        if len({len(t) for t in tails}) != 1:
+            raise ValueError("query_aware=False needs questions of equal token length in a batch")
+        rest = torch.tensor(tails, dtype=torch.long)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+
+    cache = new_cache(model)
+    name = cache_kwarg(model)
+    positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
+    context_manager = press(model) if press is not None else _NoSession()
+    with context_manager as session:
+        start = time.perf_counter()
+        logits = model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{name: cache},
+        ).logits
+        prefill_s = time.perf_counter() - start
+        stats = getattr(session, "stats", None)
+        compress_s = stats.seconds if stats else 0.0
+        kept = dict(stats.kept_tokens) if stats else {}
+        after = kv_bytes(cache)
+        before = after + ((stats.full_bytes - stats.kept_bytes) if stats else 0)
+        mask, next_pos = prompt_mask, positions[:, -1] + 1
+        start = time.perf_counter()
+        if rest is not None:
+            rest = rest.to(device)
+            mask = torch.cat([mask, torch.ones_like(rest)], -1)
+            step_pos = next_pos[:, None] + torch.arange(rest.shape[1], device=device)
+            logits = model(
+                input_ids=rest,
+                attention_mask=mask,
+                position_ids=step_pos,
+                use_cache=True,
+                logits_to_keep=1,
+                **{name: cache},
+            ).logits
+            next_pos = next_pos + rest.shape[1]
+        eos, out = _eos_ids(model, tokenizer), []
+        done = torch.zeros(len(contexts), dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            token = logits[:, -1].argmax(-1)
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+            out.append(token)
+            done |= torch.tensor([int(t) in eos for t in token], device=device)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
+            logits = model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=next_pos[:, None],
+                use_cache=True,
+                **{name: cache},
+            ).logits
+            next_pos = next_pos + 1
+        decode_s = time.perf_counter() - start
+    tokens = torch.stack(out, dim=1)
+    texts = [
+        tokenizer.decode([t for t in row.tolist() if t not in eos and t != pad_id], skip_special_tokens=True)
+        for row in tokens
+    ]
+    stats_out = {
+        "prompt_tokens": int(prompt_ids.shape[1] + (0 if rest is None else rest.shape[1])),
+        "compressed_tokens": int(prompt_ids.shape[1]),
+        "kept_tokens": kept,
+        "kv_bytes_full": int(before),
+        "kv_bytes": int(after),
+        "prefill_s": prefill_s - compress_s,
+        "compress_s": compress_s,
+        "decode_s": decode_s,
+        "new_tokens": len(out),
+    }
+    return GenerationOutput(text=texts if batched else texts[0], tokens=tokens, stats=stats_out)
+
+
+class _NoSession:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,283 @@
+"""The one module that knows transformers internals.
+
+How a press runs inside a Hugging Face model (transformers 5.2 through 5.24):
+
+- An attention function registered with ``AttentionInterface`` wraps the model's own (sdpa or
+  eager). It computes the attention as usual, and at the end of prefill (``q_len == kv_len``) hands
+  the post-RoPE queries and the layer's full keys to the press, which returns kept indices
+  ``(batch, kv_heads, budget)``; the gathered keys/values wait on the session.
+- A forward hook on each ``self_attn`` module swaps them into that layer's cache before the next
+  layer runs, so the full-length KV of all layers never coexists. The cache is found among the
+  hook's kwargs by type, never by the kwarg's name.
+- A forward pre-hook on the model records the padding of the prompt and, once a cache has been
+  compressed, rewrites ``position_ids`` (tokens after the prompt keep positions ``L, L+1, ...``)
+  and the 2-D ``attention_mask`` (its length follows the compressed cache).
+
+Sliding-window layers (Gemma3) are never compressed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+_PREFIX = "clusterattn_"
+
+
+def text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def check_model(model) -> None:
+    """Raise ``ValueError`` unless ``model`` is a supported causal LM."""
+    model_type = getattr(text_config(model), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+
+
+def compressible_layers(model) -> list[int]:
+    """Indices of the full-attention layers (the only ones a press compresses)."""
+    config = text_config(model)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return []
+    return list(range(config.num_hidden_layers))
+
+
+def attention_modules(model) -> dict[int, torch.nn.Module]:
+    """``{layer_idx: self_attn module}`` for every decoder layer."""
+    found = {}
+    for name, module in model.named_modules():
+        if name.endswith("self_attn") and hasattr(module, "layer_idx"):
+            found[module.layer_idx] = module
+    return found
+
+
+def _base_attention(module, implementation: str):
+    if implementation == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def _register(implementation: str) -> str:
+    name = _PREFIX + implementation
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return name
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        output = _base_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
+        session = getattr(module, "_clusterattn_session", None)
+        if session is not None:
+            session.on_attention(module, query, key, value, kwargs.get("scaling", module.scaling))
+        return output
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
+    return name
+
+
+def cache_kwarg(model) -> str:
+    """Name of ``model.forward``'s cache argument (``cache`` from 5.24, ``past_key_values`` before)."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def new_cache(model) -> Cache:
+    """An empty dynamic cache with the right layer type per layer (sliding layers for Gemma3)."""
+    return DynamicCache(config=model.config)
+
+
+def find_cache(args, kwargs) -> Cache | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Cache):
+            return value
+    return None
+
+
+def kv_bytes(cache: Cache) -> int:
+    """Bytes held by the keys and values of every layer of ``cache``."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@dataclass
+class CompressionStats:
+    """What the last prefill under a press did.
+
+    ``kept_tokens``: ``{layer_idx: tokens kept per KV head}`` for compressed layers;
+    ``full_bytes`` / ``kept_bytes``: KV bytes of the compressed layers before and after;
+    ``seconds``: time spent scoring, selecting and gathering.
+    """
+
+    prompt_tokens: int = 0
+    kept_tokens: dict[int, int] = field(default_factory=dict)
+    full_bytes: int = 0
+    kept_bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _CacheState:
+    """Attached to a compressed cache: what decode steps need to stay consistent."""
+
+    next_pos: torch.Tensor  # (batch,) position of the first token after the prompt
+    lengths: dict[int, int]  # compressed length per layer
+    kept_real: torch.Tensor | None  # (batch, kept) False on kept padding slots, None without padding
+
+
+class PressSession:
+    """A press applied to one model; created by ``with press(model) as session``."""
+
+    def __init__(self, model, press) -> None:
+        self.model = model
+        self.press = press
+        self.layers = compressible_layers(model)
+        self.rank = {layer: i for i, layer in enumerate(self.layers)}
+        self.model_type = text_config(model).model_type
+        self.stats = CompressionStats()
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._pad_mask: torch.Tensor | None = None
+        self._next_pos: torch.Tensor | None = None
+
+    # -- model pre-hook -------------------------------------------------------------------------
+    def before_forward(self, module, args, kwargs):
+        cache = find_cache(args, kwargs)
+        state = getattr(cache, "_clusterattn", None) if cache is not None else None
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs["inputs_embeds"]
+        batch, q_len = tokens.shape[:2]
+        mask = kwargs.get("attention_mask")
+        if state is None:
+            self._begin_prefill(tokens, q_len, mask, kwargs.get("position_ids"))
+            return args, kwargs
+        ref = next(iter(state.lengths))
+        past = cache.layers[ref].keys.shape[2] - state.lengths[ref]
+        steps = torch.arange(past, past + q_len, device=tokens.device)
+        kwargs["position_ids"] = state.next_pos.to(tokens.device)[:, None] + steps[None, :]
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            if state.kept_real is None:
+                kwargs["attention_mask"] = None
+            else:
+                tail = torch.ones(batch, past + q_len, dtype=torch.bool, device=mask.device)
+                kwargs["attention_mask"] = torch.cat([state.kept_real.to(mask.device), tail], -1).to(
+                    mask.dtype
+                )
+        return args, kwargs
+
+    def _begin_prefill(self, tokens, q_len, mask, position_ids) -> None:
+        self._pending.clear()
+        self._pad_mask = None
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and not bool(mask.bool().all()):
+            real = mask.bool()
+            if bool((real[:, :-1] & ~real[:, 1:]).any()):
+                raise ValueError("attention_mask: only left padding is supported (pads must precede tokens)")
+            if not self.press.uniform_layers or self.model_type.startswith("gemma3"):
+                raise ValueError(
+                    f"padded batches are not supported with {type(self.press).__name__} on "
+                    f"{self.model_type}: layers would keep different padding; pass equal-length prompts"
+                )
+            self._pad_mask = real[:, -q_len:]
+        if isinstance(position_ids, torch.Tensor):
+            self._next_pos = position_ids.expand(tokens.shape[0], -1)[:, -1] + 1
+        else:
+            self._next_pos = torch.full((tokens.shape[0],), q_len, dtype=torch.long)
+
+    # -- attention wrapper ----------------------------------------------------------------------
+    def on_attention(self, module, query, key, value, scaling) -> None:
+        layer = module.layer_idx
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if layer not in self.rank or q_len != kv_len or q_len < 2:
+            return
+        start = time.perf_counter()
+        with torch.no_grad():
+            idx = self.press.select(
+                query,
+                key,
+                scaling,
+                layer=self.rank[layer],
+                n_layers=len(self.layers),
+                pad_mask=self._pad_mask,
+            )
+            self.stats.prompt_tokens = kv_len
+            if idx is None:
+                return
+            gather = idx.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1])
+            self._pending[layer] = (key.gather(2, gather), value.gather(2, gather), idx)
+        self.stats.seconds += time.perf_counter() - start
+
+    # -- self_attn forward hook -----------------------------------------------------------------
+    def after_attention(self, module, args, kwargs, output):
+        pending = self._pending.pop(module.layer_idx, None)
+        cache = find_cache(args, kwargs)
+        if pending is None or cache is None:
+            return output
+        keys, values, idx = pending
+        layer = cache.layers[module.layer_idx]
+        if "Sliding" in type(layer).__name__:
+            return output
+        start = time.perf_counter()
+        self.stats.full_bytes += 2 * layer.keys.numel() * layer.keys.element_size()
+        layer.keys, layer.values = keys, values
+        self.stats.kept_bytes += 2 * keys.numel() * keys.element_size()
+        self.stats.kept_tokens[module.layer_idx] = keys.shape[2]
+        state = getattr(cache, "_clusterattn", None)
+        if state is None:
+            kept_real = None
+            if self._pad_mask is not None:
+                real = self._pad_mask.to(idx.device).gather(1, idx[:, 0, :])
+                kept_real = None if bool(real.all()) else real
+            state = _CacheState(next_pos=self._next_pos, lengths={}, kept_real=kept_real)
+            cache._clusterattn = state
+        state.lengths[module.layer_idx] = keys.shape[2]
+        self.stats.seconds += time.perf_counter() - start
+        return output
+
+
+@contextlib.contextmanager
+def apply_press(model, press) -> Iterator[PressSession]:
+    """Install ``press`` on ``model`` for the duration of the block; see the module docstring."""
+    check_model(model)
+    config = text_config(model)
+    implementation = config._attn_implementation
+    if implementation.startswith(_PREFIX):
+        raise RuntimeError("a press is already applied to this model; presses do not nest")
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"attention implementation {implementation!r} is not supported; load the model with "
+            f"attn_implementation in {SUPPORTED_ATTENTION}"
+        )
+    session = PressSession(model, press)
+    modules = attention_modules(model)
+    handles = [model.register_forward_pre_hook(session.before_forward, with_kwargs=True)]
+    for module in modules.values():
+        module._clusterattn_session = session
+        handles.append(module.register_forward_hook(session.after_attention, with_kwargs=True))
+    model.set_attn_implementation(_register(implementation))
+    try:
+        yield session
+    finally:
+        model.set_attn_implementation(implementation)
+        for handle in handles:
+            handle.remove()
+        for module in modules.values():
+            del module._clusterattn_session

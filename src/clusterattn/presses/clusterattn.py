@@ -1,0 +1,101 @@
+"""ClusterAttn: keep the contiguous attention clusters of each KV head.
+
+Zhang et al., *ClusterAttn: KV Cache Compression under Intrinsic Attention Clustering*, ACL 2025.
+Window scores (:func:`clusterattn.scoring.window_scores`) are clustered by DBAC
+(:func:`clusterattn.dbac.dbac`); the kept cache is ``[K_prefix[clusters] ; K_window]`` per KV head.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from clusterattn.dbac import VARIANTS, dbac
+from clusterattn.presses.base import WindowPress, check_choice, check_int
+from clusterattn.scoring import AGGREGATIONS, window_scores
+
+
+@dataclass
+class ClusterAttnPress(WindowPress):
+    """ClusterAttn prompt compression (ACL 2025).
+
+    Args:
+        budget / compression_ratio: see :class:`~clusterattn.presses.base.BasePress`.
+        window_size: observation window ``w`` (default 32), always kept.
+        num_block: number of clusters; default ``max(1, (budget - w) // span_width)``.
+        span_width: target cluster width when ``num_block`` is None (default 32 tokens).
+        span_before: share of each span placed before its peak (0.5 = centred; default 0.25, since
+            what follows an attention peak, e.g. the rest of a number, matters more).
+        alpha: relative density threshold, ``theta = alpha * w / L_pre`` (1.0 = uniform mass).
+        theta: absolute threshold; overrides ``alpha`` when given.
+        aggregation: how GQA query heads of one KV head combine scores: mean, sum or max.
+        n_sink: first real tokens always kept (default 0).
+        variant: DBAC variant ``"A"`` (centre expansion) or ``"B"`` (prompt blocks).
+        expand: neighbouring blocks per centre block (variant B).
+    """
+
+    num_block: int | None = None
+    span_width: int = 32
+    span_before: float = 0.25
+    alpha: float = 1.0
+    theta: float | None = None
+    aggregation: str = "mean"
+    n_sink: int = 0
+    variant: str = "A"
+    expand: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_block is not None:
+            check_int("num_block", self.num_block, 1)
+        check_int("span_width", self.span_width, 1)
+        check_int("n_sink", self.n_sink, 0)
+        check_int("expand", self.expand, 0)
+        if not 0.0 <= self.span_before < 1.0:
+            raise ValueError(f"span_before must be in [0, 1), got {self.span_before}")
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        check_choice("variant", self.variant, VARIANTS)
+
+    def prefix_scores(self, query, key, scaling, *, layer, pad_mask):
+        return window_scores(
+            query, key, scaling, self.window_size, aggregation=self.aggregation, pad_mask=pad_mask
+        )
+
+    def select_prefix(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        theta = self.theta
+        if theta is None:  # relative to the uniform mass over each row's real prefix tokens
+            real = torch.isfinite(scores[:, :1]).sum(dim=-1, keepdim=True).clamp_min(1)
+            theta = self.alpha * self.window_size / real
+        return dbac(
+            scores,
+            budget,
+            num_block=self.num_block,
+            theta=theta,
+            span_width=self.span_width,
+            span_before=self.span_before,
+            n_sink=self.n_sink,
+            variant=self.variant,
+            expand=self.expand,
+        )
+
+    @classmethod
+    def from_profile(cls, path: str | Path, **overrides) -> ClusterAttnPress:
+        """Build a press from a JSON profile (a dict of this class's fields), with overrides."""
+        data = json.loads(Path(path).read_text())
+        config = data.get("config", data)
+        known = {f.name for f in fields(cls)}
+        unknown = set(config) - known
+        if unknown:
+            raise ValueError(f"profile {path} has unknown ClusterAttnPress fields: {sorted(unknown)}")
+        config.update(overrides)
+        if "budget" not in config and "compression_ratio" not in config:
+            raise ValueError("from_profile needs budget or compression_ratio (in the file or as an override)")
+        return cls(**config)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,124 @@
+"""Token-importance scores from post-RoPE queries and keys, without ``output_attentions``.
+
+Every function here imports only torch and works on one layer at a time:
+
+- ``query``: ``(batch, q_heads, q_len, head_dim)``, after RoPE (and q-norm where the model has one);
+- ``key``:   ``(batch, kv_heads, seq, head_dim)``, the layer's full cached keys after RoPE;
+- ``pad_mask``: optional ``(batch, seq)`` bool, True on real tokens (left padding only).
+
+Scores are returned per KV head, ``(batch, kv_heads, seq)``, so that selection happens per KV head
+and the memory saving under grouped-query attention is real.
+"""
+
+from __future__ import annotations
+
+import torch
+
+AGGREGATIONS = ("mean", "sum", "max")
+
+
+def _group_reduce(scores: torch.Tensor, kv_heads: int, aggregation: str) -> torch.Tensor:
+    """Reduce ``(batch, q_heads, seq)`` scores to ``(batch, kv_heads, seq)`` over each GQA group."""
+    batch, q_heads, seq = scores.shape
+    grouped = scores.view(batch, kv_heads, q_heads // kv_heads, seq)
+    if aggregation == "mean":
+        return grouped.mean(dim=2)
+    if aggregation == "sum":
+        return grouped.sum(dim=2)
+    if aggregation == "max":
+        return grouped.amax(dim=2)
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+def _attention_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    q_positions: torch.Tensor,
+    pad_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Causal softmax attention of a block of queries over all keys, fp32.
+
+    ``query`` ``(batch, q_heads, n, d)`` sits at absolute positions ``q_positions`` ``(n,)``; returns
+    ``(batch, q_heads, n, seq)``. Only this ``n x seq`` block is ever built.
+    """
+    batch, q_heads, n, dim = query.shape
+    kv_heads, seq = key.shape[1], key.shape[2]
+    group = q_heads // kv_heads
+    q = query.float().view(batch, kv_heads, group, n, dim)
+    logits = torch.einsum("bhgnd,bhsd->bhgns", q, key.float()) * scaling
+    future = torch.arange(seq, device=key.device)[None, :] > q_positions[:, None]  # (n, seq)
+    invalid = future[None, None, None]
+    if pad_mask is not None:
+        invalid = invalid | ~pad_mask[:, None, None, None, :]
+    logits = logits.masked_fill(invalid, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows that see only pads give zeros
+    return probs.view(batch, q_heads, n, seq)
+
+
+def window_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    window_size: int,
+    *,
+    aggregation: str = "mean",
+    pad_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Observation-window scores (SnapKV / ClusterAttn feature aggregation).
+
+    ``A = softmax(Q_w K^T * scaling)`` for the last ``window_size`` queries, with the causal mask
+    inside the window, summed over the window rows and aggregated over each GQA group.
+
+    Args:
+        query: ``(batch, q_heads, q_len, head_dim)``; only its last ``window_size`` rows are used.
+        key: ``(batch, kv_heads, seq, head_dim)``; the window is the last ``window_size`` keys.
+        scaling: the attention scale the model uses (``head_dim ** -0.5`` for most models).
+        window_size: number of observation queries ``w``.
+        aggregation: ``"mean"``, ``"sum"`` or ``"max"`` over the query heads of a KV group.
+        pad_mask: ``(batch, seq)`` True on real tokens; pads score ``-inf``.
+
+    Returns:
+        ``(batch, kv_heads, seq - window_size)`` fp32 scores for the prefix tokens.
+    """
+    seq = key.shape[2]
+    if not 0 < window_size < seq:
+        raise ValueError(f"window_size must be in (0, {seq}), got {window_size}")
+    positions = torch.arange(seq - window_size, seq, device=key.device)
+    probs = _attention_probs(query[:, :, -window_size:], key, scaling, positions, pad_mask)
+    summed = probs[..., : seq - window_size].sum(dim=2)  # (batch, q_heads, prefix)
+    scores = _group_reduce(summed, key.shape[1], aggregation)
+    if pad_mask is not None:
+        scores = scores.masked_fill(~pad_mask[:, None, : seq - window_size], float("-inf"))
+    return scores
+
+
+def accumulated_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    *,
+    aggregation: str = "mean",
+    pad_mask: torch.Tensor | None = None,
+    chunk_size: int = 512,
+) -> torch.Tensor:
+    """H2O heavy-hitter scores: attention received from *every* prompt query, summed.
+
+    Computed in query chunks of ``chunk_size`` so at most ``chunk_size x seq`` scores per head exist
+    at once. ``query`` must cover the whole prompt (``q_len == seq``).
+
+    Returns:
+        ``(batch, kv_heads, seq)`` fp32 scores; pads score ``-inf``.
+    """
+    seq = key.shape[2]
+    if query.shape[2] != seq:
+        raise ValueError(f"accumulated_scores needs one query per key, got {query.shape[2]} and {seq}")
+    total = torch.zeros(query.shape[0], query.shape[1], seq, dtype=torch.float32, device=key.device)
+    for start in range(0, seq, chunk_size):  # chunks bound memory; the work inside is vectorised
+        stop = min(start + chunk_size, seq)
+        positions = torch.arange(start, stop, device=key.device)
+        total += _attention_probs(query[:, :, start:stop], key, scaling, positions, pad_mask).sum(dim=2)
+    scores = _group_reduce(total, key.shape[1], aggregation)
+    if pad_mask is not None:
+        scores = scores.masked_fill(~pad_mask[:, None, :], float("-inf"))
+    return scores

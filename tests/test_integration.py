@@ -1,0 +1,191 @@
+"""The press inside real transformers models: every family, positions, layer-wise compression, batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import clusterattn as ca
+from clusterattn.integration import new_cache
+from conftest import tiny_model
+from test_presses import PRESS_FACTORIES
+
+
+class IdTokenizer:
+    """A tokenizer stand-in for tiny models: text is a space-separated list of token ids."""
+
+    chat_template = None
+    bos_token = None
+    pad_token_id = 0
+    eos_token_id = 127
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [int(t) for t in text.split()]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids)
+
+
+TOK = IdTokenizer()
+
+
+def ids_text(n, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return " ".join(str(int(t)) for t in torch.randint(1, 120, (n,), generator=generator))
+
+
+def capture_positions(model):
+    """Record the position ids every rotary-embedding call sees."""
+    seen = []
+    rotary = next(m for name, m in model.named_modules() if name.endswith("rotary_emb"))
+
+    def record(module, args, kwargs):
+        positions = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
+        if not seen or not torch.equal(seen[-1], positions):  # Gemma3 calls it once per layer type
+            seen.append(positions.clone())
+
+    return seen, rotary.register_forward_pre_hook(record, with_kwargs=True)
+
+
+@pytest.mark.parametrize("name", list(PRESS_FACTORIES))
+def test_budget_at_least_prompt_is_identical(family_model, name):
+    family, model = family_model
+    context = ids_text(60)
+    reference = ca.generate(model, TOK, context, "5 6 7", max_new_tokens=6)
+    out = ca.generate(model, TOK, context, "5 6 7", press=PRESS_FACTORIES[name](64), max_new_tokens=6)
+    assert torch.equal(out.tokens, reference.tokens)
+    assert out.stats["kept_tokens"] == {}
+    ids = torch.tensor([[int(t) for t in context.split()]])
+    plain = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with PRESS_FACTORIES[name](64)(model):
+        pressed = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(plain, pressed)
+
+
+@pytest.mark.parametrize("name", ["clusterattn", "snapkv", "pyramidkv", "h2o", "streamingllm"])
+def test_compressed_generate_matches_model_generate(family_model, name):
+    family, model = family_model
+    context = ids_text(150, seed=3)
+    press = PRESS_FACTORIES[name](40)
+    out = ca.generate(model, TOK, context, press=press, max_new_tokens=6)
+    full_layers = [
+        i for i, t in enumerate(getattr(model.config, "layer_types", None) or []) if t == "full_attention"
+    ]
+    assert set(out.stats["kept_tokens"]) == set(full_layers or range(model.config.num_hidden_layers))
+    assert out.stats["kv_bytes"] < out.stats["kv_bytes_full"]
+    ids = torch.tensor([[int(t) for t in context.split()]])
+    with press(model) as session:
+        pressed = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert session.stats.kept_tokens == out.stats["kept_tokens"]
+    assert torch.equal(pressed[0, 150:], out.tokens[0])
+
+
+def test_positions_after_the_prompt_are_original(family_model):
+    family, model = family_model
+    context = ids_text(150, seed=4)
+    press = ca.ClusterAttnPress(budget=40, window_size=8)
+    seen, handle = capture_positions(model)
+    try:
+        ca.generate(model, TOK, context, press=press, max_new_tokens=3)
+        assert seen[0].shape[-1] == 150
+        assert [int(p[0, -1]) for p in seen[1:]] == [150, 151]
+        seen.clear()
+        ids = torch.tensor([[int(t) for t in context.split()]])
+        with press(model):
+            model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert [int(p[0, -1]) for p in seen[1:]] == [150, 151]
+        seen.clear()
+        ca.generate(model, TOK, context, "9 9 9", press=press, max_new_tokens=2, query_aware=False)
+        assert seen[1][0].tolist() == [150, 151, 152] and int(seen[2][0, -1]) == 153
+    finally:
+        handle.remove()
+
+
+def test_layer_wise_compression_inside_prefill(llama):
+    """When layer 1 runs, layer 0's cache is already compressed: full KV of all layers never coexists."""
+    lengths = []
+    attn1 = llama.model.layers[1].self_attn
+
+    def record(module, args, kwargs):
+        cache = next(v for v in kwargs.values() if isinstance(v, ca.integration.Cache))
+        lengths.append(cache.layers[0].keys.shape[2])
+
+    handle = attn1.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        cache = new_cache(llama)
+        with ca.ClusterAttnPress(budget=40, window_size=8)(llama), torch.no_grad():
+            llama(torch.randint(1, 120, (1, 150)), **{ca.integration.cache_kwarg(llama): cache})
+    finally:
+        handle.remove()
+    assert lengths == [40]
+    assert [layer.keys.shape[2] for layer in cache.layers] == [40, 40]
+
+
+def test_gemma3_sliding_layers_untouched():
+    model = tiny_model("gemma3")
+    out = ca.generate(
+        model, TOK, ids_text(150), press=ca.ClusterAttnPress(budget=40, window_size=8), max_new_tokens=2
+    )
+    assert set(out.stats["kept_tokens"]) == {1, 3}
+
+
+@pytest.mark.parametrize("name", ["clusterattn", "snapkv", "streamingllm", "h2o", "random"])
+def test_left_padded_batch_rows_match_single_rows(llama, name):
+    press = PRESS_FACTORIES[name](40)
+    contexts = [ids_text(150, seed=5), ids_text(110, seed=6), ids_text(30, seed=7)]
+    batch = ca.generate(llama, TOK, contexts, press=press, max_new_tokens=5)
+    for i, context in enumerate(contexts):
+        single = ca.generate(llama, TOK, context, press=press, max_new_tokens=5)
+        assert batch.text[i] == single.text
+    with press(llama):
+        rows = [[int(t) for t in c.split()] for c in contexts]
+        width = max(map(len, rows))
+        ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+        mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+        pressed = llama.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(pressed[:, width:], batch.tokens)
+
+
+def test_equal_length_batch(llama):
+    contexts = [ids_text(150, seed=8), ids_text(150, seed=9)]
+    press = ca.ClusterAttnPress(budget=40, window_size=8)
+    batch = ca.generate(llama, TOK, contexts, press=press, max_new_tokens=4)
+    assert batch.text == [ca.generate(llama, TOK, c, press=press, max_new_tokens=4).text for c in contexts]
+
+
+def test_refusals(llama):
+    press = ca.ClusterAttnPress(budget=40, window_size=8)
+    with pytest.raises(ValueError, match="context"):
+        ca.generate(llama, TOK, "   ", press=press)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        ca.generate(llama, TOK, ids_text(50), press=press, max_new_tokens=0)
+    ids = torch.randint(1, 120, (2, 60))
+    right = torch.ones(2, 60, dtype=torch.long)
+    right[1, -5:] = 0
+    with press(llama), pytest.raises(ValueError, match="left padding"):
+        llama(ids, attention_mask=right)
+    with pytest.raises(ValueError, match="padded batches"):
+        ca.generate(llama, TOK, [ids_text(150), ids_text(100)], press=PRESS_FACTORIES["pyramidkv"](40))
+    with pytest.raises(ValueError, match="padded batches"):
+        ca.generate(tiny_model("gemma3"), TOK, [ids_text(150), ids_text(100)], press=press)
+
+
+def test_unsupported_model_and_attention():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50)).eval()
+    with pytest.raises(ValueError, match="model type"), ca.ClusterAttnPress(budget=64)(gpt2):
+        pass
+    model = tiny_model("llama", attn_implementation="flex_attention")
+    with pytest.raises(ValueError, match="attention implementation"), ca.ClusterAttnPress(budget=64)(model):
+        pass
+
+
+def test_eager_attention_matches_sdpa():
+    eager = tiny_model("llama", attn_implementation="eager")
+    sdpa = tiny_model("llama")
+    press = ca.ClusterAttnPress(budget=40, window_size=8)
+    context = ids_text(150, seed=10)
+    a = ca.generate(eager, TOK, context, press=press, max_new_tokens=5)
+    b = ca.generate(sdpa, TOK, context, press=press, max_new_tokens=5)
+    assert torch.equal(a.tokens, b.tokens)

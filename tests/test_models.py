@@ -1,0 +1,118 @@
+"""Tests for clusterattn.models (offline; SmolLM2 only: Gemma3 is too slow to convert in a test)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from clusterattn import models
+
+NAME = "smollm2-135m"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Load SmolLM2 twice into a fresh cache, keeping the GGUF-loaded model that the conversion used.
+
+    ``load_gguf`` is wrapped so the slow GGUF load happens once and is shared with the comparison.
+    """
+    cache = tmp_path_factory.mktemp("cache")
+    stale = cache / NAME  # an interrupted conversion by something else: must be replaced
+    stale.mkdir()
+    (stale / "junk.txt").write_text("junk")
+    gguf_loads: list = []
+
+    def recording_load_gguf(*args, **kwargs):
+        gguf_loads.append(real_load_gguf(*args, **kwargs))
+        return gguf_loads[-1]
+
+    real_load_gguf = models.load_gguf
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "load_gguf", recording_load_gguf)
+        first = models.load_model(NAME, cache_dir=cache)
+        n_first = len(gguf_loads)
+        start = time.perf_counter()
+        second = models.load_model(NAME, cache_dir=cache)
+        second_s = time.perf_counter() - start
+    return dict(cache=cache, first=first, second=second, second_s=second_s, n_first=n_first, gguf=gguf_loads)
+
+
+def test_bad_name_raises_value_error(tmp_path) -> None:
+    for bad in ["no-such-model", str(tmp_path), str(tmp_path / "missing.gguf")]:
+        with pytest.raises(ValueError, match="name_or_path") as info:
+            models.load_model(bad, cache_dir=tmp_path)
+        assert all(name in str(info.value) for name in models.REGISTRY)
+    with pytest.raises(ValueError, match="name"):
+        models.model_path("no-such-model")
+
+
+def test_registry_and_model_path() -> None:
+    assert set(models.REGISTRY) >= {"smollm2-135m", "gemma3-270m"}
+    path = models.model_path(NAME)
+    assert path.is_file() and path.suffix == ".gguf"
+    assert path.name == models.REGISTRY[NAME].filename
+
+
+def test_default_cache_root(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("CLUSTERATTN_CACHE", str(tmp_path))
+    assert models.default_cache_root() == tmp_path
+    assert models.converted_dir(NAME) == tmp_path / NAME
+    assert models.default_cache_root(tmp_path / "x") == tmp_path / "x"
+    monkeypatch.delenv("CLUSTERATTN_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert models.default_cache_root() == tmp_path / "home" / ".cache" / "clusterattn" / "models"
+
+
+@pytest.mark.slow
+def test_cache_is_used(loaded) -> None:
+    folder = models.converted_dir(NAME, loaded["cache"])
+    assert folder == loaded["cache"] / NAME
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert not (folder / "junk.txt").exists()  # the stale folder was replaced
+    assert [p.name for p in loaded["cache"].iterdir() if p.name.startswith(".")] == []  # no temp leftovers
+    assert loaded["n_first"] == 1 and len(loaded["gguf"]) == 1  # second load did not touch the GGUF
+    assert loaded["second_s"] < 20
+
+
+@pytest.mark.slow
+def test_model_state(loaded) -> None:
+    model, tokenizer = loaded["second"]
+    assert not model.training
+    assert model.config._attn_implementation == "sdpa"
+    assert next(model.parameters()).dtype == torch.float32
+    assert next(model.parameters()).device.type == "cpu"
+    assert tokenizer.pad_token is not None
+    assert tokenizer.chat_template
+    assert model.config.tie_word_embeddings
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+@pytest.mark.slow
+def test_converted_equals_gguf(loaded) -> None:
+    gguf_model, gguf_tokenizer = loaded["gguf"][0]
+    model, tokenizer = loaded["second"]
+    inputs = tokenizer.apply_chat_template(
+        CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    gguf_inputs = gguf_tokenizer.apply_chat_template(
+        CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    assert torch.equal(inputs["input_ids"], gguf_inputs["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, gguf_model(**inputs).logits)
+    kwargs = dict(max_new_tokens=8, do_sample=False)
+    out = model.generate(**inputs, **kwargs)
+    assert torch.equal(out, gguf_model.generate(**inputs, **kwargs))
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+@pytest.mark.slow
+def test_local_folder_and_options(loaded) -> None:
+    folder = models.converted_dir(NAME, loaded["cache"])
+    model, tokenizer = models.load_model(str(folder), dtype=torch.bfloat16, attn_implementation="eager")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert model.config._attn_implementation == "eager"
+    assert tokenizer.chat_template

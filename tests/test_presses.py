@@ -1,0 +1,110 @@
+"""Every press through one matrix of invariants, plus validation of every parameter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import clusterattn as ca
+
+PRESS_FACTORIES = {
+    "clusterattn": lambda b: ca.ClusterAttnPress(budget=b, window_size=8),
+    "clusterattn_b": lambda b: ca.ClusterAttnPress(budget=b, window_size=8, variant="B", num_block=6),
+    "snapkv": lambda b: ca.SnapKVPress(budget=b, window_size=8),
+    "chunkkv": lambda b: ca.ChunkKVPress(budget=b, window_size=8, chunk_size=8),
+    "streamingllm": lambda b: ca.StreamingLLMPress(budget=b),
+    "h2o": lambda b: ca.H2OPress(budget=b, window_size=8, chunk_size=16),
+    "pyramidkv": lambda b: ca.PyramidKVPress(budget=b, window_size=8),
+    "random": lambda b: ca.RandomPress(budget=b, window_size=8),
+}
+
+
+def qk(batch=2, seq=120, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, seq, 16, generator=generator), torch.randn(
+        batch, 2, seq, 16, generator=generator
+    )
+
+
+@pytest.mark.parametrize("name", list(PRESS_FACTORIES))
+@pytest.mark.parametrize("layer", [0, 3])
+def test_invariants(name, layer):
+    press = PRESS_FACTORIES[name](40)
+    query, key = qk()
+    idx = press.select(query, key, 0.25, layer=layer, n_layers=4)
+    budget = press.layer_budget(120, layer, 4)
+    assert idx.shape == (2, 2, budget)  # budget honoured per layer and head
+    assert idx.dtype == torch.long
+    assert (idx[..., 1:] > idx[..., :-1]).all()  # unique, ascending
+    assert idx.min() >= 0 and idx.max() < 120
+    if name != "streamingllm":
+        window = set(range(120 - press.window_size, 120))
+        assert all(window <= set(row.tolist()) for row in idx.flatten(0, 1))
+    else:
+        assert all({0, 1, 2, 3} <= set(row.tolist()) for row in idx.flatten(0, 1))
+    # batch rows are independent: row 1 alone gives the same selection
+    alone = press.select(query[1:], key[1:], 0.25, layer=layer, n_layers=4)
+    assert torch.equal(alone[0], idx[1])
+
+
+@pytest.mark.parametrize("name", list(PRESS_FACTORIES))
+def test_untouched_when_prompt_fits(name):
+    press = PRESS_FACTORIES[name](120)
+    query, key = qk()
+    assert all(press.select(query, key, 0.25, layer=i, n_layers=4) is None for i in range(4))
+
+
+@pytest.mark.parametrize("name", list(PRESS_FACTORIES))
+def test_compression_ratio(name):
+    factory = PRESS_FACTORIES[name]
+    press = type(factory(40))(**{**factory(40).__dict__, "budget": None, "compression_ratio": 0.5})
+    query, key = qk()
+    idx = press.select(query, key, 0.25, layer=0, n_layers=1)
+    assert idx.shape[-1] == 60
+
+
+def test_pyramid_budgets_average_to_budget():
+    press = ca.PyramidKVPress(budget=72, window_size=8)
+    budgets = [press.layer_budget(10_000, i, 30) for i in range(30)]
+    assert budgets[0] > budgets[-1]
+    assert abs(sum(budgets) / 30 - 72) <= 1
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "word"),
+    [
+        (lambda: ca.ClusterAttnPress(budget=32), ValueError, "budget"),  # budget <= window
+        (lambda: ca.ClusterAttnPress(budget=10, window_size=10), ValueError, "budget"),
+        (lambda: ca.ClusterAttnPress(budget=64, window_size=0), ValueError, "window_size"),
+        (lambda: ca.ClusterAttnPress(budget=64, num_block=0), ValueError, "num_block"),
+        (lambda: ca.ClusterAttnPress(compression_ratio=1.0), ValueError, "compression_ratio"),
+        (lambda: ca.ClusterAttnPress(compression_ratio=-0.1), ValueError, "compression_ratio"),
+        (lambda: ca.ClusterAttnPress(), ValueError, "budget or compression_ratio"),
+        (
+            lambda: ca.ClusterAttnPress(budget=64, compression_ratio=0.5),
+            ValueError,
+            "budget or compression_ratio",
+        ),
+        (lambda: ca.ClusterAttnPress(budget="64"), TypeError, "budget"),
+        (lambda: ca.ClusterAttnPress(budget=64, aggregation="median"), ValueError, "aggregation"),
+        (lambda: ca.ClusterAttnPress(budget=64, variant="C"), ValueError, "variant"),
+        (lambda: ca.ClusterAttnPress(budget=64, span_before=1.5), ValueError, "span_before"),
+        (lambda: ca.SnapKVPress(budget=64, kernel_size=4), ValueError, "kernel_size"),
+        (lambda: ca.SnapKVPress(budget=64, pooling="min"), ValueError, "pooling"),
+        (lambda: ca.StreamingLLMPress(budget=4), ValueError, "budget"),
+        (lambda: ca.ChunkKVPress(budget=64, chunk_size=0), ValueError, "chunk_size"),
+    ],
+)
+def test_bad_parameters(build, error, word):
+    with pytest.raises(error, match=word):
+        build()
+
+
+def test_from_profile(tmp_path):
+    path = tmp_path / "profile.json"
+    path.write_text('{"config": {"num_block": 4, "span_before": 0.1, "window_size": 16}}')
+    press = ca.ClusterAttnPress.from_profile(path, budget=128)
+    assert (press.num_block, press.span_before, press.window_size, press.budget) == (4, 0.1, 16, 128)
+    path.write_text('{"num_blocks": 4}')
+    with pytest.raises(ValueError, match="unknown"):
+        ca.ClusterAttnPress.from_profile(path, budget=128)

@@ -1,0 +1,59 @@
+"""Window and accumulated scores against eager attention probabilities (the naive reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clusterattn.scoring import accumulated_scores, window_scores
+
+
+def naive_probs(query, key, scaling, pad_mask=None):
+    """Full L x L causal softmax attention, repeated KV heads (what output_attentions would return)."""
+    group = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(group, dim=1)
+    logits = query @ key.transpose(-1, -2) * scaling
+    seq = key.shape[2]
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    allowed = causal[None, None]
+    if pad_mask is not None:
+        allowed = allowed & pad_mask[:, None, None, :]
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    return probs.nan_to_num(0.0)
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "sum", "max"])
+def test_window_scores_match_full_attention(aggregation):
+    torch.manual_seed(0)
+    query, key = torch.randn(2, 6, 50, 8), torch.randn(2, 3, 50, 8)
+    probs = naive_probs(query, key, 0.3)[:, :, -10:, :40].sum(2)  # (b, 6, 40)
+    grouped = probs.view(2, 3, 2, 40)
+    expected = {"mean": grouped.mean(2), "sum": grouped.sum(2), "max": grouped.amax(2)}[aggregation]
+    got = window_scores(query, key, 0.3, 10, aggregation=aggregation)
+    torch.testing.assert_close(got, expected)
+
+
+def test_accumulated_scores_match_full_attention_in_chunks():
+    torch.manual_seed(1)
+    query, key = torch.randn(1, 4, 70, 8), torch.randn(1, 2, 70, 8)
+    expected = naive_probs(query, key, 0.35).sum(2).view(1, 2, 2, 70).mean(2)
+    for chunk in (7, 64, 512):
+        torch.testing.assert_close(accumulated_scores(query, key, 0.35, chunk_size=chunk), expected)
+
+
+def test_padding_scores_minus_inf_and_real_rows_unchanged():
+    torch.manual_seed(2)
+    query, key = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8)
+    pad = torch.ones(1, 40, dtype=torch.bool)
+    pad[:, :5] = False
+    scores = window_scores(query, key, 0.3, 8, pad_mask=pad)
+    assert torch.isinf(scores[..., :5]).all()
+    expected = naive_probs(query, key, 0.3, pad)[:, :, -8:, :32].sum(2).view(1, 2, 2, 32).mean(2)
+    torch.testing.assert_close(scores[..., 5:], expected[..., 5:])
+    unpadded = window_scores(query[:, :, 5:], key[:, :, 5:], 0.3, 8)
+    torch.testing.assert_close(scores[..., 5:], unpadded)
+
+
+def test_window_size_checked():
+    with pytest.raises(ValueError, match="window_size"):
+        window_scores(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), 1.0, 8)
