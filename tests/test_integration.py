@@ -189,3 +189,29 @@ def test_eager_attention_matches_sdpa():
     a = ca.generate(eager, TOK, context, press=press, max_new_tokens=5)
     b = ca.generate(sdpa, TOK, context, press=press, max_new_tokens=5)
     assert torch.equal(a.tokens, b.tokens)
+
+
+@pytest.mark.parametrize("query_aware", [True, False])
+def test_generate_many_equals_live_generate(family_model, query_aware):
+    family, model = family_model
+    presses = {name: PRESS_FACTORIES[name](40) for name in PRESS_FACTORIES}
+    presses["full"] = None
+    context = ids_text(150, seed=11)
+    many = ca.generate_many(
+        model, TOK, context, "3 4 5", presses=presses, max_new_tokens=5, query_aware=query_aware
+    )
+    for name, press in presses.items():
+        live = ca.generate(
+            model, TOK, context, "3 4 5", press=press, max_new_tokens=5, query_aware=query_aware
+        )
+        assert torch.equal(many[name].tokens, live.tokens), name
+        assert many[name].stats["kept_tokens"] == live.stats["kept_tokens"]
+        assert many[name].stats["kv_bytes"] == live.stats["kv_bytes"]
+
+
+def test_generate_many_padded_batch(llama):
+    contexts = [ids_text(150, seed=12), ids_text(100, seed=13)]
+    presses = {"ca": PRESS_FACTORIES["clusterattn"](40), "snap": PRESS_FACTORIES["snapkv"](40)}
+    many = ca.generate_many(llama, TOK, contexts, presses=presses, max_new_tokens=4)
+    for name, press in presses.items():
+        assert many[name].text == ca.generate(llama, TOK, contexts, press=press, max_new_tokens=4).text

@@ -1,7 +1,7 @@
 """clusterattn: ClusterAttn prompt-KV compression for Hugging Face causal LMs, with its baselines."""
 
 from clusterattn.dbac import dbac, topk_indices
-from clusterattn.generation import GenerationOutput, generate
+from clusterattn.generation import GenerationOutput, generate, generate_many
 from clusterattn.models import load_model
 from clusterattn.presses import (
     PRESSES,
@@ -35,6 +35,7 @@ __all__ = [
     "accumulated_scores",
     "dbac",
     "generate",
+    "generate_many",
     "load_model",
     "topk_indices",
     "window_scores",

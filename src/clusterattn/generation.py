@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from clusterattn.integration import cache_kwarg, kv_bytes, new_cache
+from clusterattn.integration import (
+    PrefillRecord,
+    cache_kwarg,
+    kv_bytes,
+    new_cache,
+    recording,
+    replay,
+    uniform_lengths,
+)
 
 
 @dataclass
@@ -65,6 +74,111 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+@dataclass
+class _Inputs:
+    prompt_ids: torch.Tensor  # (batch, seq) the part compressed during prefill, left-padded
+    prompt_mask: torch.Tensor
+    rest: torch.Tensor | None  # (batch, n) appended after compression (query_aware=False)
+    batched: bool
+    pad_id: int
+
+
+def _prepare(
+    model, tokenizer, context, question, max_new_tokens, query_aware, answer_prefix, chat
+) -> _Inputs:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    batched = isinstance(context, (list, tuple))
+    contexts = list(context) if batched else [context]
+    if not contexts:
+        raise ValueError("context must not be an empty list")
+    questions = list(question) if isinstance(question, (list, tuple)) else [question] * len(contexts)
+    if len(questions) != len(contexts):
+        raise ValueError(f"question has {len(questions)} entries for {len(contexts)} contexts")
+    pairs = zip(contexts, questions, strict=True)
+    parts = [build_prompt(tokenizer, c, q, answer_prefix, chat) for c, q in pairs]
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    heads, tails = [encode(h) for h, _ in parts], [encode(t) for _, t in parts]
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rest = None
+    if query_aware:
+        prompt_ids, prompt_mask = _left_pad([h + t for h, t in zip(heads, tails, strict=True)], pad_id)
+    else:
+        prompt_ids, prompt_mask = _left_pad(heads, pad_id)
+        if len({len(t) for t in tails}) != 1:
+            raise ValueError("query_aware=False needs questions of equal token length in a batch")
+        rest = torch.tensor(tails, dtype=torch.long, device=device)
+    return _Inputs(prompt_ids.to(device), prompt_mask.to(device), rest, batched, pad_id)
+
+
+def _prefill(model, inputs: _Inputs, cache):
+    positions = (inputs.prompt_mask.cumsum(-1) - 1).clamp_min(0)
+    logits = model(
+        input_ids=inputs.prompt_ids, attention_mask=inputs.prompt_mask, position_ids=positions,
+        use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache},
+    ).logits  # fmt: skip
+    return logits, positions[:, -1] + 1
+
+
+def _decode(model, tokenizer, inputs: _Inputs, cache, logits, next_pos, max_new_tokens):
+    """Append the uncompressed rest (if any), then greedy-decode; returns (tokens, texts, seconds)."""
+    name, device = cache_kwarg(model), inputs.prompt_ids.device
+    mask, start = inputs.prompt_mask, time.perf_counter()
+    if inputs.rest is not None:
+        # Layers of unequal length (PyramidKV) share one mask only for single-token steps.
+        chunk = inputs.rest.shape[1] if uniform_lengths(cache) else 1
+        for begin in range(0, inputs.rest.shape[1], chunk):
+            rest = inputs.rest[:, begin : begin + chunk]
+            mask = torch.cat([mask, torch.ones_like(rest)], -1)
+            step_pos = next_pos[:, None] + torch.arange(rest.shape[1], device=device)
+            logits = model(
+                input_ids=rest, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                logits_to_keep=1, **{name: cache},
+            ).logits  # fmt: skip
+            next_pos = next_pos + rest.shape[1]
+    eos, out = _eos_ids(model, tokenizer), []
+    done = torch.zeros(inputs.prompt_ids.shape[0], dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        token = logits[:, -1].argmax(-1)
+        token = torch.where(done, torch.full_like(token, inputs.pad_id), token)
+        out.append(token)
+        done |= torch.tensor([int(t) in eos for t in token], device=device)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
+        logits = model(
+            input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+            use_cache=True, **{name: cache},
+        ).logits  # fmt: skip
+        next_pos = next_pos + 1
+    seconds = time.perf_counter() - start
+    tokens = torch.stack(out, dim=1)
+    skip = eos | {inputs.pad_id}
+    texts = [
+        tokenizer.decode([t for t in row.tolist() if t not in skip], skip_special_tokens=True)
+        for row in tokens
+    ]
+    return tokens, texts, seconds
+
+
+def _output(inputs, tokens, texts, cache, stats, prefill_s, decode_s) -> GenerationOutput:
+    after = kv_bytes(cache)
+    rest = 0 if inputs.rest is None else inputs.rest.shape[1]
+    info = {
+        "prompt_tokens": int(inputs.prompt_ids.shape[1] + rest),
+        "compressed_tokens": int(inputs.prompt_ids.shape[1]),
+        "kept_tokens": dict(stats.kept_tokens) if stats else {},
+        "kv_bytes_full": int(after + ((stats.full_bytes - stats.kept_bytes) if stats else 0)),
+        "kv_bytes": int(after),
+        "prefill_s": prefill_s,
+        "compress_s": stats.seconds if stats else 0.0,
+        "decode_s": decode_s,
+        "new_tokens": int(tokens.shape[1]),
+    }
+    return GenerationOutput(text=texts if inputs.batched else texts[0], tokens=tokens, stats=info)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -88,108 +202,66 @@ def generate(
             False compresses the context alone and appends the question afterwards, uncompressed.
         answer_prefix: text appended after the generation prompt (e.g. RULER's answer prefix).
         chat: apply the tokenizer's chat template when it has one.
+
+    Returns:
+        :class:`GenerationOutput`; ``stats["prefill_s"]`` excludes ``stats["compress_s"]``.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    batched = isinstance(context, (list, tuple))
-    contexts = list(context) if batched else [context]
-    if not contexts:
-        raise ValueError("context must not be an empty list")
-    questions = list(question) if isinstance(question, (list, tuple)) else [question] * len(contexts)
-    if len(questions) != len(contexts):
-        raise ValueError(f"question has {len(questions)} entries for {len(contexts)} contexts")
-    pairs = zip(contexts, questions, strict=True)
-    parts = [build_prompt(tokenizer, c, q, answer_prefix, chat) for c, q in pairs]
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    heads, tails = [encode(h) for h, _ in parts], [encode(t) for _, t in parts]
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if query_aware:
-        prompt_ids, prompt_mask = _left_pad([h + t for h, t in zip(heads, tails, strict=True)], pad_id)
-        rest = None
-    else:
-        prompt_ids, prompt_mask = _left_pad(heads, pad_id)
-        if len({len(t) for t in tails}) != 1:
-            raise ValueError("query_aware=False needs questions of equal token length in a batch")
-        rest = torch.tensor(tails, dtype=torch.long)
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-
+    inputs = _prepare(model, tokenizer, context, question, max_new_tokens, query_aware, answer_prefix, chat)
     cache = new_cache(model)
-    name = cache_kwarg(model)
-    positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
-    context_manager = press(model) if press is not None else _NoSession()
-    with context_manager as session:
+    with press(model) if press is not None else contextlib.nullcontext() as session:
         start = time.perf_counter()
-        logits = model(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{name: cache},
-        ).logits
-        prefill_s = time.perf_counter() - start
+        logits, next_pos = _prefill(model, inputs, cache)
         stats = getattr(session, "stats", None)
-        compress_s = stats.seconds if stats else 0.0
-        kept = dict(stats.kept_tokens) if stats else {}
-        after = kv_bytes(cache)
-        before = after + ((stats.full_bytes - stats.kept_bytes) if stats else 0)
-        mask, next_pos = prompt_mask, positions[:, -1] + 1
+        prefill_s = time.perf_counter() - start - (stats.seconds if stats else 0.0)
+        tokens, texts, decode_s = _decode(model, tokenizer, inputs, cache, logits, next_pos, max_new_tokens)
+    return _output(inputs, tokens, texts, cache, stats, prefill_s, decode_s)
+
+
+@torch.no_grad()
+def generate_many(
+    model,
+    tokenizer,
+    context: str | list[str],
+    question: str | list[str] | None = None,
+    *,
+    presses: dict[str, object],
+    max_new_tokens: int = 32,
+    query_aware: bool = True,
+    answer_prefix: str = "",
+    chat: bool = True,
+) -> dict[str, GenerationOutput]:
+    """Like :func:`generate` for several presses, sharing one prefill.
+
+    The prefill runs once with the full cache while each layer's queries are recorded; every press
+    then selects from the recorded keys (:func:`clusterattn.integration.replay`). The caches, and so
+    the answers, are those of the live layer-wise path; only the peak memory differs (all layers are
+    full at once here). Meant for evaluation, where a press grid over the same prompts is common.
+    ``prefill_s`` is the shared prefill's time in every output.
+    """
+    inputs = _prepare(model, tokenizer, context, question, max_new_tokens, query_aware, answer_prefix, chat)
+    cache = new_cache(model)
+    with recording(model) as recorder:
         start = time.perf_counter()
-        if rest is not None:
-            rest = rest.to(device)
-            mask = torch.cat([mask, torch.ones_like(rest)], -1)
-            step_pos = next_pos[:, None] + torch.arange(rest.shape[1], device=device)
-            logits = model(
-                input_ids=rest,
-                attention_mask=mask,
-                position_ids=step_pos,
-                use_cache=True,
-                logits_to_keep=1,
-                **{name: cache},
-            ).logits
-            next_pos = next_pos + rest.shape[1]
-        eos, out = _eos_ids(model, tokenizer), []
-        done = torch.zeros(len(contexts), dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            token = logits[:, -1].argmax(-1)
-            token = torch.where(done, torch.full_like(token, pad_id), token)
-            out.append(token)
-            done |= torch.tensor([int(t) in eos for t in token], device=device)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
-            logits = model(
-                input_ids=token[:, None],
-                attention_mask=mask,
-                position_ids=next_pos[:, None],
-                use_cache=True,
-                **{name: cache},
-            ).logits
-            next_pos = next_pos + 1
-        decode_s = time.perf_counter() - start
-    tokens = torch.stack(out, dim=1)
-    texts = [
-        tokenizer.decode([t for t in row.tolist() if t not in eos and t != pad_id], skip_special_tokens=True)
-        for row in tokens
-    ]
-    stats_out = {
-        "prompt_tokens": int(prompt_ids.shape[1] + (0 if rest is None else rest.shape[1])),
-        "compressed_tokens": int(prompt_ids.shape[1]),
-        "kept_tokens": kept,
-        "kv_bytes_full": int(before),
-        "kv_bytes": int(after),
-        "prefill_s": prefill_s - compress_s,
-        "compress_s": compress_s,
-        "decode_s": decode_s,
-        "new_tokens": len(out),
-    }
-    return GenerationOutput(text=texts if batched else texts[0], tokens=tokens, stats=stats_out)
+        logits, next_pos = _prefill(model, inputs, cache)
+        prefill_s = time.perf_counter() - start
+    session = recorder.session
+    record = PrefillRecord(
+        cache=cache, queries=recorder.queries, scaling=recorder.scaling, layers=session.layers,
+        pad_mask=session._pad_mask, next_pos=next_pos, logits=logits,
+    )  # fmt: skip
+    outputs = {}
+    for name, press in presses.items():
+        compressing = press is not None and hasattr(press, "select")
+        pressed, stats = replay(record, press if compressing else _NoPress())
+        stats = stats if compressing else None
+        with press(model) if stats is not None else contextlib.nullcontext():
+            tokens, texts, decode_s = _decode(
+                model, tokenizer, inputs, pressed, logits, next_pos, max_new_tokens
+            )
+        outputs[name] = _output(inputs, tokens, texts, pressed, stats, prefill_s, decode_s)
+    return outputs
 
 
-class _NoSession:
-    def __enter__(self):
+class _NoPress:
+    def select(self, *args, **kwargs):
         return None
-
-    def __exit__(self, *exc):
-        return False

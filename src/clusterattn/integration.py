@@ -19,6 +19,7 @@ Sliding-window layers (Gemma3) are never compressed.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import sys
 import time
@@ -117,6 +118,12 @@ def kv_bytes(cache: Cache) -> int:
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+def uniform_lengths(cache: Cache) -> bool:
+    """True unless a press left the compressed layers of ``cache`` at different lengths."""
+    state = getattr(cache, "_clusterattn", None)
+    return state is None or len(set(state.lengths.values())) <= 1
 
 
 @dataclass
@@ -231,26 +238,99 @@ class PressSession:
         cache = find_cache(args, kwargs)
         if pending is None or cache is None:
             return output
-        keys, values, idx = pending
-        layer = cache.layers[module.layer_idx]
-        if "Sliding" in type(layer).__name__:
-            return output
         start = time.perf_counter()
-        self.stats.full_bytes += 2 * layer.keys.numel() * layer.keys.element_size()
-        layer.keys, layer.values = keys, values
-        self.stats.kept_bytes += 2 * keys.numel() * keys.element_size()
-        self.stats.kept_tokens[module.layer_idx] = keys.shape[2]
-        state = getattr(cache, "_clusterattn", None)
-        if state is None:
-            kept_real = None
-            if self._pad_mask is not None:
-                real = self._pad_mask.to(idx.device).gather(1, idx[:, 0, :])
-                kept_real = None if bool(real.all()) else real
-            state = _CacheState(next_pos=self._next_pos, lengths={}, kept_real=kept_real)
-            cache._clusterattn = state
-        state.lengths[module.layer_idx] = keys.shape[2]
+        install_compressed(cache, module.layer_idx, *pending, self._pad_mask, self._next_pos, self.stats)
         self.stats.seconds += time.perf_counter() - start
         return output
+
+
+def install_compressed(cache, layer_idx, keys, values, idx, pad_mask, next_pos, stats) -> None:
+    """Swap compressed ``keys``/``values`` into ``cache.layers[layer_idx]`` and record what decode
+    steps need (original next positions, compressed lengths, kept padding slots)."""
+    layer = cache.layers[layer_idx]
+    if "Sliding" in type(layer).__name__:
+        return
+    stats.full_bytes += 2 * layer.keys.numel() * layer.keys.element_size()
+    layer.keys, layer.values = keys, values
+    stats.kept_bytes += 2 * keys.numel() * keys.element_size()
+    stats.kept_tokens[layer_idx] = keys.shape[2]
+    state = getattr(cache, "_clusterattn", None)
+    if state is None:
+        kept_real = None
+        if pad_mask is not None:
+            real = pad_mask.to(idx.device).gather(1, idx[:, 0, :])
+            kept_real = None if bool(real.all()) else real
+        state = _CacheState(next_pos=next_pos, lengths={}, kept_real=kept_real)
+        cache._clusterattn = state
+    state.lengths[layer_idx] = keys.shape[2]
+
+
+class _Recorder:
+    """A stand-in press that keeps each layer's queries instead of compressing (see :func:`replay`)."""
+
+    uniform_layers = True
+
+    def __init__(self) -> None:
+        self.queries: dict[int, torch.Tensor] = {}
+        self.scaling: dict[int, float] = {}
+
+    def select(self, query, key, scaling, *, layer, n_layers, pad_mask):
+        self.queries[layer] = query.detach().clone()
+        self.scaling[layer] = scaling
+        return None
+
+
+@dataclass
+class PrefillRecord:
+    """One full prefill, kept so that many presses can be applied to it (see :func:`replay`).
+
+    Compression happens after each layer's own attention and never changes the prefill's
+    activations, so a press applied to a recorded prefill yields exactly the cache (and the same
+    first token) as the same press applied live inside prefill.
+    """
+
+    cache: Cache
+    queries: dict[int, torch.Tensor]  # per compressible layer rank: (batch, q_heads, seq, head_dim)
+    scaling: dict[int, float]
+    layers: list[int]
+    pad_mask: torch.Tensor | None
+    next_pos: torch.Tensor
+    logits: torch.Tensor
+
+
+@contextlib.contextmanager
+def recording(model) -> Iterator[_Recorder]:
+    """Record the post-RoPE queries of every compressible layer during one prefill."""
+    recorder = _Recorder()
+    with apply_press(model, recorder) as session:
+        recorder.session = session
+        yield recorder
+
+
+def replay(record: PrefillRecord, press) -> tuple[Cache, CompressionStats]:
+    """A new cache holding ``press``'s selection from a recorded prefill; the record is unchanged."""
+    cache = copy.copy(record.cache)
+    cache.layers = [copy.copy(layer) for layer in record.cache.layers]
+    if hasattr(cache, "_clusterattn"):
+        del cache._clusterattn
+    stats = CompressionStats(prompt_tokens=record.cache.layers[record.layers[0]].keys.shape[2])
+    start = time.perf_counter()
+    with torch.no_grad():
+        for rank, layer_idx in enumerate(record.layers):
+            key, value = cache.layers[layer_idx].keys, cache.layers[layer_idx].values
+            idx = press.select(
+                record.queries[rank], key, record.scaling[rank],
+                layer=rank, n_layers=len(record.layers), pad_mask=record.pad_mask,
+            )  # fmt: skip
+            if idx is None:
+                continue
+            gather = idx.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1])
+            install_compressed(
+                cache, layer_idx, key.gather(2, gather), value.gather(2, gather), idx,
+                record.pad_mask, record.next_pos, stats,
+            )  # fmt: skip
+    stats.seconds = time.perf_counter() - start
+    return cache, stats
 
 
 @contextlib.contextmanager
