@@ -24,7 +24,8 @@ class GenerationOutput:
     """Result of :func:`generate`.
 
     ``text``: decoded answer (a list for batched input); ``tokens``: ``(batch, new_tokens)`` ids;
-    ``stats``: prompt tokens, kept tokens per layer, KV bytes before/after, timings in seconds.
+    ``stats``: prompt tokens, kept tokens per layer, KV bytes of the prompt cache without and with
+    compression (measured after prefill, before decoding), timings in seconds.
     """
 
     text: str | list[str]
@@ -162,8 +163,7 @@ def _decode(model, tokenizer, inputs: _Inputs, cache, logits, next_pos, max_new_
     return tokens, texts, seconds
 
 
-def _output(inputs, tokens, texts, cache, stats, prefill_s, decode_s) -> GenerationOutput:
-    after = kv_bytes(cache)
+def _output(inputs, tokens, texts, after, stats, prefill_s, decode_s) -> GenerationOutput:
     rest = 0 if inputs.rest is None else inputs.rest.shape[1]
     info = {
         "prompt_tokens": int(inputs.prompt_ids.shape[1] + rest),
@@ -213,8 +213,9 @@ def generate(
         logits, next_pos = _prefill(model, inputs, cache)
         stats = getattr(session, "stats", None)
         prefill_s = time.perf_counter() - start - (stats.seconds if stats else 0.0)
+        prompt_bytes = kv_bytes(cache)
         tokens, texts, decode_s = _decode(model, tokenizer, inputs, cache, logits, next_pos, max_new_tokens)
-    return _output(inputs, tokens, texts, cache, stats, prefill_s, decode_s)
+    return _output(inputs, tokens, texts, prompt_bytes, stats, prefill_s, decode_s)
 
 
 @torch.no_grad()
@@ -254,11 +255,12 @@ def generate_many(
         compressing = press is not None and hasattr(press, "select")
         pressed, stats = replay(record, press if compressing else _NoPress())
         stats = stats if compressing else None
+        prompt_bytes = kv_bytes(pressed)
         with press(model) if stats is not None else contextlib.nullcontext():
             tokens, texts, decode_s = _decode(
                 model, tokenizer, inputs, pressed, logits, next_pos, max_new_tokens
             )
-        outputs[name] = _output(inputs, tokens, texts, pressed, stats, prefill_s, decode_s)
+        outputs[name] = _output(inputs, tokens, texts, prompt_bytes, stats, prefill_s, decode_s)
     return outputs
 
 

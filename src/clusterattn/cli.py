@@ -1,0 +1,111 @@
+"""``clusterattn`` command line: ``demo`` (the README's first run) and ``needle`` (accuracy table)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from clusterattn.eval.needle import DEFAULT_PRESSES
+
+
+def _demo(args) -> int:
+    import clusterattn as ca
+    from clusterattn.eval.niah import make_needle_sample, score_answer
+
+    print(f"loading {args.model} ...", flush=True)
+    model, tokenizer = ca.load_model(args.model)
+    sample = make_needle_sample(tokenizer, args.length, depth=0.4, seed=args.seed)
+    print(f"needle: {sample.answer!r} at depth {sample.depth:.0%} of a {sample.n_tokens}-token essay prompt")
+    print(f"question: {sample.question}\n", flush=True)
+    runs = [("full cache", None)]
+    for budget in args.budgets:
+        runs += [
+            (f"ClusterAttn B={budget}", ca.ClusterAttnPress(budget=budget)),
+            (f"SnapKV B={budget}", ca.SnapKVPress(budget=budget)),
+            (f"StreamingLLM B={budget}", ca.StreamingLLMPress(budget=budget)),
+        ]
+    header = (
+        f"{'press':<20} {'answer':<14} {'ok':<3} {'kept':>6} {'KV MB':>7} "
+        f"{'prefill s':>9} {'compress s':>10} {'decode s':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, press in runs:
+        out = ca.generate(
+            model, tokenizer, sample.context, sample.question, press=press,
+            max_new_tokens=12, answer_prefix=" " + sample.answer_prefix,
+        )  # fmt: skip
+        s = out.stats
+        kept = max(s["kept_tokens"].values()) if s["kept_tokens"] else s["prompt_tokens"]
+        ok = "yes" if score_answer(out.text, sample.answer) else "no"
+        answer = out.text.strip().replace("\n", " ")[:14]
+        print(
+            f"{name:<20} {answer:<14} {ok:<3} {kept:>6} {s['kv_bytes'] / 2**20:>7.1f} "
+            f"{s['prefill_s']:>9.2f} {s['compress_s']:>10.3f} {s['decode_s']:>8.2f}",
+            flush=True,
+        )
+    return 0
+
+
+def _needle(args) -> int:
+    import clusterattn as ca
+    from clusterattn.eval.needle import build_presses, run_needle
+
+    build_presses(args.presses, args.budgets)  # bad names fail before the model loads
+    model, tokenizer = ca.load_model(args.model)
+    run_needle(
+        model, tokenizer, lengths=args.lengths, samples=args.samples, budgets=args.budgets,
+        presses=args.presses, out_dir=args.out, seed=args.seed, query_aware=not args.query_agnostic,
+    )  # fmt: skip
+    print((Path(args.out) / "table.md").read_text())
+    return 0
+
+
+def _figure(args) -> int:
+    import clusterattn as ca
+    from clusterattn.eval.figures import kept_clusters_figure
+
+    model, tokenizer = ca.load_model(args.model)
+    print(kept_clusters_figure(model, tokenizer, args.out, n_tokens=args.length, budget=args.budget))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="clusterattn", description=__doc__)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="needle prompt answered with full, ClusterAttn, SnapKV, StreamingLLM")
+    demo.add_argument("--model", default="smollm2-135m")
+    demo.add_argument("--length", type=int, default=2048)
+    demo.add_argument("--budgets", type=int, nargs="+", default=[128, 256])
+    demo.add_argument("--seed", type=int, default=3)
+    demo.set_defaults(func=_demo)
+    needle = sub.add_parser("needle", help="needle accuracy table over presses, budgets and lengths")
+    needle.add_argument("--model", default="smollm2-135m")
+    needle.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    needle.add_argument("--samples", type=int, default=10)
+    needle.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512])
+    needle.add_argument("--presses", nargs="+", default=list(DEFAULT_PRESSES))
+    needle.add_argument("--seed", type=int, default=0)
+    needle.add_argument(
+        "--query-agnostic", action="store_true", help="compress the context before the question"
+    )
+    needle.add_argument("--out", default="runs/needle")
+    needle.set_defaults(func=_needle)
+    figure = sub.add_parser("figure", help="picture of kept clusters vs top-k on a real prompt")
+    figure.add_argument("--model", default="smollm2-135m")
+    figure.add_argument("--length", type=int, default=2048)
+    figure.add_argument("--budget", type=int, default=128)
+    figure.add_argument("--out", default="docs/clusters.png")
+    figure.set_defaults(func=_figure)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
