@@ -73,6 +73,18 @@ def _figure(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from clusterattn.bench import run_bench
+
+    run_bench(
+        models=args.models, lengths=args.lengths, presses=args.presses, budgets=args.budgets,
+        batches=args.batches, new_tokens=args.new_tokens, repeats=args.repeats, threads=args.bench_threads,
+        throughput_lengths=args.throughput_lengths, cap_gb=args.cap_gb, out_dir=args.out,
+    )  # fmt: skip
+    print((Path(args.out) / "bench.md").read_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clusterattn", description=__doc__)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -101,6 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     figure.add_argument("--budget", type=int, default=128)
     figure.add_argument("--out", default="docs/clusters.png")
     figure.set_defaults(func=_figure)
+    bench = sub.add_parser(
+        "bench", help="latency, memory and throughput, full cache and presses side by side"
+    )
+    bench.add_argument("--models", nargs="+", default=["smollm2-135m"])
+    bench.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    bench.add_argument("--presses", nargs="+", default=["full", "clusterattn", "snapkv"])
+    bench.add_argument("--budgets", type=int, nargs="+", default=[512])
+    bench.add_argument("--batches", type=int, nargs="+", default=[1])
+    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--bench-threads", type=int, default=2)
+    bench.add_argument("--throughput-lengths", type=int, nargs="*", default=[4096])
+    bench.add_argument("--cap-gb", type=float, default=8.0)
+    bench.add_argument("--out", default="runs/bench")
+    bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -122,7 +122,7 @@ def _prefill(model, inputs: _Inputs, cache):
     return logits, positions[:, -1] + 1
 
 
-def _decode(model, tokenizer, inputs: _Inputs, cache, logits, next_pos, max_new_tokens):
+def _decode(model, tokenizer, inputs: _Inputs, cache, logits, next_pos, max_new_tokens, ignore_eos=False):
     """Append the uncompressed rest (if any), then greedy-decode; returns (tokens, texts, seconds)."""
     name, device = cache_kwarg(model), inputs.prompt_ids.device
     mask, start = inputs.prompt_mask, time.perf_counter()
@@ -138,7 +138,7 @@ def _decode(model, tokenizer, inputs: _Inputs, cache, logits, next_pos, max_new_
                 logits_to_keep=1, **{name: cache},
             ).logits  # fmt: skip
             next_pos = next_pos + rest.shape[1]
-    eos, out = _eos_ids(model, tokenizer), []
+    eos, out = (set() if ignore_eos else _eos_ids(model, tokenizer)), []
     done = torch.zeros(inputs.prompt_ids.shape[0], dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         token = logits[:, -1].argmax(-1)
@@ -155,7 +155,7 @@ def _decode(model, tokenizer, inputs: _Inputs, cache, logits, next_pos, max_new_
         next_pos = next_pos + 1
     seconds = time.perf_counter() - start
     tokens = torch.stack(out, dim=1)
-    skip = eos | {inputs.pad_id}
+    skip = _eos_ids(model, tokenizer) | {inputs.pad_id}
     texts = [
         tokenizer.decode([t for t in row.tolist() if t not in skip], skip_special_tokens=True)
         for row in tokens

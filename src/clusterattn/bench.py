@@ -1,0 +1,355 @@
+"""Speed and memory measurement (``clusterattn bench``): prefill, compression overhead, decode
+latency, KV bytes, peak memory and throughput under a memory cap, full cache and presses side by
+side in one run. Each configuration runs in a fresh process (``python -m clusterattn.bench CASE``)
+so peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from clusterattn.dbac import dbac, topk_indices
+from clusterattn.generation import _decode, _Inputs, _prefill
+from clusterattn.integration import attention_modules, find_cache, kv_bytes, new_cache
+from clusterattn.presses import PRESSES
+
+
+@dataclass
+class Case:
+    """One measured configuration."""
+
+    model: str = "smollm2-135m"
+    length: int = 4096
+    press: str = "full"
+    budget: int | None = None
+    batch: int = 1
+    new_tokens: int = 32
+    repeats: int = 3
+    threads: int = 2
+
+
+def make_press(name: str, budget: int | None):
+    if name not in PRESSES:
+        raise ValueError(f"press {name!r} unknown; choose from {sorted(PRESSES)}")
+    if name == "full":
+        return None
+    if budget is None:
+        raise ValueError(f"press {name!r} needs a budget")
+    return PRESSES[name](budget=budget)
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def rss_bytes() -> int:
+    return _status_kb("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    return _status_kb("VmHWM") * 1024
+
+
+@lru_cache(maxsize=4)
+def _essay_ids(tokenizer, length: int) -> tuple[int, ...]:
+    from clusterattn.eval.niah import load_essays
+
+    text = load_essays()[: length * 8]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < length:
+        raise ValueError(f"length {length} exceeds the essay text")
+    return tuple(ids[:length])
+
+
+def prompt_inputs(tokenizer, length: int, batch: int, device) -> _Inputs:
+    """A batch of ``batch`` identical essay prompts of exactly ``length`` tokens."""
+    ids = torch.tensor([_essay_ids(tokenizer, length)], device=device).repeat(batch, 1)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return _Inputs(ids, torch.ones_like(ids), None, True, pad)
+
+
+class CachePeak:
+    """Largest KV-cache size seen during prefill, sampled as each attention layer finishes (before
+    a press swaps that layer's compressed selection in, so the transient full layer counts)."""
+
+    def __init__(self, model) -> None:
+        self.peak = 0
+        self.handles = [
+            m.register_forward_hook(self._hook, with_kwargs=True) for m in attention_modules(model).values()
+        ]
+
+    def _hook(self, module, args, kwargs, output):
+        cache = find_cache(args, kwargs)
+        if cache is not None:
+            self.peak = max(self.peak, kv_bytes(cache))
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def measure(case: Case) -> dict:
+    """Run ``case`` in this process; medians over ``case.repeats``."""
+    import clusterattn as ca
+
+    torch.set_num_threads(case.threads)
+    model, tokenizer = ca.load_model(case.model)
+    press = make_press(case.press, case.budget)
+    inputs = prompt_inputs(tokenizer, case.length, case.batch, next(model.parameters()).device)
+    tracker = CachePeak(model)  # registered before the press: sees each full layer before the swap
+    runs = []
+    for _ in range(case.repeats):
+        gc.collect()
+        base = rss_bytes()
+        reset_peak_rss()
+        tracker.peak = 0
+        cache = new_cache(model)
+        with press(model) if press is not None else contextlib.nullcontext() as session:
+            start = time.perf_counter()
+            logits, next_pos = _prefill(model, inputs, cache)
+            total = time.perf_counter() - start
+            compress = session.stats.seconds if session is not None else 0.0
+            kv = kv_bytes(cache)
+            kept = max(session.stats.kept_tokens.values(), default=case.length) if session else case.length
+            _, _, decode_s = _decode(model, tokenizer, inputs, cache, logits, next_pos, case.new_tokens, True)
+        steps = case.new_tokens - 1
+        runs.append({
+            "prefill_s": total - compress, "compress_s": compress, "kv_bytes": kv, "kept_tokens": kept,
+            "decode_ms_per_token": 1000 * decode_s / steps,
+            "decode_tokens_per_s": case.batch * steps / decode_s,
+            "peak_kv_bytes": tracker.peak, "peak_rss_bytes": peak_rss_bytes(), "rss_before_bytes": base,
+        })  # fmt: skip
+        del cache, logits
+    tracker.close()
+    row = asdict(case)
+    for key in runs[0]:
+        row[key] = statistics.median(r[key] for r in runs)
+    row["compress_share"] = row["compress_s"] / (row["prefill_s"] + row["compress_s"])
+    row["peak_rss_above_model_bytes"] = row["peak_rss_bytes"] - row["rss_before_bytes"]
+    return row
+
+
+@torch.no_grad()
+def throughput(case: Case, cap_bytes: int, max_batch: int = 1024) -> dict:
+    """Largest batch of ``case.length``-token prompts whose decode fits ``cap_bytes`` of process
+    memory, and the decode tokens/s it reaches.
+
+    Prompts are prefilled one at a time (as serving engines schedule long prompts); since they are
+    equal-length copies, one prefilled (and compressed) cache is replicated to the batch, which has
+    exactly the shapes and decode work of distinct prompts. The batch is sized from the measured
+    memory left after the model, then decoded for real, and its peak RSS is reported against the cap.
+    """
+    import clusterattn as ca
+
+    torch.set_num_threads(case.threads)
+    model, tokenizer = ca.load_model(case.model)
+    press = make_press(case.press, case.budget)
+    one = prompt_inputs(tokenizer, case.length, 1, next(model.parameters()).device)
+    cache = new_cache(model)
+    context = press(model) if press is not None else contextlib.nullcontext()
+    with context:
+        logits, next_pos = _prefill(model, one, cache)
+        per_token = sum(
+            2 * layer.keys[:, :, :1].numel() * layer.keys.element_size() for layer in cache.layers
+        )
+        seq_bytes = kv_bytes(cache) + case.new_tokens * per_token
+        gc.collect()
+        base = rss_bytes() - kv_bytes(cache)
+        batch = int(min(max_batch, (0.9 * cap_bytes - base) // seq_bytes))
+        if batch < 1:
+            raise ValueError(f"cap of {cap_bytes} bytes leaves no room for one sequence")
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.repeat(batch, 1, 1, 1), layer.values.repeat(batch, 1, 1, 1)
+        state = getattr(cache, "_clusterattn", None)
+        if state is not None:
+            state.next_pos = state.next_pos.repeat(batch)
+        inputs = prompt_inputs(tokenizer, case.length, batch, one.prompt_ids.device)
+        reset_peak_rss()
+        _, _, decode_s = _decode(
+            model,
+            tokenizer,
+            inputs,
+            cache,
+            logits.repeat(batch, 1, 1),
+            next_pos.repeat(batch),
+            case.new_tokens,
+            True,
+        )
+    steps = case.new_tokens - 1
+    return {
+        **asdict(case), "cap_bytes": cap_bytes, "max_batch": batch, "sequence_kv_bytes": seq_bytes,
+        "decode_tokens_per_s": batch * steps / decode_s, "decode_ms_per_step": 1000 * decode_s / steps,
+        "peak_rss_bytes": peak_rss_bytes(), "fits": peak_rss_bytes() <= cap_bytes,
+    }  # fmt: skip
+
+
+def run_isolated(case: Case, timeout: float = 3600, cap_bytes: int | None = None) -> dict:
+    """``measure(case)`` (or ``throughput`` with a cap) in a fresh Python process."""
+    job = {"case": asdict(case), "cap_bytes": cap_bytes}
+    proc = subprocess.run(
+        [sys.executable, "-m", "clusterattn.bench", json.dumps(job)],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench case {case} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def selection_timing(
+    lengths=(4096, 8192, 16384), budget: int = 512, kv_heads: int = 3, layers: int = 30, reps=20
+):
+    """Median seconds of DBAC vs plain top-k on the same scores, for all layers of one prompt."""
+    rows = []
+    for length in lengths:
+        scores = torch.softmax(torch.randn(layers, 1, kv_heads, length - 32) * 3, dim=-1) * 32
+        timings = {}
+        for name, fn in (
+            ("dbac", lambda s: dbac(s, budget - 32)),
+            ("topk", lambda s: topk_indices(s, budget - 32)),
+        ):
+            samples = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                for layer in range(layers):
+                    fn(scores[layer])
+                samples.append(time.perf_counter() - start)
+            timings[name] = statistics.median(samples)
+        rows.append({"length": length, "dbac_s": timings["dbac"], "topk_s": timings["topk"],
+                     "ratio": timings["dbac"] / timings["topk"]})  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    job = json.loads(sys.argv[1])
+    case = Case(**job["case"])
+    print(json.dumps(measure(case) if job["cap_bytes"] is None else throughput(case, job["cap_bytes"])))
+
+
+def _ratio_rows(rows: list[dict]) -> list[dict]:
+    """Add ratios against the full-cache row of the same model, length and batch."""
+    full = {(r["model"], r["length"], r["batch"]): r for r in rows if r["press"] == "full"}
+    for r in rows:
+        ref = full.get((r["model"], r["length"], r["batch"]))
+        if ref is None:
+            continue
+        r["decode_speedup"] = ref["decode_ms_per_token"] / r["decode_ms_per_token"]
+        r["kv_ratio"] = r["kv_bytes"] / ref["kv_bytes"]
+        r["peak_kv_ratio"] = r["peak_kv_bytes"] / ref["peak_kv_bytes"]
+        r["peak_rss_ratio"] = r["peak_rss_bytes"] / ref["peak_rss_bytes"]
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """The side-by-side table: one row per configuration, ratios against the full cache."""
+    mb = 2**20
+    head = (
+        "| model | length | batch | press | budget | prefill s | compress s (share) | decode ms/tok | tok/s "
+        "| KV MB (x full) | peak KV MB (x full) | peak RSS MB (x full) | decode speed-up |"
+    )
+    lines = [head, "|" + "---|" * 13]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['length']} | {r['batch']} | {r['press']} | {r['budget'] or '-'} "
+            f"| {r['prefill_s']:.2f} | {r['compress_s']:.3f} ({100 * r['compress_share']:.1f} %) "
+            f"| {r['decode_ms_per_token']:.1f} | {r['decode_tokens_per_s']:.1f} "
+            f"| {r['kv_bytes'] / mb:.1f} ({r.get('kv_ratio', 1):.3f}) "
+            f"| {r['peak_kv_bytes'] / mb:.1f} ({r.get('peak_kv_ratio', 1):.2f}) "
+            f"| {r['peak_rss_bytes'] / mb:.0f} ({r.get('peak_rss_ratio', 1):.2f}) "
+            f"| {r.get('decode_speedup', 1):.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Decode latency and KV memory against context length, one line per press and budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["batch"] == 1:
+            label = r["press"] if r["budget"] is None else f"{r['press']} B={r['budget']}"
+            groups.setdefault(f"{r['model']}: {label}", []).append(r)
+    for label, group in groups.items():
+        group.sort(key=lambda r: r["length"])
+        lengths = [r["length"] for r in group]
+        left.plot(lengths, [r["decode_ms_per_token"] for r in group], marker="o", label=label)
+        right.plot(lengths, [r["kv_bytes"] / 2**20 for r in group], marker="o", label=label)
+    for ax, title in ((left, "decode latency (ms / token)"), (right, "prompt KV cache (MB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_bench(
+    *, models, lengths, presses, budgets, batches=(1,), new_tokens=32, repeats=3, threads=2,
+    throughput_lengths=(), cap_gb=8.0, out_dir="runs/bench",
+) -> dict:  # fmt: skip
+    """The whole grid, each case in a fresh process; writes bench.json, bench.md and bench.png."""
+    from tqdm import tqdm
+
+    for name in presses:
+        make_press(name, budgets[0] if budgets else None)  # bad names fail before any model loads
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cases = [
+        Case(model, length, name, None if name == "full" else budget, batch, new_tokens, repeats, threads)
+        for model in models for length in lengths for batch in batches for name in presses
+        for budget in ([None] if name == "full" else budgets)
+    ]  # fmt: skip
+    rows = [run_isolated(case) for case in tqdm(cases, desc="bench cases", unit="case")]
+    cap = int(cap_gb * 2**30)
+    tp_cases = [
+        Case(model, length, name, None if name == "full" else budget, 1, 16, 1, threads)
+        for model in models for length in throughput_lengths for name in presses
+        for budget in ([None] if name == "full" else budgets)
+    ]  # fmt: skip
+    tp_rows = [run_isolated(c, cap_bytes=cap) for c in tqdm(tp_cases, desc="throughput", unit="case")]
+    report = {"cases": _ratio_rows(rows), "throughput": tp_rows, "selection": selection_timing()}
+    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    md = ["## Latency and memory", "", markdown(rows)]
+    if tp_rows:
+        md += ["## Throughput under a memory cap", "", "| model | length | press | budget | cap GB | batch "
+               "| tokens/s | peak RSS GB | fits |", "|" + "---|" * 9]  # fmt: skip
+        for r in tp_rows:
+            md.append(
+                f"| {r['model']} | {r['length']} | {r['press']} | {r['budget'] or '-'} | {cap_gb:g} "
+                f"| {r['max_batch']} | {r['decode_tokens_per_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} "
+                f"| {r['fits']} |"
+            )
+    md += ["", "## Selection step: DBAC vs plain top-k (30 layers, same scores)", "",
+           "| length | DBAC ms | top-k ms | ratio |", "|---|---|---|---|"]  # fmt: skip
+    md += [f"| {r['length']} | {1e3 * r['dbac_s']:.2f} | {1e3 * r['topk_s']:.2f} | {r['ratio']:.2f} |"
+           for r in report["selection"]]  # fmt: skip
+    (out / "bench.md").write_text("\n".join(md) + "\n")
+    plot(rows, out / "bench.png")
+    return report
