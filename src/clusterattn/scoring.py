@@ -117,7 +117,9 @@ def accumulated_scores(
     for start in range(0, seq, chunk_size):  # chunks bound memory; the work inside is vectorised
         stop = min(start + chunk_size, seq)
         positions = torch.arange(start, stop, device=key.device)
-        total += _attention_probs(query[:, :, start:stop], key, scaling, positions, pad_mask).sum(dim=2)
+        visible = None if pad_mask is None else pad_mask[:, :stop]  # causal: keys after the chunk get 0
+        probs = _attention_probs(query[:, :, start:stop], key[:, :, :stop], scaling, positions, visible)
+        total[..., :stop] += probs.sum(dim=2)
     scores = _group_reduce(total, key.shape[1], aggregation)
     if pad_mask is not None:
         scores = scores.masked_fill(~pad_mask[:, None, :], float("-inf"))
