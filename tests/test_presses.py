@@ -108,3 +108,36 @@ def test_from_profile(tmp_path):
     path.write_text('{"num_blocks": 4}')
     with pytest.raises(ValueError, match="unknown"):
         ca.ClusterAttnPress.from_profile(path, budget=128)
+
+
+def test_snapkv_pooling_matches_loop_reference():
+    from clusterattn.presses.snapkv import pool_scores
+
+    scores = torch.rand(2, 3, 40)
+    scores[0, :, :5] = float("-inf")
+    for pooling in ("max", "avg"):
+        fast = pool_scores(scores, 7, pooling)
+        for b in range(2):
+            for h in range(3):
+                row = [v if v != float("-inf") else 0.0 for v in scores[b, h].tolist()]
+                for i in range(40):
+                    window = row[max(0, i - 3) : i + 4]
+                    expected = max(window) if pooling == "max" else sum(window) / len(window)
+                    if scores[b, h, i] == float("-inf"):
+                        assert fast[b, h, i] == float("-inf")
+                    else:
+                        assert abs(fast[b, h, i].item() - expected) < 1e-6
+
+
+def test_chunkkv_selection_matches_loop_reference():
+    press = ca.ChunkKVPress(budget=8 + 8, window_size=8, chunk_size=3)
+    scores = torch.rand(2, 2, 23)
+    fast = press.select_prefix(scores, 8)
+    for b in range(2):
+        for h in range(2):
+            row = scores[b, h].tolist()
+            sums = [sum(row[i : i + 3]) for i in range(0, 23, 3)]
+            chunks = sorted(range(len(sums)), key=lambda c: sums[c], reverse=True)[: 8 // 3]
+            chosen = {i for c in chunks for i in range(3 * c, min(3 * c + 3, 23))}
+            ranked = sorted(range(23), key=lambda i: (i in chosen, row[i]), reverse=True)[:8]
+            assert fast[b, h].tolist() == sorted(ranked)
