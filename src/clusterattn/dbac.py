@@ -51,7 +51,7 @@ def default_num_block(budget: int, span_width: int) -> int:
 def rank_and_select(scores: torch.Tensor, budget: int, *tiers: torch.Tensor) -> torch.Tensor:
     """Top-``budget`` indices by lexicographic key ``(tiers..., score)``, sorted ascending.
 
-    ``tiers`` are bool masks shaped like ``scores``; an earlier tier outranks a later one, and
+    ``tiers`` are bool masks shaped like ``scores`` (None: empty); an earlier tier outranks a later one, and
     within a tier tokens are ordered by score. Non-finite (``-inf``, e.g. padding) scores stay last
     whatever their tier. Ranking runs in float64 so the tier offsets never blur score order.
     """
@@ -62,12 +62,16 @@ def rank_and_select(scores: torch.Tensor, budget: int, *tiers: torch.Tensor) -> 
     step = (hi - lo).nan_to_num(0.0, posinf=0.0, neginf=0.0).clamp_min(0.0) + 1.0
     rank = s
     for level, tier in enumerate(reversed(tiers)):
-        rank = rank + tier.double() * step * (2**level)
+        if tier is not None:
+            rank = rank + tier.double() * step * (2**level)
     return rank.topk(budget, dim=-1).indices.sort(dim=-1).values
 
 
-def sink_mask(scores: torch.Tensor, n_sink: int) -> torch.Tensor:
-    """Bool mask of the first ``n_sink`` tokens with a finite score (the first real tokens)."""
+def sink_mask(scores: torch.Tensor, n_sink: int) -> torch.Tensor | None:
+    """Bool mask of the first ``n_sink`` tokens with a finite score (the first real tokens);
+    None when ``n_sink`` is 0 (an empty tier)."""
+    if n_sink == 0:
+        return None
     finite = torch.isfinite(scores)
     return finite & (finite.long().cumsum(dim=-1) <= n_sink)
 
@@ -84,7 +88,11 @@ def _spans_variant_a(scores: torch.Tensor, budget: int, num_block: int, theta, s
     top_peaks, top_blocks = peaks.topk(min(num_block, n_blocks), dim=-1)
     valid = torch.isfinite(top_peaks)
     before = min(blk - 1, int(round(span_before * blk)))
-    start = torch.minimum((centres.gather(-1, top_blocks) - before).clamp_min(0), (length - blk).clamp_min(0))
+    start = (centres.gather(-1, top_blocks) - before).clamp_min(0)
+    if isinstance(length, torch.Tensor):  # per-row real lengths (left-padded rows)
+        start = torch.minimum(start, (length - blk).clamp_min(0))
+    else:
+        start = start.clamp_max(max(length - blk, 0))
     span = start.unsqueeze(-1) + torch.arange(blk, device=scores.device)  # (..., k, blk)
     hits = valid.unsqueeze(-1).expand_as(span).long()
     counts = torch.zeros(scores.shape, dtype=torch.long, device=scores.device)
@@ -157,9 +165,10 @@ def dbac(
         raise ValueError(f"n_sink ({n_sink}) must be <= budget ({budget})")
     # Left padding (leading -inf) is rolled to the end, so that every row's block grid and span
     # clamping start at its first real token: a padded row selects what it would select alone.
-    lead = (~torch.isfinite(scores)).long().cumprod(dim=-1).sum(dim=-1, keepdim=True)
-    padded = bool(lead.any())
+    padded = not bool(torch.isfinite(scores[..., 0]).all())
+    lead = 0
     if padded:
+        lead = (~torch.isfinite(scores)).long().cumprod(dim=-1).sum(dim=-1, keepdim=True)
         scores = scores.gather(-1, (torch.arange(n, device=scores.device) + lead) % n)
     if variant == "A":
         clusters = _spans_variant_a(scores, budget, num_block, theta, span_before, n - lead)
