@@ -181,6 +181,12 @@ def test_unsupported_model_and_attention():
         pass
 
 
+def test_all_sliding_window_model_is_refused():
+    model = tiny_model("mistral", sliding_window=64)
+    with pytest.raises(ValueError, match="sliding"), ca.ClusterAttnPress(budget=64)(model):
+        pass
+
+
 def test_eager_attention_matches_sdpa():
     eager = tiny_model("llama", attn_implementation="eager")
     sdpa = tiny_model("llama")

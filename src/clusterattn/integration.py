@@ -347,6 +347,11 @@ def apply_press(model, press) -> Iterator[PressSession]:
             f"attn_implementation in {SUPPORTED_ATTENTION}"
         )
     session = PressSession(model, press)
+    if not session.layers:
+        raise ValueError(
+            "this model has no full-attention layer to compress (every layer uses a sliding window: "
+            f"sliding_window={getattr(config, 'sliding_window', None)})"
+        )
     modules = attention_modules(model)
     handles = [model.register_forward_pre_hook(session.before_forward, with_kwargs=True)]
     for module in modules.values():
