@@ -142,3 +142,10 @@ def test_padding_never_selected_while_real_tokens_remain():
 def test_bad_arguments(kwargs, error, word):
     with pytest.raises(error, match=word):
         dbac(torch.rand(1, 10), **kwargs)
+
+
+def test_float64_scores_rank_like_float32():
+    scores = torch.rand(3, 4, 500)
+    for kwargs in ({}, {"n_sink": 2}, {"variant": "B", "num_block": 7}):
+        assert torch.equal(dbac(scores.double(), 90, **kwargs), dbac(scores, 90, **kwargs))
+    assert torch.equal(topk_indices(scores.double(), 50), topk_indices(scores, 50))

@@ -48,15 +48,29 @@ def default_num_block(budget: int, span_width: int) -> int:
     return max(1, budget // span_width)
 
 
-def rank_and_select(scores: torch.Tensor, budget: int, *tiers: torch.Tensor) -> torch.Tensor:
+def rank_and_select(scores: torch.Tensor, budget: int, *tiers: torch.Tensor | None) -> torch.Tensor:
     """Top-``budget`` indices by lexicographic key ``(tiers..., score)``, sorted ascending.
 
-    ``tiers`` are bool masks shaped like ``scores`` (None: empty); an earlier tier outranks a later one, and
-    within a tier tokens are ordered by score. Non-finite (``-inf``, e.g. padding) scores stay last
-    whatever their tier. Ranking runs in float64 so the tier offsets never blur score order.
+    ``tiers`` are bool masks shaped like ``scores`` (None: empty); an earlier tier outranks a later
+    one, and within a tier tokens are ordered by score. Non-finite (``-inf``, e.g. padding) scores
+    stay last whatever their tier. The key is exact: float32 scores are mapped to order-preserving
+    32-bit integers and the tiers sit in the bits above them (float64 scores use float64 offsets).
     """
+    finite = torch.isfinite(scores)
+    if scores.dtype == torch.float64:
+        return _rank_float64(scores, budget, finite, tiers)
+    bits = scores.float().contiguous().view(torch.int32).to(torch.int64)
+    key = torch.where(bits >= 0, bits, -bits - 2**31 - 1)  # monotone in the float value
+    level = 1 << 32
+    for tier in reversed(tiers):
+        if tier is not None:
+            key = key + (tier & finite).to(torch.int64) * level
+        level <<= 1
+    return key.topk(budget, dim=-1).indices.sort(dim=-1).values
+
+
+def _rank_float64(scores, budget, finite, tiers) -> torch.Tensor:
     s = scores.double()
-    finite = torch.isfinite(s)
     hi = torch.where(finite, s, float("-inf")).amax(dim=-1, keepdim=True)
     lo = torch.where(finite, s, float("inf")).amin(dim=-1, keepdim=True)
     step = (hi - lo).nan_to_num(0.0, posinf=0.0, neginf=0.0).clamp_min(0.0) + 1.0
@@ -80,24 +94,26 @@ def _spans_variant_a(scores: torch.Tensor, budget: int, num_block: int, theta, s
     n = scores.shape[-1]
     blk = max(1, budget // num_block)
     n_blocks = math.ceil(n / blk)
-    padded = F.pad(scores.float(), (0, n_blocks * blk - n), value=float("-inf"))
+    padded = scores.float()
+    if n_blocks * blk != n:
+        padded = F.pad(padded, (0, n_blocks * blk - n), value=float("-inf"))
     peaks, arg = padded.view(*scores.shape[:-1], n_blocks, blk).max(dim=-1)
     centres = torch.arange(n_blocks, device=scores.device) * blk + arg
     if theta is not None:
         peaks = peaks.masked_fill(peaks < theta, float("-inf"))
     top_peaks, top_blocks = peaks.topk(min(num_block, n_blocks), dim=-1)
-    valid = torch.isfinite(top_peaks)
     before = min(blk - 1, int(round(span_before * blk)))
     start = (centres.gather(-1, top_blocks) - before).clamp_min(0)
     if isinstance(length, torch.Tensor):  # per-row real lengths (left-padded rows)
         start = torch.minimum(start, (length - blk).clamp_min(0))
     else:
         start = start.clamp_max(max(length - blk, 0))
-    span = start.unsqueeze(-1) + torch.arange(blk, device=scores.device)  # (..., k, blk)
-    hits = valid.unsqueeze(-1).expand_as(span).long()
-    counts = torch.zeros(scores.shape, dtype=torch.long, device=scores.device)
-    counts.scatter_add_(-1, span.flatten(-2).clamp_max(n - 1), hits.flatten(-2))
-    return counts > 0
+    span = (start.unsqueeze(-1) + torch.arange(blk, device=scores.device)).clamp_max(n - 1)  # (..., k, blk)
+    span = torch.where(
+        torch.isfinite(top_peaks).unsqueeze(-1), span, n
+    )  # noise centres write to a spare slot
+    mask = torch.zeros((*scores.shape[:-1], n + 1), dtype=torch.bool, device=scores.device)
+    return mask.scatter_(-1, span.flatten(-2), True)[..., :n]
 
 
 def _blocks_variant_b(scores: torch.Tensor, num_block: int, theta, expand: int):
