@@ -5,7 +5,7 @@ TORCH := torch==2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lint pytest pytest-tf52 needle-table clean
+.PHONY: run test lint pytest pytest-tf52 needle-table peers clean
 
 .venv/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv .venv
@@ -22,6 +22,15 @@ export TOKENIZERS_PARALLELISM := false
 	.venv-tf52/bin/pip install -q --no-deps -r requirements-nodeps.txt
 	.venv-tf52/bin/pip install -q --no-deps -e .
 	touch $@
+
+# kvpress (the main peer) in its own environment: it pins transformers < 5.3.
+.venv-peers/.installed: requirements-peers.txt
+	$(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/pip install -q $(TORCH)
+	.venv-peers/bin/pip install -q -r requirements-peers.txt
+	touch $@
+
+peers: .venv-peers/.installed
 
 run: .venv/.installed
 	.venv/bin/clusterattn demo
@@ -43,4 +52,4 @@ needle-table: .venv/.installed
 	.venv/bin/clusterattn needle --lengths 2048 4096 --samples 10 --budgets 64 128 256 512 --seed 1 --out docs/needle
 
 clean:
-	rm -rf .venv .venv-tf52 .pytest_cache
+	rm -rf .venv .venv-tf52 .venv-peers .pytest_cache
