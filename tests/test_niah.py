@@ -21,8 +21,6 @@ from clusterattn.eval.niah import (
     score_answer,
 )
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 @pytest.fixture(scope="module")
 def tokenizer():
