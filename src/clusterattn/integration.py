@@ -228,8 +228,7 @@ class PressSession:
             self.stats.prompt_tokens = kv_len
             if idx is None:
                 return
-            gather = idx.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1])
-            self._pending[layer] = (key.gather(2, gather), value.gather(2, gather), idx)
+            self._pending[layer] = (*gather_kv(key, value, idx), idx)
         self.stats.seconds += time.perf_counter() - start
 
     # -- self_attn forward hook -----------------------------------------------------------------
@@ -242,6 +241,12 @@ class PressSession:
         install_compressed(cache, module.layer_idx, *pending, self._pad_mask, self._next_pos, self.stats)
         self.stats.seconds += time.perf_counter() - start
         return output
+
+
+def gather_kv(key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``(batch, kv_heads, seq, head_dim)`` at kept indices ``(batch, kv_heads, kept)``."""
+    index = idx.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1])
+    return key.gather(2, index), value.gather(2, index)
 
 
 def install_compressed(cache, layer_idx, keys, values, idx, pad_mask, next_pos, stats) -> None:
@@ -324,9 +329,8 @@ def replay(record: PrefillRecord, press) -> tuple[Cache, CompressionStats]:
             )  # fmt: skip
             if idx is None:
                 continue
-            gather = idx.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1])
             install_compressed(
-                cache, layer_idx, key.gather(2, gather), value.gather(2, gather), idx,
+                cache, layer_idx, *gather_kv(key, value, idx), idx,
                 record.pad_mask, record.next_pos, stats,
             )  # fmt: skip
     stats.seconds = time.perf_counter() - start
