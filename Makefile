@@ -5,7 +5,7 @@ TORCH := torch==2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lint pytest pytest-tf52 needle-table peers clean
+.PHONY: run test lint pytest pytest-tf52 test-peers needle-table peers eval-table clean
 
 .venv/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv .venv
@@ -24,10 +24,11 @@ export TOKENIZERS_PARALLELISM := false
 	touch $@
 
 # kvpress (the main peer) in its own environment: it pins transformers < 5.3.
-.venv-peers/.installed: requirements-peers.txt
+.venv-peers/.installed: requirements-peers.txt pyproject.toml
 	$(PYTHON) -m venv .venv-peers
 	.venv-peers/bin/pip install -q $(TORCH)
 	.venv-peers/bin/pip install -q -r requirements-peers.txt
+	.venv-peers/bin/pip install -q --no-deps -e .
 	touch $@
 
 peers: .venv-peers/.installed
@@ -45,11 +46,27 @@ pytest: .venv/.installed
 pytest-tf52: .venv-tf52/.installed
 	.venv-tf52/bin/python -m pytest -q
 
-test: lint pytest pytest-tf52
+# The kvpress worker of `clusterattn eval --peer` against kvpress's own live hooks.
+test-peers: .venv-peers/.installed
+	.venv-peers/bin/python -m pytest -q -p no:cacheprovider tests_peers
+
+test: lint pytest pytest-tf52 test-peers
 
 # Regenerates the needle table of the README (about 15 minutes on 2 cores).
 needle-table: .venv/.installed
 	.venv/bin/clusterattn needle --lengths 2048 4096 --samples 10 --budgets 64 128 256 512 --seed 1 --out docs/needle
+
+# The accuracy grid of docs/benchmarks.md: 13 RULER tasks at 2k and 4k, our presses and kvpress's
+# (its own environment), both settings; resumable (an interrupted run continues where it stopped).
+EVAL_PRESSES := full clusterattn snapkv chunkkv streamingllm h2o pyramidkv
+EVAL_PEERS := snapkv chunkkv chunkkv:window_size=32,chunk_length=32 expectedattention tova
+eval-table: .venv/.installed .venv-peers/.installed
+	.venv/bin/clusterattn --threads 2 eval --tasks all --lengths 2048 4096 --samples 10 \
+	  --budgets 64 128 256 512 1024 --settings query_aware query_agnostic --presses $(EVAL_PRESSES) \
+	  --peer $(EVAL_PEERS) --seed 0 --out docs/eval --doc docs/benchmarks.md
+	.venv/bin/clusterattn --threads 2 eval --models gemma3-270m --tasks niah --lengths 8192 --samples 10 \
+	  --budgets 64 128 256 512 1024 --settings query_aware query_agnostic --presses $(EVAL_PRESSES) \
+	  --seed 0 --out docs/eval-gemma3 --doc docs/benchmarks.md
 
 clean:
 	rm -rf .venv .venv-tf52 .venv-peers .pytest_cache

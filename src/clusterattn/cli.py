@@ -85,6 +85,82 @@ def _bench(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from clusterattn.eval.report import write_report
+    from clusterattn.eval.runner import EvalConfig, run_eval
+
+    config = EvalConfig(
+        models=args.models,
+        tasks=args.tasks,
+        lengths=args.lengths,
+        presses=args.presses,
+        peers=args.peer,
+        budgets=args.budgets,
+        settings=args.settings,
+        samples=args.samples,
+        seed=args.seed,
+        out=args.out,
+        longbench=args.longbench,
+        profile=args.profile,
+        retry_failed=args.retry_failed,
+    )  # fmt: skip  (validated here, before any model loads)
+    run_eval(config)
+    write_report(args.out, doc=args.doc)
+    print((Path(args.out) / "tables.md").read_text())
+    return 0
+
+
+def _eval_report(args) -> int:
+    from clusterattn.eval.report import write_report
+
+    for path in write_report(args.out, doc=args.doc):
+        print(path)
+    return 0
+
+
+def _add_eval(sub) -> None:
+    from clusterattn.eval.grid import SETTINGS
+    from clusterattn.eval.runner import DEFAULT_PRESSES
+
+    ev = sub.add_parser(
+        "eval",
+        help="RULER / LongBench accuracy over models x presses x budgets x tasks x lengths (resumable)",
+    )
+    ev.add_argument("--models", nargs="+", default=["smollm2-135m"])
+    ev.add_argument(
+        "--tasks", nargs="+", default=["niah_single_2"], help="RULER tasks, all, niah, or LongBench datasets"
+    )
+    ev.add_argument("--lengths", type=int, nargs="+", default=[2048])
+    ev.add_argument(
+        "--presses",
+        nargs="+",
+        default=list(DEFAULT_PRESSES),
+        help="name[:key=value,...], e.g. clusterattn:num_block=16",
+    )
+    ev.add_argument(
+        "--peer",
+        nargs="*",
+        default=[],
+        help="kvpress presses run in .venv-peers, e.g. snapkv chunkkv:chunk_length=32",
+    )
+    ev.add_argument(
+        "--budgets", nargs="+", default=["128", "256"], help="token budgets (ints) or ratios (0.5)"
+    )
+    ev.add_argument("--settings", nargs="+", default=["query_aware"], choices=SETTINGS)
+    ev.add_argument("--samples", type=int, default=10)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--longbench", default=None, help="a LongBench-format JSONL file instead of RULER")
+    ev.add_argument("--profile", default=None, help="ClusterAttn profile JSON from `clusterattn profile`")
+    ev.add_argument("--retry-failed", action="store_true", help="rerun samples recorded as failed")
+    ev.add_argument("--out", default="runs/eval")
+    ev.add_argument("--doc", default=None, help="Markdown file whose eval section is rewritten")
+    ev.set_defaults(func=_eval)
+    report = sub.add_parser("eval-report", help="rebuild metrics.csv, tables and figures of an eval run")
+    report.add_argument("--out", default="runs/eval")
+    report.add_argument("--doc", default=None)
+    report.set_defaults(func=_eval_report)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clusterattn", description=__doc__)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -128,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--cap-gb", type=float, default=8.0)
     bench.add_argument("--out", default="runs/bench")
     bench.set_defaults(func=_bench)
+    _add_eval(sub)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

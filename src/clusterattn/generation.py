@@ -8,15 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clusterattn.integration import (
-    PrefillRecord,
-    cache_kwarg,
-    kv_bytes,
-    new_cache,
-    recording,
-    replay,
-    uniform_lengths,
-)
+from clusterattn.integration import cache_kwarg, kv_bytes, new_cache, uniform_lengths
+from clusterattn.replay import PrefillRecord, recording, replay
 
 
 @dataclass
@@ -234,7 +227,7 @@ def generate_many(
     """Like :func:`generate` for several presses, sharing one prefill.
 
     The prefill runs once with the full cache while each layer's queries are recorded; every press
-    then selects from the recorded keys (:func:`clusterattn.integration.replay`). The caches, and so
+    then selects from the recorded keys (:func:`clusterattn.replay.replay`). The caches, and so
     the answers, are those of the live layer-wise path; only the peak memory differs (all layers are
     full at once here). Meant for evaluation, where a press grid over the same prompts is common.
     ``prefill_s`` is the shared prefill's time in every output.

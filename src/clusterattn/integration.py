@@ -19,7 +19,6 @@ Sliding-window layers (Gemma3) are never compressed.
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import sys
 import time
@@ -270,73 +269,6 @@ def install_compressed(cache, layer_idx, keys, values, idx, pad_mask, next_pos, 
     state.lengths[layer_idx] = keys.shape[2]
 
 
-class _Recorder:
-    """A stand-in press that keeps each layer's queries instead of compressing (see :func:`replay`)."""
-
-    uniform_layers = True
-
-    def __init__(self) -> None:
-        self.queries: dict[int, torch.Tensor] = {}
-        self.scaling: dict[int, float] = {}
-
-    def select(self, query, key, scaling, *, layer, n_layers, pad_mask):
-        self.queries[layer] = query.detach().clone()
-        self.scaling[layer] = scaling
-        return None
-
-
-@dataclass
-class PrefillRecord:
-    """One full prefill, kept so that many presses can be applied to it (see :func:`replay`).
-
-    Compression happens after each layer's own attention and never changes the prefill's
-    activations, so a press applied to a recorded prefill yields exactly the cache (and the same
-    first token) as the same press applied live inside prefill.
-    """
-
-    cache: Cache
-    queries: dict[int, torch.Tensor]  # per compressible layer rank: (batch, q_heads, seq, head_dim)
-    scaling: dict[int, float]
-    layers: list[int]
-    pad_mask: torch.Tensor | None
-    next_pos: torch.Tensor
-    logits: torch.Tensor
-
-
-@contextlib.contextmanager
-def recording(model) -> Iterator[_Recorder]:
-    """Record the post-RoPE queries of every compressible layer during one prefill."""
-    recorder = _Recorder()
-    with apply_press(model, recorder) as session:
-        recorder.session = session
-        yield recorder
-
-
-def replay(record: PrefillRecord, press) -> tuple[Cache, CompressionStats]:
-    """A new cache holding ``press``'s selection from a recorded prefill; the record is unchanged."""
-    cache = copy.copy(record.cache)
-    cache.layers = [copy.copy(layer) for layer in record.cache.layers]
-    if hasattr(cache, "_clusterattn"):
-        del cache._clusterattn
-    stats = CompressionStats(prompt_tokens=record.cache.layers[record.layers[0]].keys.shape[2])
-    start = time.perf_counter()
-    with torch.no_grad():
-        for rank, layer_idx in enumerate(record.layers):
-            key, value = cache.layers[layer_idx].keys, cache.layers[layer_idx].values
-            idx = press.select(
-                record.queries[rank], key, record.scaling[rank],
-                layer=rank, n_layers=len(record.layers), pad_mask=record.pad_mask,
-            )  # fmt: skip
-            if idx is None:
-                continue
-            install_compressed(
-                cache, layer_idx, *gather_kv(key, value, idx), idx,
-                record.pad_mask, record.next_pos, stats,
-            )  # fmt: skip
-    stats.seconds = time.perf_counter() - start
-    return cache, stats
-
-
 @contextlib.contextmanager
 def apply_press(model, press) -> Iterator[PressSession]:
     """Install ``press`` on ``model`` for the duration of the block; see the module docstring."""
@@ -368,5 +300,56 @@ def apply_press(model, press) -> Iterator[PressSession]:
         model.set_attn_implementation(implementation)
         for handle in handles:
             handle.remove()
+        for module in modules.values():
+            del module._clusterattn_session
+
+
+class QueryCapture:
+    """Post-RoPE queries of every compressible layer on every forward call (see :func:`capturing_queries`).
+
+    ``calls[rank]`` lists ``(batch, q_heads, q_len, head_dim)`` tensors in call order (the prefill
+    first, then one per decode step) for the ``rank``-th compressible layer ``layers[rank]``;
+    ``scaling[rank]`` is that layer's attention scale.
+    """
+
+    def __init__(self, layers: list[int]) -> None:
+        self.layers = layers
+        self.rank = {layer: i for i, layer in enumerate(layers)}
+        self.calls: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+        self.scaling: dict[int, float] = {}
+
+    def on_attention(self, module, query, key, value, scaling) -> None:
+        rank = self.rank.get(module.layer_idx)
+        if rank is not None:
+            self.calls[rank].append(query.detach().clone())
+            self.scaling[rank] = float(scaling)
+
+
+@contextlib.contextmanager
+def capturing_queries(model) -> Iterator[QueryCapture]:
+    """Record the post-RoPE queries of every compressible layer, prefill and decode steps alike.
+
+    Nothing is compressed and the model computes exactly what it computes without the block (the
+    wrapped attention only copies its queries); the keys are those of the model's own cache.
+    For analysis: the attention that decode queries pay to the prompt.
+    """
+    check_model(model)
+    implementation = text_config(model)._attn_implementation
+    if implementation.startswith(_PREFIX):
+        raise RuntimeError("a press is already applied to this model; queries are captured on the full cache")
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"attention implementation {implementation!r} is not supported; load the model with "
+            f"attn_implementation in {SUPPORTED_ATTENTION}"
+        )
+    capture = QueryCapture(compressible_layers(model))
+    modules = attention_modules(model)
+    for module in modules.values():
+        module._clusterattn_session = capture
+    model.set_attn_implementation(_register(implementation))
+    try:
+        yield capture
+    finally:
+        model.set_attn_implementation(implementation)
         for module in modules.values():
             del module._clusterattn_session

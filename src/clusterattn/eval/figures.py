@@ -8,8 +8,9 @@ import torch
 
 from clusterattn.eval.niah import make_needle_sample
 from clusterattn.generation import _prefill, _prepare
-from clusterattn.integration import new_cache, recording
+from clusterattn.integration import new_cache
 from clusterattn.presses import ClusterAttnPress, SnapKVPress
+from clusterattn.replay import recording
 from clusterattn.scoring import window_scores
 
 

@@ -87,9 +87,33 @@ class ClusterAttnPress(WindowPress):
 
     @classmethod
     def from_profile(cls, path: str | Path, **overrides) -> ClusterAttnPress:
-        """Build a press from a JSON profile (a dict of this class's fields), with overrides."""
+        """Build a press from a JSON profile (a dict of this class's fields), with overrides.
+
+        The file holds ``{"config": {...}}`` or the fields themselves. A profile written by
+        ``clusterattn profile`` also has ``"budgets": {"128": {"config": {...}}, ...}`` (``num_block``
+        is tuned per budget): ``from_profile(path, budget=B)`` takes budget ``B``'s entry. A budget
+        without an entry keeps the nearest profiled budget's cluster width instead
+        (``span_width = (B' - window_size) // num_block``, ``num_block`` by the default rule).
+        """
         data = json.loads(Path(path).read_text())
-        config = data.get("config", data)
+        config = dict(data.get("config", data))
+        entries = data.get("budgets") or {}
+        target = overrides.get("budget")
+        if entries and target is not None:
+            entry = entries.get(str(target))
+            if entry is None:
+                ref = min(entries, key=lambda k: (abs(int(k) - target), int(k)))
+                config = dict(entries[ref].get("config", entries[ref]))
+                num_block = config.pop("num_block", None)
+                if num_block:
+                    window = config.get("window_size", cls.window_size)
+                    config["span_width"] = max(1, (int(ref) - window) // num_block)
+            else:
+                config = dict(entry.get("config", entry))
+        if "compression_ratio" in overrides:
+            config.pop("budget", None)
+        elif "budget" in overrides:
+            config.pop("compression_ratio", None)
         known = {f.name for f in fields(cls)}
         unknown = set(config) - known
         if unknown:

@@ -1,0 +1,196 @@
+"""kvpress presses on our prompts, run inside the peers environment (``make peers``).
+
+``python -m clusterattn.eval.peer_worker JOB.json PREDICTIONS.jsonl`` (started by
+:func:`clusterattn.eval.runner.run_eval`) answers each job's prompt with kvpress's own presses and
+appends rows in the runner's format.
+
+How: one prefill per prompt with forward hooks recording what kvpress's hook receives on every
+attention layer (its keyword arguments and output); then, for each press, kvpress's own
+``press.forward_hook`` runs on a copy of the full cache layer by layer. kvpress compresses after a
+layer's attention and never changes the prefill's activations, so this is exactly the cache
+``with press(model): model(...)`` leaves (tested in ``tests_peers``). Decoding is the plain greedy
+loop of kvpress's pipeline: positions continue from the prompt length, no attention mask.
+
+A token budget ``B`` is passed as the compression ratio that makes kvpress keep ``B`` tokens per
+head (``1 - (B + 0.5) / L``; PyramidKV's own budget adds its window, which is subtracted).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+JOB_VERSION = 1
+
+
+def kvpress_ratio(name: str, budget: int | float, prompt_tokens: int, window: int) -> float:
+    """The compression ratio that makes kvpress keep ``budget`` tokens of a ``prompt_tokens`` prompt."""
+    if isinstance(budget, float):
+        return budget
+    kept = budget - window if name == "pyramidkv" else budget
+    return min(max(0.0, 1.0 - (kept + 0.5) / prompt_tokens), 1.0 - 1.0 / prompt_tokens)
+
+
+def build_press(name: str, params: dict, budget, prompt_tokens: int):
+    """A kvpress press for ``budget``; wrapper presses (ChunkKV, AdaKV) wrap kvpress's SnapKV, and
+    parameters go to whichever of the two has a field of that name."""
+    import dataclasses
+
+    import kvpress
+
+    from clusterattn.eval.spec import PEER_PRESSES
+
+    outer_name, inner_name = PEER_PRESSES[name]
+    outer_cls = getattr(kvpress, outer_name)
+    outer_fields = {f.name for f in dataclasses.fields(outer_cls)}
+    if inner_name is None:
+        window = params.get("window_size", getattr(outer_cls, "window_size", 0))
+        ratio = kvpress_ratio(name, budget, prompt_tokens, window)
+        return outer_cls(compression_ratio=ratio, **params)
+    inner_cls = getattr(kvpress, inner_name)
+    inner_fields = {f.name for f in dataclasses.fields(inner_cls)}
+    outer = {k: v for k, v in params.items() if k in outer_fields and k != "press"}
+    inner = {k: v for k, v in params.items() if k not in outer}
+    unknown = set(inner) - inner_fields
+    if unknown:
+        raise ValueError(f"kvpress {name}: unknown parameters {sorted(unknown)}")
+    ratio = kvpress_ratio(name, budget, prompt_tokens, 0)
+    return outer_cls(press=inner_cls(compression_ratio=ratio, **inner), **outer)
+
+
+def _attention_layers(model):
+    inner = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    return [layer.self_attn for layer in inner.layers]
+
+
+@torch.no_grad()
+def record_prefill(model, ids: torch.Tensor):
+    """Run the prefill once; returns (full cache, {layer: (module, kwargs, output)}, last logits)."""
+    from transformers import DynamicCache
+
+    captured = {}
+
+    def hook(module, args, kwargs, output):
+        captured[module.layer_idx] = (module, dict(kwargs), output)
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in _attention_layers(model)]
+    try:
+        cache = DynamicCache(config=model.config)
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return cache, captured, logits
+
+
+@torch.no_grad()
+def apply_recorded(press, model, cache, captured):
+    """kvpress's own hook on every recorded layer, on a copy of ``cache``; returns the copy."""
+    pressed = copy.copy(cache)
+    pressed.layers = [copy.copy(layer) for layer in cache.layers]
+    press.post_init_from_model(model)
+    for module in _attention_layers(model):
+        module.masked_key_indices = None
+    for _, (module, kwargs, output) in sorted(captured.items()):
+        if getattr(module, "is_sliding", False):
+            continue
+        press.forward_hook(module, (), {**kwargs, "past_key_values": pressed}, output)
+    return pressed
+
+
+@torch.no_grad()
+def greedy(
+    model, tokenizer, cache, logits, start: int, rest: torch.Tensor | None, max_new_tokens: int
+) -> str:
+    """kvpress's pipeline decode: append ``rest`` at positions ``start..``, then greedy tokens."""
+    position = start
+    if rest is not None and rest.shape[1]:
+        positions = torch.arange(start, start + rest.shape[1])[None]
+        logits = model(input_ids=rest, past_key_values=cache, position_ids=positions, logits_to_keep=1).logits
+        position += rest.shape[1]
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    out = []
+    for step in range(max_new_tokens):
+        token = logits[0, -1].argmax()
+        if int(token) in eos:
+            break
+        out.append(int(token))
+        if step == max_new_tokens - 1:
+            break
+        logits = model(
+            input_ids=token[None, None], past_key_values=cache, position_ids=torch.tensor([[position]])
+        ).logits
+        position += 1
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+def answer_job(model, tokenizer, job: dict) -> list[dict]:
+    """Rows for one prompt under every kvpress press of the job."""
+    from clusterattn.eval.spec import budget_label
+    from clusterattn.eval.tasks import Sample, score
+    from clusterattn.generation import _prepare
+
+    sample, setting = Sample.from_dict(job["sample"]), job["setting"]
+    rows = []
+    for _, _, label, budget in job["presses"]:
+        rows.append({
+            "model": job["model"], "task": sample.task, "length": sample.length, "setting": setting,
+            "index": sample.index, "seed": sample.seed, "answers": list(sample.answers),
+            "metric": sample.metric, "depth": sample.depth, "n_tokens": sample.n_tokens,
+            "press": label, "budget": budget_label(budget),
+        })  # fmt: skip
+    try:
+        inputs = _prepare(
+            model, tokenizer, sample.context, sample.question, sample.max_new_tokens,
+            setting == "query_aware", sample.answer_prefix, True,
+        )  # fmt: skip
+        ids = inputs.prompt_ids
+        cache, captured, logits = record_prefill(model, ids)
+    except Exception as err:  # the whole prompt failed: every press's row says so
+        for row in rows:
+            row.update(prediction=None, score=None, error=f"{type(err).__name__}: {err}")
+        return rows
+    for row, (name, params, _, budget) in zip(rows, job["presses"], strict=True):
+        try:
+            press = build_press(name, params, budget, ids.shape[1])
+            pressed = apply_recorded(press, model, cache, captured)
+            kept = max(layer.keys.shape[2] for layer in pressed.layers)
+            text = greedy(model, tokenizer, pressed, logits, ids.shape[1], inputs.rest, sample.max_new_tokens)
+            row.update(prediction=text, score=score(sample, text), error=None, kept=kept)
+        except Exception as err:  # recorded as failed; the run goes on
+            row.update(prediction=None, score=None, error=f"{type(err).__name__}: {err}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tqdm import tqdm
+
+    import clusterattn as ca
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m clusterattn.eval.peer_worker JOB.json PREDICTIONS.jsonl", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    if spec.get("version") != JOB_VERSION:
+        raise ValueError(f"job version {spec.get('version')} != {JOB_VERSION}")
+    import kvpress  # noqa: F401  (patches attention for AdaKV's masked heads)
+
+    model, tokenizer = ca.load_model(spec["model"])
+    from clusterattn.eval.runner import open_for_append
+
+    with open_for_append(Path(argv[1])) as sink:
+        for job in tqdm(spec["jobs"], desc=f"kvpress {spec['model']}", unit="prompt"):
+            for row in answer_job(model, tokenizer, {**job, "model": spec["model"]}):
+                sink.write(json.dumps(row) + "\n")
+            sink.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

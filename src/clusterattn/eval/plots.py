@@ -1,0 +1,124 @@
+"""Figures of an evaluation run: score vs budget per task and press; needle depth x length heatmaps."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+DEPTH_BINS = 5
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _style(press: str) -> dict:
+    if press == "clusterattn" or press.startswith("clusterattn:"):
+        return {"linewidth": 2.6, "color": "tab:red", "marker": "o"}
+    return {"linewidth": 1.2, "linestyle": "--" if press.startswith("kvpress:") else "-", "marker": "."}
+
+
+def score_vs_budget(metrics: list[dict], out: Path) -> list[Path]:
+    """One PNG per (model, length, setting): a panel per task plus the average, token budgets only."""
+    plt = _pyplot()
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in metrics:
+        groups[(row["model"], row["length"], row["setting"])].append(row)
+    paths = []
+    for (model, length, setting), rows in sorted(groups.items()):
+        tasks = sorted({r["task"] for r in rows})
+        panels = [*tasks, "average"]
+        cols = min(5, len(panels))
+        nrows = math.ceil(len(panels) / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False, sharey=True)
+        by = {(r["press"], r["budget"], r["task"]): r["score"] for r in rows}
+        presses = sorted({r["press"] for r in rows if r["budget"] != "full"})
+        budgets = sorted({int(r["budget"]) for r in rows if r["budget"].isdigit()})
+        for ax, panel in zip(axes.flat, panels, strict=False):
+            for press in presses:
+                ys = [_panel_value(by, press, str(b), panel, tasks) for b in budgets]
+                ax.plot(budgets, ys, label=press, **_style(press))
+            full = _panel_value(by, "full", "full", panel, tasks)
+            if not math.isnan(full):
+                ax.axhline(full, color="black", linestyle=":", linewidth=1.2, label="full cache")
+            ax.set_title(panel, fontsize=9)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(budgets, [str(b) for b in budgets], fontsize=7)
+            ax.set_ylim(-3, 103)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(panels) :]:
+            ax.axis("off")
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
+        fig.suptitle(f"{model}, {length} tokens, {setting.replace('_', '-')}: score (0-100) vs budget B")
+        fig.tight_layout(rect=(0, 0.06 + 0.02 * math.ceil(len(labels) / 6), 1, 0.96))
+        path = Path(out) / f"score_vs_budget_{model}_{length}_{setting}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _panel_value(by: dict, press: str, budget: str, panel: str, tasks: list[str]) -> float:
+    if panel != "average":
+        return by.get((press, budget, panel), float("nan"))
+    values = [by.get((press, budget, t)) for t in tasks]
+    if any(v is None for v in values):
+        return float("nan")
+    return float(np.mean(values))
+
+
+def needle_heatmaps(rows: list[dict], out: Path) -> list[Path]:
+    """One PNG per (model, setting, budget): a depth x context-length heatmap per press, over the
+    niah tasks (mean score of the samples whose needle depth falls in each bin)."""
+    plt = _pyplot()
+    cells: dict[tuple, dict] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if not row["task"].startswith("niah") or row.get("depth") is None or row.get("error"):
+            continue
+        depth_bin = min(int(row["depth"] * DEPTH_BINS), DEPTH_BINS - 1)
+        budget = row["budget"]
+        key = (row["model"], row["setting"], budget)
+        cells[key][(row["press"], row["length"], depth_bin)].append(row["score"])
+    full_cells = {k[:2]: v for k, v in cells.items() if k[2] == "full"}
+    paths = []
+    for (model, setting, budget), values in sorted(cells.items()):
+        if budget == "full":
+            continue
+        values = {**{k: v for k, v in full_cells.get((model, setting), {}).items()}, **values}
+        presses = sorted({k[0] for k in values}, key=lambda p: (p != "full", p.startswith("kvpress"), p))
+        lengths = sorted({k[1] for k in values})
+        fig, axes = plt.subplots(
+            1, len(presses), figsize=(1.2 + 1.0 * len(lengths) * len(presses), 3.0), squeeze=False
+        )
+        for ax, press in zip(axes.flat, presses, strict=True):
+            grid = np.full((DEPTH_BINS, len(lengths)), np.nan)
+            for j, length in enumerate(lengths):
+                for d in range(DEPTH_BINS):
+                    scores = values.get((press, length, d))
+                    if scores:
+                        grid[d, j] = 100.0 * float(np.mean(scores))
+            image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+            ax.set_title(press, fontsize=8)
+            ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" for n in lengths], fontsize=7)
+            ax.set_yticks(
+                range(DEPTH_BINS), [f"{100 * d // DEPTH_BINS}%" for d in range(DEPTH_BINS)], fontsize=7
+            )
+        axes.flat[0].set_ylabel("needle depth")
+        fig.colorbar(image, ax=list(axes.flat), fraction=0.02)
+        fig.suptitle(
+            f"{model}, {setting.replace('_', '-')}, B={budget}: niah score by depth and length", fontsize=9
+        )
+        path = Path(out) / f"needle_heatmap_{model}_{setting}_{budget}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths

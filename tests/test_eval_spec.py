@@ -1,0 +1,136 @@
+"""Press specifications, budgets, metrics aggregation and the report, without a model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from clusterattn.eval.report import aggregate, average_tables, write_report
+from clusterattn.eval.spec import budget_label, parse_budget, parse_press, validate
+from clusterattn.presses import ClusterAttnPress, SnapKVPress
+
+
+def test_parse_press_with_parameters():
+    spec = parse_press("clusterattn:num_block=16,span_before=0.25,aggregation=mean")
+    assert spec.params == {"num_block": 16, "span_before": 0.25, "aggregation": "mean"}
+    press = spec.build(256)
+    assert isinstance(press, ClusterAttnPress)
+    assert (press.budget, press.num_block, press.span_before, press.aggregation) == (256, 16, 0.25, "mean")
+    assert spec.label == "clusterattn:aggregation=mean,num_block=16,span_before=0.25"
+    assert isinstance(parse_press("SnapKV").build(0.5), SnapKVPress)
+    assert parse_press("snapkv").build(0.5).compression_ratio == 0.5
+    assert parse_press("full").build(None) is None
+
+
+def test_parse_peer_press():
+    spec = parse_press("kvpress:chunkkv:window_size=32,chunk_length=32")
+    assert spec.is_peer and spec.label == "kvpress:chunkkv:chunk_length=32,window_size=32"
+    with pytest.raises(ValueError, match="peers environment"):
+        spec.build(128)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("nope", "unknown clusterattn press"),
+        ("kvpress:nope", "unknown kvpress press"),
+        ("clusterattn:num_block", "not key=value"),
+        ("clusterattn:budget=3", "with --budgets"),
+        ("a:b:c:d", "expected name"),
+        ("", "empty"),
+    ],
+)
+def test_parse_press_errors(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_press(text)
+
+
+def test_validate_builds_every_budget_before_loading():
+    with pytest.raises(ValueError, match="accepts"):
+        validate([parse_press("clusterattn:num_blok=3")], [128])
+    with pytest.raises(ValueError, match="budget"):
+        validate([parse_press("clusterattn")], [8])  # below the 32-token window
+    validate([parse_press("full"), parse_press("kvpress:snapkv")], [128])
+
+
+def test_budgets():
+    assert parse_budget("128") == 128 and parse_budget("0.25") == 0.25
+    for bad in ("0", "1.5", "x", True):
+        with pytest.raises(ValueError):
+            parse_budget(bad)
+    assert (budget_label(None), budget_label(64), budget_label(0.5)) == ("full", "64", "r0.5")
+
+
+def _row(press, budget, task, index, score, error=None, depth=None, length=2048):
+    return {
+        "model": "m", "task": task, "length": length, "setting": "query_aware", "press": press,
+        "budget": budget, "index": index, "score": score, "error": error, "depth": depth,
+    }  # fmt: skip
+
+
+def test_aggregate_means_failures_and_retries():
+    rows = [
+        _row("ca", "64", "t", 0, 1.0),
+        _row("ca", "64", "t", 1, None, error="boom"),
+        _row("ca", "64", "t", 2, 0.5),
+        _row("ca", "64", "t", 1, 0.0),  # a retry replaces the failure
+        _row("full", "full", "t", 0, 1.0),
+    ]
+    cells = {(c["press"], c["budget"]): c for c in aggregate(rows)}
+    assert cells[("ca", "64")]["n"] == 3 and cells[("ca", "64")]["failed"] == 0
+    assert cells[("ca", "64")]["score"] == pytest.approx(50.0)
+    rows.append(_row("ca", "64", "t", 3, None, error="boom"))
+    cell = {(c["press"], c["budget"]): c for c in aggregate(rows)}[("ca", "64")]
+    assert (cell["n"], cell["failed"]) == (3, 1)
+
+
+def test_average_table_marks_best():
+    rows = [_row(p, b, t, 0, s) for p, b, t, s in [
+        ("ca", "64", "a", 1.0), ("ca", "64", "b", 0.0), ("snap", "64", "a", 0.0), ("snap", "64", "b", 0.0),
+        ("full", "full", "a", 1.0), ("full", "full", "b", 1.0),
+    ]]  # fmt: skip
+    metrics = aggregate(rows)
+    for m in metrics:
+        m["score"] = float(m["score"])
+    table = average_tables(metrics)
+    assert "| ca | **50.0** |" in table and "| snap | 0.0 |" in table and "full cache: 100.0" in table
+
+
+def test_write_report_files_and_doc_splice(tmp_path):
+    rows = []
+    for i, depth in enumerate([0.1, 0.5, 0.9]):
+        for press, budget, score in [
+            ("clusterattn", "64", 1.0),
+            ("snapkv", "64", 0.0),
+            ("full", "full", 1.0),
+        ]:
+            rows.append(_row(press, budget, "niah_single_1", i, score, depth=depth))
+            rows.append(_row(press, budget, "vt", i, score / 2))
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn')
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Benchmarks\n\nintro\n")
+    paths = write_report(tmp_path, doc=doc)
+    assert all(p.exists() for p in paths)
+    with (tmp_path / "metrics.csv").open() as handle:
+        metrics = list(csv.DictReader(handle))
+    assert list(metrics[0]) == [
+        "model",
+        "task",
+        "length",
+        "press",
+        "budget",
+        "setting",
+        "n",
+        "failed",
+        "score",
+    ]
+    assert any(p.name.startswith("needle_heatmap") for p in paths)
+    assert any(p.name.startswith("score_vs_budget") for p in paths)
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks") and text.count(f"<!-- eval {tmp_path.name} begin -->") == 1
+    write_report(tmp_path, doc=doc)  # idempotent: the section is replaced, not appended
+    assert doc.read_text().count(f"<!-- eval {tmp_path.name} begin -->") == 1
+    assert not math.isnan(float(metrics[0]["score"]))
