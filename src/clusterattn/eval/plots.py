@@ -107,15 +107,22 @@ def needle_heatmaps(rows: list[dict], out: Path) -> list[Path]:
                     if scores:
                         grid[d, j] = 100.0 * float(np.mean(scores))
             image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
-            ax.set_title(press, fontsize=8)
+            ax.set_title(press.replace(":", "\n").replace(",", ",\n"), fontsize=7)
             ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" for n in lengths], fontsize=7)
+            if ax is not axes.flat[0]:
+                ax.set_yticks([])
+                continue
             ax.set_yticks(
-                range(DEPTH_BINS), [f"{100 * d // DEPTH_BINS}%" for d in range(DEPTH_BINS)], fontsize=7
+                range(DEPTH_BINS),
+                [f"{100 * d // DEPTH_BINS}-{100 * (d + 1) // DEPTH_BINS}%" for d in range(DEPTH_BINS)],
+                fontsize=7,
             )
         axes.flat[0].set_ylabel("needle depth")
         fig.colorbar(image, ax=list(axes.flat), fraction=0.02)
         fig.suptitle(
-            f"{model}, {setting.replace('_', '-')}, B={budget}: niah score by depth and length", fontsize=9
+            f"{model}, {setting.replace('_', '-')}, B={budget}: niah score by depth and length",
+            fontsize=9,
+            y=1.12,
         )
         path = Path(out) / f"needle_heatmap_{model}_{setting}_{budget}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -92,16 +92,15 @@ def average_tables(metrics: list[dict]) -> str:
             "| press | " + " | ".join(f"B={b}" for b in budgets) + " |",
             "|---|" + "---|" * len(budgets),
         ]
-        best = {
-            b: max((_mean([by.get((p, b, t)) for t in tasks]) for p in presses), key=_nan_low)
-            for b in budgets
+        average = {
+            (p, b): _complete_mean([by.get((p, b, t)) for t in tasks]) for p in presses for b in budgets
         }
+        best = {b: max((average[p, b] for p in presses), key=_nan_low) for b in budgets}
         for press in presses:
             cells = []
             for b in budgets:
-                value = _mean([by.get((press, b, t)) for t in tasks])
-                text = _fmt(value)
-                cells.append(f"**{text}**" if not math.isnan(value) and value == best[b] else text)
+                value, text = average[press, b], _fmt(average[press, b])
+                cells.append(f"**{text}**" if not math.isnan(value) and value == best[b] > 0 else text)
             lines.append(f"| {press} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
@@ -132,6 +131,11 @@ def task_tables(metrics: list[dict]) -> str:
 
 def _nan_low(value: float) -> float:
     return -1.0 if math.isnan(value) else value
+
+
+def _complete_mean(values) -> float:
+    """Mean over every task, NaN when a task is missing (averages must cover the same tasks)."""
+    return float("nan") if any(v is None for v in values) else _mean(values)
 
 
 def _mean(values) -> float:
