@@ -134,6 +134,7 @@ def test_torn_line_is_ignored(patched, tmp_path):
         (dict(longbench="/no/such.jsonl"), "LongBench file not found"),
         (dict(peers=["snapkv"], peer_python="/no/python"), "make peers"),
         (dict(presses=["snapkv", "snapkv"]), "duplicate"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
     ],
 )
 def test_bad_config_fails_before_loading(patched, tmp_path, overrides, match):
@@ -174,3 +175,10 @@ def test_profile_restricts_to_held_out_and_configures_clusterattn(patched, tmp_p
     assert [p.num_block for p in built] == [2]
     with pytest.raises(ValueError, match="--seed 0"):
         config(tmp_path, tasks=["vt"], seed=3, profile=str(profile))
+
+
+def test_max_new_tokens_caps_generation(patched, tmp_path):
+    cfg = config(tmp_path, tasks=["vt"], settings=["query_aware"], budgets=[64], samples=1, max_new_tokens=1)
+    run_eval(cfg, progress=False)
+    assert {r["new_tokens"] for r in read_predictions(tmp_path / "predictions.jsonl")} == {1}
+    assert json.loads((tmp_path / "run.json").read_text())["arguments"]["max_new_tokens"] == 1

@@ -151,6 +151,9 @@ def _add_eval(sub) -> None:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--longbench", default=None, help="a LongBench-format JSONL file instead of RULER")
     ev.add_argument("--profile", default=None, help="ClusterAttn profile JSON from `clusterattn profile`")
+    ev.add_argument(
+        "--max-new-tokens", type=int, default=None, help="cap on each task's own generation length"
+    )
     ev.add_argument("--retry-failed", action="store_true", help="rerun samples recorded as failed")
     ev.add_argument("--out", default="runs/eval")
     ev.add_argument("--doc", default=None, help="Markdown file whose eval section is rewritten")

@@ -16,6 +16,7 @@ rows to the same file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -52,6 +53,7 @@ class EvalConfig:
     longbench: str | None = None
     profile: str | None = None
     retry_failed: bool = False
+    max_new_tokens: int | None = None  # caps each task's own generation length (recorded in run.json)
     batch: bool = True
     peer_python: str = str(ROOT / ".venv-peers" / "bin" / "python")
 
@@ -75,6 +77,12 @@ class EvalConfig:
         for length in self.lengths:
             if isinstance(length, bool) or not isinstance(length, int) or length < 256:
                 raise ValueError(f"lengths must be ints >= 256, got {length!r}")
+        if self.max_new_tokens is not None and (
+            isinstance(self.max_new_tokens, bool)
+            or not isinstance(self.max_new_tokens, int)
+            or self.max_new_tokens < 1
+        ):
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise ValueError(f"samples must be a positive int, got {self.samples!r}")
         if self.longbench is None:
@@ -213,9 +221,13 @@ def _base_row(model_name, sample, setting) -> dict:
 
 
 def run_eval(config: EvalConfig, *, progress: bool = True) -> Path:
-    """Run (or resume) the grid of ``config``; returns the path of ``metrics.csv``."""
+    """Run (or resume) the grid of ``config``; returns the path of ``metrics.csv``.
+
+    Cells go length by length, task by task; in each, our presses answer every sample, then the
+    kvpress worker (if any peers) answers the same samples, so an interrupted run leaves complete
+    comparisons behind.
+    """
     import clusterattn as ca
-    from clusterattn.eval.tasks import score
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,68 +236,83 @@ def run_eval(config: EvalConfig, *, progress: bool = True) -> Path:
     _write_run_json(config, out, started, finished=None)
     for model_name in config.models:
         model, tokenizer = ca.load_model(model_name)
-        rows = read_predictions(pred_path)
-        done = {row_key(r) for r in rows if not (config.retry_failed and r.get("error"))}
-        work = []
-        for task in config.tasks:
-            for length in config.lengths:
-                for sample in samples_for(config, task, length, tokenizer):
-                    for setting in config.settings:
-                        base = _base_row(model_name, sample, setting)
-                        todo = _missing(config.grid(config.ours), base, done)
-                        if todo:
-                            work.append((sample, setting, todo))
-        bar = tqdm(work, desc=f"eval {model_name}", unit="prompt", disable=not progress)
-        with open_for_append(pred_path) as sink:
-            for sample, setting, todo in bar:
-                bar.set_postfix_str(f"{sample.task} {sample.length} {setting}")
-                base = _base_row(model_name, sample, setting)
-                presses = {(spec.label, budget_label(b)): _ours_press(config, spec, b) for spec, b in todo}
-                try:
-                    answers, prefill_s = answer_all(
-                        model, tokenizer, context=sample.context, question=sample.question,
-                        answer_prefix=sample.answer_prefix, presses=presses, setting=setting,
-                        max_new_tokens=sample.max_new_tokens, batch=config.batch,
-                    )  # fmt: skip
-                    error = None
-                except Exception as err:  # a failed sample is recorded, the run goes on
-                    answers, prefill_s, error = {}, 0.0, f"{type(err).__name__}: {err}"
-                for press_label, budget in presses:
-                    row = {**base, "press": press_label, "budget": budget}
-                    answer = answers.get((press_label, budget))
-                    if answer is None:
-                        row.update(prediction=None, score=None, error=error or "no answer")
-                    else:
-                        row.update(
-                            prediction=answer.text, score=score(sample, answer.text), error=None,
-                            kept=answer.kept, kv_bytes=answer.kv_bytes, new_tokens=answer.new_tokens,
-                            prefill_s=prefill_s, compress_s=answer.compress_s, decode_s=answer.decode_s,
-                        )  # fmt: skip
-                    sink.write(json.dumps(row) + "\n")
-                sink.flush()
-        if config.peer_specs:
-            _run_peers(config, model_name, tokenizer, out, pred_path)
+        cells = [(length, task) for length in config.lengths for task in config.tasks]
+        bar = tqdm(total=len(cells), desc=f"eval {model_name}", unit="cell", disable=not progress)
+        for length, task in cells:
+            samples = [_capped(config, s) for s in samples_for(config, task, length, tokenizer)]
+            bar.set_postfix_str(f"{task} {length}")
+            _run_ours(config, model_name, model, tokenizer, samples, pred_path, progress)
+            if config.peer_specs:
+                _run_peers(config, model_name, samples, out, pred_path)
+            bar.update()
+        bar.close()
         del model
     metrics = write_metrics(read_predictions(pred_path), out / "metrics.csv")
     _write_run_json(config, out, started, finished=time.time())
     return metrics
 
 
-def _run_peers(config: EvalConfig, model_name: str, tokenizer, out: Path, pred_path: Path) -> None:
+def _capped(config: EvalConfig, sample):
+    if config.max_new_tokens is None or sample.max_new_tokens <= config.max_new_tokens:
+        return sample
+    return dataclasses.replace(sample, max_new_tokens=config.max_new_tokens)
+
+
+def _done(config: EvalConfig, pred_path: Path) -> set:
+    return {row_key(r) for r in read_predictions(pred_path) if not (config.retry_failed and r.get("error"))}
+
+
+def _run_ours(config, model_name, model, tokenizer, samples, pred_path: Path, progress: bool) -> None:
+    from clusterattn.eval.tasks import score
+
+    done = _done(config, pred_path)
+    work = []
+    for sample in samples:
+        for setting in config.settings:
+            todo = _missing(config.grid(config.ours), _base_row(model_name, sample, setting), done)
+            if todo:
+                work.append((sample, setting, todo))
+    bar = tqdm(work, desc="  prompts", unit="prompt", leave=False, disable=not progress or not work)
+    with open_for_append(pred_path) as sink:
+        for sample, setting, todo in bar:
+            base = _base_row(model_name, sample, setting)
+            presses = {(spec.label, budget_label(b)): _ours_press(config, spec, b) for spec, b in todo}
+            try:
+                answers, prefill_s = answer_all(
+                    model, tokenizer, context=sample.context, question=sample.question,
+                    answer_prefix=sample.answer_prefix, presses=presses, setting=setting,
+                    max_new_tokens=sample.max_new_tokens, batch=config.batch,
+                )  # fmt: skip
+                error = None
+            except Exception as err:  # a failed sample is recorded, the run goes on
+                answers, prefill_s, error = {}, 0.0, f"{type(err).__name__}: {err}"
+            for press_label, budget in presses:
+                row = {**base, "press": press_label, "budget": budget}
+                answer = answers.get((press_label, budget))
+                if answer is None:
+                    row.update(prediction=None, score=None, error=error or "no answer")
+                else:
+                    row.update(
+                        prediction=answer.text, score=score(sample, answer.text), error=None,
+                        kept=answer.kept, kv_bytes=answer.kv_bytes, new_tokens=answer.new_tokens,
+                        prefill_s=prefill_s, compress_s=answer.compress_s, decode_s=answer.decode_s,
+                    )  # fmt: skip
+                sink.write(json.dumps(row) + "\n")
+            sink.flush()
+
+
+def _run_peers(config: EvalConfig, model_name: str, samples, out: Path, pred_path: Path) -> None:
     """Hand the same prompts to the kvpress worker in the peers environment; it appends rows."""
     from clusterattn.eval.peer_worker import JOB_VERSION
 
-    done = {row_key(r) for r in read_predictions(pred_path) if not (config.retry_failed and r.get("error"))}
+    done = _done(config, pred_path)
     jobs = []
-    for task in config.tasks:
-        for length in config.lengths:
-            for sample in samples_for(config, task, length, tokenizer):
-                for setting in config.settings:
-                    base = _base_row(model_name, sample, setting)
-                    missing = _missing(config.grid(config.peer_specs), base, done)
-                    todo = [[spec.name, spec.params, spec.label, b] for spec, b in missing]
-                    if todo:
-                        jobs.append({"sample": sample.to_dict(), "setting": setting, "presses": todo})
+    for sample in samples:
+        for setting in config.settings:
+            missing = _missing(config.grid(config.peer_specs), _base_row(model_name, sample, setting), done)
+            todo = [[spec.name, spec.params, spec.label, b] for spec, b in missing]
+            if todo:
+                jobs.append({"sample": sample.to_dict(), "setting": setting, "presses": todo})
     if not jobs:
         return
     job_path = out / "peer_job.json"
