@@ -98,7 +98,7 @@ def test_wrapper_parameters_are_routed():
 def test_greedy_matches_a_full_forward(model):
     ids = prompt_ids(2)
     cache, _, logits = record_prefill(model, ids)
-    text = greedy(model, IdTokenizer(), cache, logits, PROMPT, None, 4)
+    text = greedy(model, IdTokenizer(), cache, logits, PROMPT, None, 4)[0]
     tokens = [int(t) for t in text.split()]
     with torch.no_grad():
         again = model(input_ids=torch.cat([ids, torch.tensor([tokens[:-1]])], 1)).logits[0, PROMPT - 1 :]
@@ -123,6 +123,16 @@ def test_worker_appends_rows(model, tmp_path, monkeypatch):
     job_path.write_text(json.dumps({"version": 1, "model": "tiny", "jobs": [job]}))
     assert main([str(job_path), str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["press"] for r in rows] == ["kvpress:snapkv", "kvpress:chunkkv:nope=1"]
+    assert [r["press"] for r in rows] == [p[2] for p in job["presses"]]
     assert rows[0]["error"] is None and rows[0]["kept"] == 96 and rows[0]["score"] in (0.0, 1.0)
     assert rows[1]["error"].startswith("ValueError") and rows[1]["score"] is None
+    # batched rows (snapkv + knorm share a shape; tova alone; adakv alone) == one-press-at-a-time
+    from clusterattn.generation import _prepare
+
+    inputs = _prepare(model, IdTokenizer(), context, "5 6", 3, False, "", True)
+    cache, captured, logits = record_prefill(model, inputs.prompt_ids)
+    for row, (name, _, _, budget) in zip(rows, job["presses"], strict=True):
+        if row["error"] is None:
+            pressed = apply_recorded(build_press(name, {}, budget, PROMPT), model, cache, captured)
+            alone = greedy(model, IdTokenizer(), pressed, logits, PROMPT, inputs.rest, 3)[0]
+            assert row["prediction"] == alone, name

@@ -9,7 +9,9 @@ attention layer (its keyword arguments and output); then, for each press, kvpres
 ``press.forward_hook`` runs on a copy of the full cache layer by layer. kvpress compresses after a
 layer's attention and never changes the prefill's activations, so this is exactly the cache
 ``with press(model): model(...)`` leaves (tested in ``tests_peers``). Decoding is the plain greedy
-loop of kvpress's pipeline: positions continue from the prompt length, no attention mask.
+loop of kvpress's pipeline: positions continue from the prompt length, no attention mask; presses
+that leave equal cache shapes decode together as one batch (AdaKV, whose masks live on the
+attention modules, decodes alone).
 
 A token budget ``B`` is passed as the compression ratio that makes kvpress keep ``B`` tokens per
 head (``1 - (B + 0.5) / L``; PyramidKV's own budget adds its window, which is subtracted).
@@ -105,28 +107,39 @@ def apply_recorded(press, model, cache, captured):
 @torch.no_grad()
 def greedy(
     model, tokenizer, cache, logits, start: int, rest: torch.Tensor | None, max_new_tokens: int
-) -> str:
-    """kvpress's pipeline decode: append ``rest`` at positions ``start..``, then greedy tokens."""
-    position = start
+) -> list[str]:
+    """kvpress's pipeline decode for every batch row of ``cache`` (rows of equal lengths): append
+    ``rest`` at positions ``start..``, then greedy tokens until EOS; returns one text per row."""
+    rows, position = cache.layers[0].keys.shape[0], start
+    logits = logits.expand(rows, -1, -1)
     if rest is not None and rest.shape[1]:
-        positions = torch.arange(start, start + rest.shape[1])[None]
-        logits = model(input_ids=rest, past_key_values=cache, position_ids=positions, logits_to_keep=1).logits
+        positions = torch.arange(start, start + rest.shape[1])[None].expand(rows, -1)
+        logits = model(
+            input_ids=rest.expand(rows, -1), past_key_values=cache, position_ids=positions, logits_to_keep=1
+        ).logits
         position += rest.shape[1]
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
-    out = []
+    out, done = [[] for _ in range(rows)], [False] * rows
     for step in range(max_new_tokens):
-        token = logits[0, -1].argmax()
-        if int(token) in eos:
-            break
-        out.append(int(token))
-        if step == max_new_tokens - 1:
+        tokens = logits[:, -1].argmax(-1)
+        for row, token in enumerate(tokens.tolist()):
+            done[row] = done[row] or token in eos
+            if not done[row]:
+                out[row].append(token)
+        if all(done) or step == max_new_tokens - 1:
             break
         logits = model(
-            input_ids=token[None, None], past_key_values=cache, position_ids=torch.tensor([[position]])
-        ).logits
+            input_ids=tokens[:, None], past_key_values=cache,
+            position_ids=torch.full((rows, 1), position, dtype=torch.long),
+        ).logits  # fmt: skip
         position += 1
-    return tokenizer.decode(out, skip_special_tokens=True)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in out]
+
+
+def _masked(model) -> bool:
+    """True while a head-wise press (AdaKV) has left masks on the attention modules."""
+    return any(getattr(m, "masked_key_indices", None) is not None for m in _attention_layers(model))
 
 
 def answer_job(model, tokenizer, job: dict) -> list[dict]:
@@ -134,6 +147,7 @@ def answer_job(model, tokenizer, job: dict) -> list[dict]:
     from clusterattn.eval.spec import budget_label
     from clusterattn.eval.tasks import Sample, score
     from clusterattn.generation import _prepare
+    from clusterattn.replay import stack_caches
 
     sample, setting = Sample.from_dict(job["sample"]), job["setting"]
     rows = []
@@ -155,15 +169,34 @@ def answer_job(model, tokenizer, job: dict) -> list[dict]:
         for row in rows:
             row.update(prediction=None, score=None, error=f"{type(err).__name__}: {err}")
         return rows
+    groups: dict[tuple, list] = {}
+    decode = lambda caches: greedy(  # noqa: E731
+        model, tokenizer, caches, logits, ids.shape[1], inputs.rest, sample.max_new_tokens
+    )
     for row, (name, params, _, budget) in zip(rows, job["presses"], strict=True):
         try:
             press = build_press(name, params, budget, ids.shape[1])
             pressed = apply_recorded(press, model, cache, captured)
-            kept = max(layer.keys.shape[2] for layer in pressed.layers)
-            text = greedy(model, tokenizer, pressed, logits, ids.shape[1], inputs.rest, sample.max_new_tokens)
-            row.update(prediction=text, score=score(sample, text), error=None, kept=kept)
+            row["kept"] = max(layer.keys.shape[2] for layer in pressed.layers)
+            if _masked(model):  # masks live on the modules: decode now, alone
+                text = decode(pressed)[0]
+                row.update(prediction=text, score=score(sample, text), error=None)
+            else:  # equal cache shapes decode together as one batch
+                groups.setdefault(tuple(layer.keys.shape[2] for layer in pressed.layers), []).append(
+                    (row, pressed)
+                )
         except Exception as err:  # recorded as failed; the run goes on
             row.update(prediction=None, score=None, error=f"{type(err).__name__}: {err}")
+    for _module in _attention_layers(model):
+        _module.masked_key_indices = None
+    for members in groups.values():
+        try:
+            texts = decode(stack_caches([pressed for _, pressed in members]))
+            for (row, _), text in zip(members, texts, strict=True):
+                row.update(prediction=text, score=score(sample, text), error=None)
+        except Exception as err:
+            for row, _ in members:
+                row.update(prediction=None, score=None, error=f"{type(err).__name__}: {err}")
     return rows
 
 
