@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -10,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clusterattn.dbac import dbac, topk_indices
+
+dbac_module = importlib.import_module("clusterattn.dbac")  # the package exports the function as `dbac`
 
 
 def naive_dbac(scores: list[float], budget, num_block, theta, span_before, n_sink=0, variant="A", expand=1):
@@ -149,3 +152,105 @@ def test_float64_scores_rank_like_float32():
     for kwargs in ({}, {"n_sink": 2}, {"variant": "B", "num_block": 7}):
         assert torch.equal(dbac(scores.double(), 90, **kwargs), dbac(scores, 90, **kwargs))
     assert torch.equal(topk_indices(scores.double(), 50), topk_indices(scores, 50))
+
+
+def old_dbac_a(scores, budget, num_block, theta=None, span_before=0.0, n_sink=0):
+    """Frozen copy of variant A as it was before the int32 fast path (int64 keys over every token)."""
+    n = scores.shape[-1]
+    lead, padded = 0, not bool(torch.isfinite(scores[..., 0]).all())
+    if padded:
+        lead = (~torch.isfinite(scores)).long().cumprod(dim=-1).sum(dim=-1, keepdim=True)
+        scores = scores.gather(-1, (torch.arange(n) + lead) % n)
+    blk = max(1, budget // num_block)
+    n_blocks = math.ceil(n / blk)
+    pooled = torch.nn.functional.pad(scores.float(), (0, n_blocks * blk - n), value=float("-inf"))
+    peaks, arg = pooled.view(*scores.shape[:-1], n_blocks, blk).max(dim=-1)
+    centres = torch.arange(n_blocks) * blk + arg
+    if theta is not None:
+        peaks = peaks.masked_fill(peaks < theta, float("-inf"))
+    top_peaks, top_blocks = peaks.topk(min(num_block, n_blocks), dim=-1)
+    before = min(blk - 1, int(round(span_before * blk)))
+    start = (centres.gather(-1, top_blocks) - before).clamp_min(0)
+    length = n - lead
+    start = torch.minimum(start, (length - blk).clamp_min(0)) if padded else start.clamp_max(n - blk)
+    span = (start.unsqueeze(-1) + torch.arange(blk)).clamp_max(n - 1)
+    span = torch.where(torch.isfinite(top_peaks).unsqueeze(-1), span, n)
+    mask = torch.zeros((*scores.shape[:-1], n + 1), dtype=torch.bool)
+    clusters = mask.scatter_(-1, span.flatten(-2), True)[..., :n]
+    finite = torch.isfinite(scores)
+    sinks = finite & (finite.long().cumsum(dim=-1) <= n_sink) if n_sink else None
+    kept = old_rank(scores, budget, sinks, clusters)
+    return ((kept + lead) % n).sort(dim=-1).values if padded else kept
+
+
+def old_rank(scores, budget, *tiers):
+    """Frozen copy of the int64 ranking key: tiers in the bits above the float32 order key."""
+    finite = torch.isfinite(scores)
+    bits = scores.float().contiguous().view(torch.int32).to(torch.int64)
+    key = torch.where(bits >= 0, bits, -bits - 2**31 - 1)
+    level = 1 << 32
+    for tier in reversed(tiers):
+        if tier is not None:
+            key = key + (tier & finite).to(torch.int64) * level
+        level <<= 1
+    return key.topk(budget, dim=-1).indices.sort(dim=-1).values
+
+
+def _scores(kind: str, shape: tuple, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "softmax":
+        return torch.softmax(torch.randn(shape, generator=generator) * 3, dim=-1) * 32
+    if kind == "ties":  # few distinct values: ties everywhere, inside blocks and at the budget boundary
+        return torch.randint(0, 4, shape, generator=generator).float() / 4
+    if kind == "bf16":  # coarse values from a low-precision model, many ties
+        return torch.rand(shape, generator=generator).bfloat16()
+    scores = torch.rand(shape, generator=generator)
+    if kind == "padded":  # left padding, as ClusterAttnPress scores a padded batch
+        scores[0, ..., : shape[-1] // 3] = float("-inf")
+    elif kind == "signed":  # negative values and -0.0 leave the fast path
+        scores = scores - 0.5
+        scores[..., 0] = -0.0
+    return scores
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(2, 700),
+    budget_share=st.floats(0.0, 1.0),
+    span_width=st.sampled_from([1, 2, 7, 16, 24]),
+    theta_mode=st.sampled_from([None, "quantile", "press", "all"]),
+    span_before=st.sampled_from([0.0, 0.25, 0.5, 0.9]),
+    n_sink=st.sampled_from([0, 0, 2]),
+    kind=st.sampled_from(["softmax", "ties", "bf16", "rand", "padded", "signed"]),
+    seed=st.integers(0, 2**16),
+)
+def test_dbac_matches_old_implementation(
+    n, budget_share, span_width, theta_mode, span_before, n_sink, kind, seed
+):
+    """Identical indices to the pre-fast-path implementation, ties and padding included."""
+    scores = _scores(kind, (2, 3, n), seed)
+    budget = max(n_sink, 1, min(n, round(n * budget_share)))
+    num_block = max(1, budget // span_width)
+    theta = None
+    if theta_mode == "quantile":
+        theta = float(scores.float().clamp_min(0).quantile(0.7))
+    elif theta_mode == "press":  # ClusterAttnPress: uniform mass over each row's real tokens
+        theta = 32 / torch.isfinite(scores[:, :1].float()).sum(dim=-1, keepdim=True).clamp_min(1)
+    elif theta_mode == "all":  # every block is noise: no cluster at all
+        theta = float("inf")
+    kwargs = {"num_block": num_block, "theta": theta, "span_before": span_before, "n_sink": n_sink}
+    expected = old_dbac_a(scores, budget, **kwargs)
+    assert torch.equal(dbac(scores, budget, **kwargs), expected)
+    assert torch.equal(topk_indices(scores, budget), old_rank(scores, budget))
+
+
+@pytest.mark.parametrize(("length", "budget"), [(4096, 128), (8192, 512), (16384, 1024)])
+def test_dbac_matches_old_implementation_at_benchmark_shapes(length, budget):
+    """SmolLM2 shapes (batch 1, 3 KV heads, window 32) with the press's relative threshold."""
+    scores = _scores("softmax", (1, 3, length - 32), length)
+    theta = 32 / torch.isfinite(scores[:, :1]).sum(dim=-1, keepdim=True)
+    for num_block in (max(1, (budget - 32) // 16), 1, budget - 32):
+        kwargs = {"num_block": num_block, "theta": theta}
+        assert torch.equal(dbac(scores, budget - 32, **kwargs), old_dbac_a(scores, budget - 32, **kwargs))
+    assert dbac_module._plain(scores) is not None  # the int32 fast path is the one exercised
+    assert dbac_module._plain(_scores("padded", (2, 3, 50), 0)) is None

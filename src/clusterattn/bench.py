@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from clusterattn.dbac import dbac, topk_indices
 from clusterattn.generation import _decode, _Inputs, _prefill
 from clusterattn.integration import attention_modules, find_cache, kv_bytes, new_cache
 from clusterattn.presses import PRESSES
@@ -217,27 +216,59 @@ def run_isolated(case: Case, timeout: float = 3600, cap_bytes: int | None = None
 
 
 def selection_timing(
-    lengths=(4096, 8192, 16384), budget: int = 512, kv_heads: int = 3, layers: int = 30, reps=20
-):
-    """Median seconds of DBAC vs plain top-k on the same scores, for all layers of one prompt."""
+    lengths=(4096, 8192, 16384), budgets=(128, 256, 512, 1024), kv_heads: int = 3, layers: int = 30,
+    reps: int = 21, window: int = 32, scores: dict | None = None,
+) -> list[dict]:  # fmt: skip
+    """Median seconds of ClusterAttn's DBAC step vs SnapKV's plain top-k on the same scores, for all
+    layers of one prompt, per prompt length and budget.
+
+    Both are the compress step's own calls, ``select_prefix(scores, budget - window)`` of
+    :class:`ClusterAttnPress` (DBAC, with its relative threshold) and of :class:`SnapKVPress`
+    (``topk_indices``: one ``topk`` + ``sort``), timed alternately in every repeat (the order swaps
+    each repeat) on the same ``(batch, kv_heads, prefix)`` scores, in wall and in CPU (process)
+    seconds: CPU time is less disturbed by other jobs on a shared machine. ``scores`` maps a length
+    to real window scores ``(layers, batch, kv_heads, prefix)``; default: synthetic softmax scores
+    (SmolLM2 shapes: batch 1, 3 KV heads, 30 layers).
+    """
     rows = []
     for length in lengths:
-        scores = torch.softmax(torch.randn(layers, 1, kv_heads, length - 32) * 3, dim=-1) * 32
-        timings = {}
-        for name, fn in (
-            ("dbac", lambda s: dbac(s, budget - 32)),
-            ("topk", lambda s: topk_indices(s, budget - 32)),
-        ):
-            samples = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                for layer in range(layers):
-                    fn(scores[layer])
-                samples.append(time.perf_counter() - start)
-            timings[name] = statistics.median(samples)
-        rows.append({"length": length, "dbac_s": timings["dbac"], "topk_s": timings["topk"],
-                     "ratio": timings["dbac"] / timings["topk"]})  # fmt: skip
+        synthetic = torch.softmax(torch.randn(layers, 1, kv_heads, length - window) * 3, dim=-1) * window
+        layer_scores = synthetic if scores is None else scores[length]
+        for budget in budgets:
+            presses = {
+                "dbac": PRESSES["clusterattn"](budget=budget, window_size=window),
+                "topk": PRESSES["snapkv"](budget=budget, window_size=window),
+            }
+            wall: dict[str, list[float]] = {name: [] for name in presses}
+            cpu: dict[str, list[float]] = {name: [] for name in presses}
+            for rep in range(reps):
+                for name in list(presses)[:: 1 if rep % 2 else -1]:
+                    start, start_cpu = time.perf_counter(), time.process_time()
+                    for layer in layer_scores:
+                        presses[name].select_prefix(layer, budget - window)
+                    cpu[name].append(time.process_time() - start_cpu)
+                    wall[name].append(time.perf_counter() - start)
+            row = {"length": length, "budget": budget, "threads": torch.get_num_threads(), "reps": reps}
+            for name in presses:
+                row[f"{name}_s"] = statistics.median(wall[name])
+                row[f"{name}_cpu_s"] = statistics.median(cpu[name])
+            row["ratio"] = row["dbac_s"] / row["topk_s"]
+            row["cpu_ratio"] = row["dbac_cpu_s"] / row["topk_cpu_s"]
+            rows.append(row)
     return rows
+
+
+def selection_markdown(rows: list[dict]) -> list[str]:
+    """The selection timing table (30 layers, medians): wall ms, CPU ms and both ratios."""
+    lines = ["| length | budget | DBAC ms | top-k ms | ratio | DBAC CPU ms | top-k CPU ms | CPU ratio |",
+             "|" + "---|" * 8]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"| {r['length']} | {r['budget']} | {1e3 * r['dbac_s']:.2f} | {1e3 * r['topk_s']:.2f} "
+            f"| {r['ratio']:.2f} | {1e3 * r['dbac_cpu_s']:.2f} | {1e3 * r['topk_cpu_s']:.2f} "
+            f"| {r['cpu_ratio']:.2f} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":
@@ -346,10 +377,8 @@ def run_bench(
                 f"| {r['max_batch']} | {r['decode_tokens_per_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} "
                 f"| {r['fits']} |"
             )
-    md += ["", "## Selection step: DBAC vs plain top-k (30 layers, same scores)", "",
-           "| length | DBAC ms | top-k ms | ratio |", "|---|---|---|---|"]  # fmt: skip
-    md += [f"| {r['length']} | {1e3 * r['dbac_s']:.2f} | {1e3 * r['topk_s']:.2f} | {r['ratio']:.2f} |"
-           for r in report["selection"]]  # fmt: skip
+    md += ["", "## Selection step: DBAC vs plain top-k (30 layers, same scores)", ""]
+    md += selection_markdown(report["selection"])
     (out / "bench.md").write_text("\n".join(md) + "\n")
     plot(rows, out / "bench.png")
     return report

@@ -27,6 +27,7 @@ Variant ``"B"`` (prompt blocks, another public reading of the paper's Algorithm 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -56,17 +57,33 @@ def rank_and_select(scores: torch.Tensor, budget: int, *tiers: torch.Tensor | No
     stay last whatever their tier. The key is exact: float32 scores are mapped to order-preserving
     32-bit integers and the tiers sit in the bits above them (float64 scores use float64 offsets).
     """
-    finite = torch.isfinite(scores)
     if scores.dtype == torch.float64:
-        return _rank_float64(scores, budget, finite, tiers)
-    bits = scores.float().contiguous().view(torch.int32).to(torch.int64)
-    key = torch.where(bits >= 0, bits, -bits - 2**31 - 1)  # monotone in the float value
+        return _rank_float64(scores, budget, torch.isfinite(scores), tiers)
+    if all(tier is None for tier in tiers):  # scores alone: their bits already rank plain scores
+        plain = _plain(scores)
+        return _select(_order_key(scores) if plain is None else plain[1], budget)
+    finite = torch.isfinite(scores)
+    key = _order_key(scores).to(torch.int64)
     level = 1 << 32
     for tier in reversed(tiers):
         if tier is not None:
-            key = key + (tier & finite).to(torch.int64) * level
+            key.add_(tier & finite, alpha=level)
         level <<= 1
-    return key.topk(budget, dim=-1).indices.sort(dim=-1).values
+    return _select(key, budget)
+
+
+def _order_key(scores: torch.Tensor) -> torch.Tensor:
+    """``(..., n)`` int32 keys ordered like the float32 values of ``scores`` (``-0.0 < 0.0``; NaN with
+    the sign bit clear above ``inf``, with it set below ``-inf``): the float bits, with the 31 low
+    bits flipped where the sign bit is set."""
+    bits = scores.float().contiguous().view(torch.int32)
+    return bits ^ (bits >> 31).bitwise_and_(0x7FFFFFFF)
+
+
+def _select(key: torch.Tensor, budget: int) -> torch.Tensor:
+    """Indices of the ``budget`` largest ``key`` values along the last dimension, sorted ascending.
+    (``sorted=False`` only skips ordering the kept values; it does not change which are kept.)"""
+    return key.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
 def _rank_float64(scores, budget, finite, tiers) -> torch.Tensor:
@@ -114,6 +131,63 @@ def _spans_variant_a(scores: torch.Tensor, budget: int, num_block: int, theta, s
     )  # noise centres write to a spare slot
     mask = torch.zeros((*scores.shape[:-1], n + 1), dtype=torch.bool, device=scores.device)
     return mask.scatter_(-1, span.flatten(-2), True)[..., :n]
+
+
+_FINITE_BITS = 0x7F800000  # float32 bit patterns below this with the sign bit clear: +0.0 .. max finite
+_INT32_MIN = -(2**31)
+
+
+def _plain(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(values, bits)``: ``scores`` ``(..., n)`` as contiguous float32 and their int32 bits, when
+    every score is finite with the sign bit clear (``+0.0 <= s < inf``, as softmax-based scores are);
+    else None. One pass (``aminmax``). On such scores the bits order exactly like the values."""
+    if scores.dtype == torch.float64 or scores.numel() == 0:
+        return None
+    values = scores.float().contiguous()
+    lo, hi = (bits := values.view(torch.int32)).aminmax()
+    return (values, bits) if lo.item() >= 0 and hi.item() < _FINITE_BITS else None
+
+
+@functools.lru_cache(maxsize=64)
+def _offsets(width: int, device: torch.device) -> torch.Tensor:
+    """``arange(width)`` on ``device``, cached (read only)."""
+    return torch.arange(width, device=device)
+
+
+def _dbac_plain(scores, bits, budget: int, num_block: int, theta, span_before: float) -> torch.Tensor:
+    """Variant A without sinks for float32 ``scores`` ``(..., n)`` and their ``bits``, from :func:`_plain`.
+
+    The same selection as :func:`_spans_variant_a` + :func:`rank_and_select` on such scores (no
+    padding to roll, every token finite), in fewer passes over ``n``: block peaks by a values-only
+    ``amax``, the arg-max found inside the ``k`` top blocks only, and an int32 ranking key,
+    ``bits - 2**31`` outside the clusters and the raw ``bits >= 0`` inside them (a scatter over the
+    ``(..., k * blk)`` span positions), which orders tokens exactly like the int64 ``(in cluster,
+    score)`` key of :func:`rank_and_select`.
+    """
+    n = scores.shape[-1]
+    blk = max(1, budget // num_block)
+    n_blocks = math.ceil(n / blk)
+    padded = F.pad(scores, (0, n_blocks * blk - n), value=float("-inf")) if n % blk else scores
+    # amax, not max_pool1d: the pool always forks threads, which stall for ms on a busy machine
+    peaks = padded.view(*scores.shape[:-1], n_blocks, blk).amax(dim=-1)
+    if theta is not None:
+        peaks = peaks.masked_fill_(peaks < theta, float("-inf"))
+    top_peaks, top_blocks = peaks.topk(min(num_block, n_blocks), dim=-1, sorted=False)
+    offsets = _offsets(blk, bits.device)
+    cells = torch.add(offsets, top_blocks.unsqueeze(-1), alpha=blk)  # (..., k, blk) top blocks' tokens
+    if n % blk:
+        cells = cells.clamp_max_(n - 1)  # the short last block repeats its last token
+    arg = scores.gather(-1, cells.flatten(-2)).view(cells.shape).argmax(dim=-1, keepdim=True)
+    before = min(blk - 1, int(round(span_before * blk)))
+    start = cells.gather(-1, arg)  # (..., k, 1) centres: first arg-max of each top block
+    start = start.sub_(before).clamp_(0, n - blk) if before else start.clamp_max_(n - blk)
+    span = (start + offsets).flatten(-2)  # (..., k * blk)
+    key = bits ^ _INT32_MIN
+    src = bits.gather(-1, span)
+    if theta is not None and top_peaks.amin().item() == float("-inf"):  # noise centres: no span
+        src.view(*top_peaks.shape, blk).masked_fill_(top_peaks.isinf().unsqueeze(-1), _INT32_MIN)
+        return _select(key.scatter_reduce_(-1, span, src, "amax"), budget)
+    return _select(key.scatter_(-1, span, src), budget)
 
 
 def _blocks_variant_b(scores: torch.Tensor, num_block: int, theta, expand: int):
@@ -179,6 +253,8 @@ def dbac(
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if n_sink > budget:
         raise ValueError(f"n_sink ({n_sink}) must be <= budget ({budget})")
+    if variant == "A" and n_sink == 0 and (plain := _plain(scores)) is not None:
+        return _dbac_plain(*plain, budget, num_block, theta, span_before)
     # Left padding (leading -inf) is rolled to the end, so that every row's block grid and span
     # clamping start at its first real token: a padded row selects what it would select alone.
     padded = not bool(torch.isfinite(scores[..., 0]).all())
