@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from clusterattn.analysis.commands import add_commands as add_analysis_commands
 from clusterattn.eval.needle import DEFAULT_PRESSES
 
 
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", default="runs/bench")
     bench.set_defaults(func=_bench)
     _add_eval(sub)
+    add_analysis_commands(sub)  # profile, analyze
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,0 +1,1 @@
+"""Profiling (per-task num_block) and analysis of attention clusters during decoding."""
