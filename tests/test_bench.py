@@ -8,8 +8,11 @@ from clusterattn import bench
 
 
 def test_selection_timing_runs():
-    rows = bench.selection_timing(lengths=(512,), budget=128, layers=2, reps=2)
-    assert rows[0]["length"] == 512 and rows[0]["ratio"] > 0
+    rows = bench.selection_timing(lengths=(512,), budgets=(128, 256), layers=2, reps=2)
+    assert [(r["length"], r["budget"]) for r in rows] == [(512, 128), (512, 256)]
+    assert all(r["ratio"] > 0 and r["cpu_ratio"] > 0 for r in rows)
+    table = bench.selection_markdown(rows)
+    assert len(table) == 2 + len(rows) and "CPU ratio" in table[0]
 
 
 def test_bad_press_name():
