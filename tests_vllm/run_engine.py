@@ -1,9 +1,11 @@
-"""Run one vLLM engine (in this process) on token prompts and print the outputs as JSON.
+"""Run one vLLM engine (in this process) on token prompts and write the outputs as JSON.
 
 Used by the tests as a subprocess, so every engine starts from a clean interpreter with its own
-environment (plugin on or off). Input: a JSON file ``{"engine": {...LLM kwargs}, "prompts": [[ids]],
-"presses": [spec or null], "max_tokens": n}``. Output (JSON file, second argument): ``{"tokens": [[ids]],
-"max_running": n, "freed_blocks": n, "preemptions": n, "num_blocks": n}``.
+environment (plugin on or off). Input (first argument): a JSON file ``{"engine": {LLM kwargs},
+"prompts": [[ids]], "presses": [spec, null or false], "max_tokens": n, "preempt_at_step": k}``
+(false: no extra_args; the last key is optional and preempts every running request before step
+k). Output (second argument): ``{"tokens": [[ids]], "max_running": n, "freed_blocks": n,
+"preemptions": n, "num_blocks": n, "free_blocks_end": n}``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ def main(path: str, out: str) -> None:
     original = scheduler.schedule
 
     def schedule(*args, **kwargs):
+        seen["steps"] = seen.get("steps", 0) + 1
+        if seen["steps"] == job.get("preempt_at_step"):  # every running request back to waiting
+            scheduler.reset_prefix_cache(reset_running_requests=True)
         out = original(*args, **kwargs)
         seen["max_running"] = max(seen["max_running"], len(scheduler.running))
         return out
