@@ -58,3 +58,12 @@ def test_unsupported_settings_are_refused_at_engine_start(engine_args, setting, 
 def test_async_scheduling_never_reaches_the_engine(engine_args):
     # vLLM 0.32 turns it off on CPU with a custom sync scheduler; check_config would refuse it otherwise.
     assert not engine_args(async_scheduling=True).create_engine_config().scheduler_config.async_scheduling
+
+
+def test_a_bad_request_press_is_a_client_error(engine_args):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    assert SamplingParams(extra_args={"clusterattn_press": "snapkv:budget=128"}).extra_args
+    with pytest.raises(VLLMValidationError, match="unknown press"):
+        SamplingParams(extra_args={"clusterattn_press": "quest:budget=128"})

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from vllm.engine.arg_utils import EngineArgs
+from vllm.exceptions import VLLMValidationError
 from vllm.model_executor.models.utils import extract_layer_index
+from vllm.sampling_params import SamplingParams
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 from vllm.v1.core.kv_cache_manager import KVCacheManager
@@ -106,6 +108,16 @@ def check_config(vllm_config, kv_cache_config=None) -> None:
         )
 
 
+def _verify_sampling_args(self) -> None:
+    """SamplingParams validation, plus the request's press spec: a bad spec is the client's error
+    (HTTP 400 on the server), raised in the front end before the engine sees the request."""
+    _ORIGINAL["_verify_args"](self)
+    try:
+        request_press(self.extra_args, None)
+    except ValueError as err:
+        raise VLLMValidationError(str(err), parameter="extra_args") from err
+
+
 # -- scheduler side ---------------------------------------------------------------------------
 class PhysicalKVCacheManager(KVCacheManager):
     """Allocates by the physical length of compressed requests (logical length minus offset)."""
@@ -138,11 +150,6 @@ class ClusterAttnScheduler(Scheduler):
     @property
     def clusterattn_offsets(self) -> dict[str, int]:
         return self.kv_cache_manager.clusterattn_offsets
-
-    def add_request(self, request) -> None:
-        request_press(request.sampling_params.extra_args if request.sampling_params else None,
-                      self.clusterattn_default)  # fmt: skip
-        super().add_request(request)
 
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
@@ -321,6 +328,7 @@ def install() -> None:
         (CPUModelRunner, "_prepare_inputs", _prepare_inputs),
         (CPUModelRunner, "execute_model", _execute_model),
         (CPUAttentionBackendImpl, "forward", _attention_forward),
+        (SamplingParams, "_verify_args", _verify_sampling_args),
     ]
     for owner, name, hook in targets:
         if name not in _ORIGINAL:
