@@ -65,6 +65,11 @@ pytest-tf52: .venv-tf52/.installed
 
 test: lint pytest pytest-tf52 test-vllm
 
+# Regenerates docs/serving.md: stock vLLM vs the plugin (decode speed, concurrency), about 20 min
+# on an idle 2-core machine (three engines, one after the other).
+serving-bench: .venv-vllm/.installed
+	.venv-vllm/bin/python benchmarks/serving_bench.py --out docs/serving
+
 # Regenerates the needle table of the README (about 15 minutes on 2 cores).
 needle-table: .venv/.installed
 	.venv/bin/clusterattn needle --lengths 2048 4096 --samples 10 --budgets 64 128 256 512 --seed 1 --out docs/needle
