@@ -4,11 +4,12 @@
 
 For each configuration (full cache with the plugin off; ClusterAttn at B=256 and B=512) one engine
 runs in its own process with ``VLLM_CPU_KVCACHE_SPACE`` fixed, and measures on random-token prompts
-of 2k and 4k tokens:
+of 2k and 4k tokens (two engines per configuration):
 
-- decode tokens/s at batch 1 and 8: the batch size over the median wall time of the engine steps
-  in which exactly that many requests decode and nothing prefills (64 new tokens per request, EOS
-  ignored; the median resists the other processes of a shared machine);
+- decode tokens/s at batch 1 and 8 (in ``--decode-kv-gib``, 3 GiB: room for 8 full 4k
+  requests): the batch size over the median wall time of the engine steps in which exactly that
+  many requests decode and nothing prefills (64 new tokens per request, EOS ignored; the median
+  resists the other processes of a shared machine);
 - concurrency: ``--probe`` requests of 4k tokens submitted at once; the largest number that the
   scheduler ever holds running together (the KV space is the only limit).
 
@@ -79,7 +80,7 @@ def run_engine(model: str, probe: int, lengths: tuple[int, ...] = LENGTHS, dtype
     warm = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     llm.generate([TokensPrompt(prompt_token_ids=p) for p in _prompts(8, 512, seed=1)], warm, use_tqdm=False)
     result: dict = {"decode": {}, "num_blocks": scheduler.kv_cache_manager.block_pool.num_gpu_blocks}
-    for length in lengths:
+    for length in lengths if probe == 0 else ():  # decode part (probe 0) or concurrency part
         for batch in (1, 8):
             rate = decode_rate(_prompts(batch, length, seed=length + batch))
             result["decode"][f"{length}x{batch}"] = rate
@@ -91,6 +92,8 @@ def run_engine(model: str, probe: int, lengths: tuple[int, ...] = LENGTHS, dtype
         running["max"] = max(running["max"], len(scheduler.running))
         return out
 
+    if probe == 0:
+        return result
     scheduler.schedule = count
     llm.generate(
         [TokensPrompt(prompt_token_ids=p) for p in _prompts(probe, lengths[-1], seed=7)],
@@ -158,7 +161,8 @@ def _document(table: str, results: dict, meta: dict, lengths: tuple[int, ...]) -
             "`docs/serving.json`. Do not edit by hand.",
             "",
             f"SmolLM2-135M-Instruct, {meta['vllm']}, {meta['dtype']}, {meta['machine']}, "
-            f"`VLLM_CPU_KVCACHE_SPACE={meta['kv_gib']}` ({blocks} blocks of 128 tokens), eager mode, "
+            f"`VLLM_CPU_KVCACHE_SPACE={meta['kv_gib']}` ({blocks} blocks of 128 tokens) for the concurrency "
+            f"count and {meta['decode_kv_gib']} for the decode runs, eager mode, "
             f"prefix caching and chunked prefill off in every engine, {meta['date']}. Random-token prompts "
             f"of {' and '.join(map(str, lengths))} tokens; {meta['new_tokens']} new tokens per request, EOS "
             "ignored. *full* is stock vLLM (the plugin not loaded); ClusterAttn rows run the plugin "
@@ -184,7 +188,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="HF folder (default: the converted SmolLM2)")
     parser.add_argument("--out", default="docs/serving")
-    parser.add_argument("--kv-gib", default="1", help="VLLM_CPU_KVCACHE_SPACE for every engine")
+    parser.add_argument("--kv-gib", default="1", help="VLLM_CPU_KVCACHE_SPACE of the concurrency count")
+    parser.add_argument("--decode-kv-gib", default="3", help="VLLM_CPU_KVCACHE_SPACE of the decode runs")
     parser.add_argument("--probe", type=int, default=24, help="4k requests submitted (concurrency, plugin)")
     parser.add_argument("--full-probe", type=int, default=10, help="the same for the full cache")
     parser.add_argument("--dtype", default="float32", help="float32: these AVX2 CPUs have no bf16 units")
@@ -212,20 +217,29 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         env = {k: v for k, v in os.environ.items() if k != "CLUSTERATTN_VLLM_PRESS"}
-        env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=args.kv_gib, TOKENIZERS_PARALLELISM="false")
+        env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         if spec:
             env["CLUSTERATTN_VLLM_PRESS"] = spec
         print(f"== {name}", file=sys.stderr, flush=True)
-        probe = str(args.probe if spec else args.full_probe)
-        command = [sys.executable, __file__, "--model", args.model, "--probe", probe, "--child", str(child)]
-        command += ["--lengths", *map(str, args.lengths), "--dtype", args.dtype]
-        subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
-        results[name] = json.loads(child.read_text())
+        merged: dict = {}
+        # Decode speed in a KV space where 8 full 4k requests fit; concurrency in the fixed one.
+        for probe, kv_gib in (
+            (0, args.decode_kv_gib),
+            (args.probe if spec else args.full_probe, args.kv_gib),
+        ):
+            command = [sys.executable, __file__, "--model", args.model, "--probe", str(probe)]
+            command += ["--child", str(child), "--lengths", *map(str, args.lengths), "--dtype", args.dtype]
+            env["VLLM_CPU_KVCACHE_SPACE"] = kv_gib
+            subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+            part = json.loads(child.read_text())
+            merged = {**merged, **part, "decode": {**merged.get("decode", {}), **part["decode"]}}
+        child.write_text(json.dumps(merged))
+        results[name] = merged
     if set(results) != set(CONFIGS):
         return  # --only: the figures wait in the .tmp.json files for the run that writes the document
     meta = {
         "vllm": "vllm-cpu 0.32.0", "dtype": args.dtype,
-        "kv_gib": args.kv_gib, "new_tokens": NEW_TOKENS,
+        "kv_gib": args.kv_gib, "decode_kv_gib": args.decode_kv_gib, "new_tokens": NEW_TOKENS,
         "machine": f"{os.cpu_count()} CPUs, {platform.machine()}", "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
     Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
