@@ -1,0 +1,75 @@
+"""The plugin inside a real vLLM engine (SmolLM2-135M, fp32): exactness against stock vLLM and
+against this library's transformers path, and the evicted blocks returned to the pool."""
+
+from __future__ import annotations
+
+import pytest
+
+import clusterattn as ca
+from conftest import needle_case, run_engine
+
+MAX_TOKENS = 24
+ENGINE = {"max_model_len": 4096, "max_num_batched_tokens": 4096, "dtype": "float32"}
+PRESSES = {
+    "clusterattn:budget=256": ca.ClusterAttnPress(budget=256),
+    "clusterattn:budget=128": ca.ClusterAttnPress(budget=128),
+    "snapkv:budget=192": ca.SnapKVPress(budget=192),
+}
+
+
+@pytest.fixture(scope="module")
+def cases(hf_model):
+    _, tokenizer = hf_model
+    return [needle_case(tokenizer, n_words, seed) for n_words, seed in ((1300, 1), (1500, 2), (1100, 3))]
+
+
+@pytest.fixture(scope="module")
+def plugin_run(cases, model_dir, tmp_path_factory):
+    """One engine with the plugin on and no default press: every request chooses its own."""
+    jobs = [(case, False) for case in cases] + [(cases[i], spec) for i, spec in enumerate(PRESSES)]
+    job = {
+        "engine": {"model": str(model_dir), **ENGINE},
+        "prompts": [case[2] for case, _ in jobs],
+        "presses": [spec for _, spec in jobs],
+        "max_tokens": MAX_TOKENS,
+    }
+    result = run_engine(job, press_env="none", tmp_path=tmp_path_factory.mktemp("plugin"))
+    return jobs, result
+
+
+def test_eviction_off_is_token_identical_to_stock_vllm(cases, model_dir, plugin_run, tmp_path):
+    job = {
+        "engine": {"model": str(model_dir), **ENGINE},
+        "prompts": [case[2] for case in cases],
+        "presses": [False] * len(cases),
+        "max_tokens": MAX_TOKENS,
+    }
+    stock = run_engine(job, press_env=None, tmp_path=tmp_path)
+    _, result = plugin_run
+    assert stock["freed_blocks"] == 0  # the plugin was not loaded at all
+    assert result["tokens"][: len(cases)] == stock["tokens"]
+
+
+def test_eviction_on_is_token_identical_to_transformers(hf_model, plugin_run):
+    model, tokenizer = hf_model
+    jobs, result = plugin_run
+    for (case, spec), tokens in zip(jobs, result["tokens"], strict=True):
+        if spec is False:
+            continue
+        context, question, ids = case
+        ref = ca.generate(model, tokenizer, context, question, press=PRESSES[spec], max_new_tokens=MAX_TOKENS)
+        assert ref.stats["prompt_tokens"] == len(ids)
+        assert tokens == ref.tokens[0].tolist(), (spec, tokenizer.decode(tokens), ref.text)
+
+
+def test_evicted_blocks_return_to_the_pool(plugin_run):
+    jobs, result = plugin_run
+    block = 128
+    expected = 0
+    for (case, spec), _ in zip(jobs, result["tokens"], strict=True):
+        if spec is False:
+            continue
+        kept = PRESSES[spec].budget
+        expected += -(-len(case[2]) // block) - -(-kept // block)
+    assert result["freed_blocks"] == expected
+    assert result["free_blocks_end"] == result["num_blocks"] - 1  # all back but the null block
