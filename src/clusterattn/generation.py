@@ -233,16 +233,8 @@ def generate_many(
     ``prefill_s`` is the shared prefill's time in every output.
     """
     inputs = _prepare(model, tokenizer, context, question, max_new_tokens, query_aware, answer_prefix, chat)
-    cache = new_cache(model)
-    with recording(model) as recorder:
-        start = time.perf_counter()
-        logits, next_pos = _prefill(model, inputs, cache)
-        prefill_s = time.perf_counter() - start
-    session = recorder.session
-    record = PrefillRecord(
-        cache=cache, queries=recorder.queries, scaling=recorder.scaling, layers=session.layers,
-        pad_mask=session._pad_mask, next_pos=next_pos, logits=logits,
-    )  # fmt: skip
+    record, prefill_s = _record_prefill(model, inputs)
+    logits, next_pos = record.logits, record.next_pos
     outputs = {}
     for name, press in presses.items():
         compressing = press is not None and hasattr(press, "select")
@@ -255,6 +247,21 @@ def generate_many(
             )
         outputs[name] = _output(inputs, tokens, texts, prompt_bytes, stats, prefill_s, decode_s)
     return outputs
+
+
+def _record_prefill(model, inputs: _Inputs) -> tuple[PrefillRecord, float]:
+    """One full prefill with every compressible layer's queries recorded; returns it and its seconds."""
+    cache = new_cache(model)
+    with recording(model) as recorder:
+        start = time.perf_counter()
+        logits, next_pos = _prefill(model, inputs, cache)
+        prefill_s = time.perf_counter() - start
+    session = recorder.session
+    record = PrefillRecord(
+        cache=cache, queries=recorder.queries, scaling=recorder.scaling, layers=session.layers,
+        pad_mask=session._pad_mask, next_pos=next_pos, logits=logits,
+    )  # fmt: skip
+    return record, prefill_s
 
 
 class _NoPress:

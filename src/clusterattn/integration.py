@@ -269,19 +269,26 @@ def install_compressed(cache, layer_idx, keys, values, idx, pad_mask, next_pos, 
     state.lengths[layer_idx] = keys.shape[2]
 
 
-@contextlib.contextmanager
-def apply_press(model, press) -> Iterator[PressSession]:
-    """Install ``press`` on ``model`` for the duration of the block; see the module docstring."""
+def _plain_attention(model, nesting: str) -> str:
+    """The model's own attention implementation; raises unless it is a supported one that no press
+    has wrapped yet (``nesting`` says why wrapping twice is refused)."""
     check_model(model)
-    config = text_config(model)
-    implementation = config._attn_implementation
+    implementation = text_config(model)._attn_implementation
     if implementation.startswith(_PREFIX):
-        raise RuntimeError("a press is already applied to this model; presses do not nest")
+        raise RuntimeError(f"a press is already applied to this model; {nesting}")
     if implementation not in SUPPORTED_ATTENTION:
         raise ValueError(
             f"attention implementation {implementation!r} is not supported; load the model with "
             f"attn_implementation in {SUPPORTED_ATTENTION}"
         )
+    return implementation
+
+
+@contextlib.contextmanager
+def apply_press(model, press) -> Iterator[PressSession]:
+    """Install ``press`` on ``model`` for the duration of the block; see the module docstring."""
+    implementation = _plain_attention(model, "presses do not nest")
+    config = text_config(model)
     session = PressSession(model, press)
     if not session.layers:
         raise ValueError(
@@ -333,15 +340,7 @@ def capturing_queries(model) -> Iterator[QueryCapture]:
     wrapped attention only copies its queries); the keys are those of the model's own cache.
     For analysis: the attention that decode queries pay to the prompt.
     """
-    check_model(model)
-    implementation = text_config(model)._attn_implementation
-    if implementation.startswith(_PREFIX):
-        raise RuntimeError("a press is already applied to this model; queries are captured on the full cache")
-    if implementation not in SUPPORTED_ATTENTION:
-        raise ValueError(
-            f"attention implementation {implementation!r} is not supported; load the model with "
-            f"attn_implementation in {SUPPORTED_ATTENTION}"
-        )
+    implementation = _plain_attention(model, "queries are captured on the full cache")
     capture = QueryCapture(compressible_layers(model))
     modules = attention_modules(model)
     for module in modules.values():

@@ -10,15 +10,14 @@ matrix products.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
-from clusterattn.generation import _decode, _Inputs, _prefill, _prepare
-from clusterattn.integration import kv_bytes, new_cache
-from clusterattn.replay import PrefillRecord, recording, replay, stack_caches
+from clusterattn.generation import _decode, _Inputs, _prepare, _record_prefill
+from clusterattn.integration import kv_bytes
+from clusterattn.replay import replay, stack_caches
 
 SETTINGS = ("query_aware", "query_agnostic")
 
@@ -71,16 +70,8 @@ def answer_all(
     )
     if inputs.prompt_ids.shape[0] != 1:
         raise ValueError("answer_all takes one prompt")
-    cache = new_cache(model)
-    with recording(model) as recorder:
-        start = time.perf_counter()
-        logits, next_pos = _prefill(model, inputs, cache)
-        prefill_s = time.perf_counter() - start
-    session = recorder.session
-    record = PrefillRecord(
-        cache=cache, queries=recorder.queries, scaling=recorder.scaling, layers=session.layers,
-        pad_mask=session._pad_mask, next_pos=next_pos, logits=logits,
-    )  # fmt: skip
+    record, prefill_s = _record_prefill(model, inputs)
+    cache, logits, next_pos = record.cache, record.logits, record.next_pos
     pressed: dict[str, tuple] = {}
     prompt_bytes: dict[str, int] = {}
     for name, press in presses.items():
