@@ -140,6 +140,9 @@ def test_padding_never_selected_while_real_tokens_remain():
         ({"budget": 4, "span_before": 1.0}, ValueError, "span_before"),
         ({"budget": 4, "variant": "C"}, ValueError, "variant"),
         ({"budget": 4, "n_sink": 5}, ValueError, "n_sink"),
+        ({"budget": 4, "theta": 0.1, "relative_theta": 2.0}, ValueError, "relative_theta"),
+        ({"budget": 4, "relative_theta": -1.0}, ValueError, "relative_theta"),
+        ({"budget": 4, "relative_theta": float("nan")}, ValueError, "relative_theta"),
     ],
 )
 def test_bad_arguments(kwargs, error, word):
@@ -218,7 +221,7 @@ def _scores(kind: str, shape: tuple, seed: int) -> torch.Tensor:
     n=st.integers(2, 700),
     budget_share=st.floats(0.0, 1.0),
     span_width=st.sampled_from([1, 2, 7, 16, 24]),
-    theta_mode=st.sampled_from([None, "quantile", "press", "all"]),
+    theta_mode=st.sampled_from([None, "quantile", "press", "relative", "all"]),
     span_before=st.sampled_from([0.0, 0.25, 0.5, 0.9]),
     n_sink=st.sampled_from([0, 0, 2]),
     kind=st.sampled_from(["softmax", "ties", "bf16", "rand", "padded", "signed"]),
@@ -234,12 +237,14 @@ def test_dbac_matches_old_implementation(
     theta = None
     if theta_mode == "quantile":
         theta = float(scores.float().clamp_min(0).quantile(0.7))
-    elif theta_mode == "press":  # ClusterAttnPress: uniform mass over each row's real tokens
+    elif theta_mode in ("press", "relative"):  # uniform mass over each row's real tokens
         theta = 32 / torch.isfinite(scores[:, :1].float()).sum(dim=-1, keepdim=True).clamp_min(1)
     elif theta_mode == "all":  # every block is noise: no cluster at all
         theta = float("inf")
     kwargs = {"num_block": num_block, "theta": theta, "span_before": span_before, "n_sink": n_sink}
     expected = old_dbac_a(scores, budget, **kwargs)
+    if theta_mode == "relative":  # the same threshold, found by dbac itself (a float when unpadded)
+        kwargs = {**kwargs, "theta": None, "relative_theta": 32.0}
     assert torch.equal(dbac(scores, budget, **kwargs), expected)
     assert torch.equal(topk_indices(scores, budget), old_rank(scores, budget))
 
@@ -251,6 +256,8 @@ def test_dbac_matches_old_implementation_at_benchmark_shapes(length, budget):
     theta = 32 / torch.isfinite(scores[:, :1]).sum(dim=-1, keepdim=True)
     for num_block in (max(1, (budget - 32) // 16), 1, budget - 32):
         kwargs = {"num_block": num_block, "theta": theta}
-        assert torch.equal(dbac(scores, budget - 32, **kwargs), old_dbac_a(scores, budget - 32, **kwargs))
+        expected = old_dbac_a(scores, budget - 32, **kwargs)
+        assert torch.equal(dbac(scores, budget - 32, **kwargs), expected)
+        assert torch.equal(dbac(scores, budget - 32, num_block=num_block, relative_theta=32.0), expected)
     assert dbac_module._plain(scores) is not None  # the int32 fast path is the one exercised
     assert dbac_module._plain(_scores("padded", (2, 3, 50), 0)) is None

@@ -8,7 +8,7 @@ import torch
 import clusterattn as ca
 from clusterattn.eval.grid import answer_all
 from clusterattn.integration import cache_kwarg, new_cache
-from clusterattn.replay import stack_caches
+from clusterattn.replay import replay, stack_caches, stack_padded
 from test_integration import TOK, ids_text
 from test_presses import PRESS_FACTORIES
 
@@ -17,7 +17,14 @@ from test_presses import PRESS_FACTORIES
 def test_batched_answers_equal_live_generate(family_model, setting):
     family, model = family_model
     presses = {name: PRESS_FACTORIES[name](40) for name in PRESS_FACTORIES}
-    presses.update(full=None, snap_small=PRESS_FACTORIES["snapkv"](48))
+    # several budgets: uniform presses decode as one left-padded batch, PyramidKV by exact shape
+    presses.update(
+        full=None,
+        snap_48=PRESS_FACTORIES["snapkv"](48),
+        cluster_64=PRESS_FACTORIES["clusterattn"](64),
+        h2o_24=PRESS_FACTORIES["h2o"](24),
+        pyramid_56=PRESS_FACTORIES["pyramidkv"](56),
+    )
     context, question = ids_text(150, seed=21), "3 4 5"
     batched, prefill_s = answer_all(
         model, TOK, context=context, question=question, answer_prefix="", presses=presses,
@@ -58,3 +65,44 @@ def test_stack_caches_checks_shapes(llama):
     merged = stack_caches([a, a])
     assert merged.layers[0].keys.shape[0] == 2
     assert torch.equal(merged.layers[1].values[1], a.layers[1].values[0])
+
+
+def test_stack_caches_padded_decode_like_alone(llama):
+    """Caches of different widths in one left-padded batch: each row's next logits equal its own."""
+    from clusterattn.generation import _prepare, _record_prefill
+
+    inputs = _prepare(llama, TOK, ids_text(150, seed=8), "3 4 5", 4, False, "", False)
+    record, _ = _record_prefill(llama, inputs)
+    presses = [PRESS_FACTORIES["snapkv"](24), PRESS_FACTORIES["clusterattn"](64), PRESS_FACTORIES["h2o"](40)]
+    caches = [replay(record, press)[0] for press in presses]
+    merged, kept_real = stack_padded(caches)
+    assert [layer.keys.shape[2] for layer in merged.layers] == [64] * len(merged.layers)
+    assert kept_real.sum(-1).tolist() == [24, 64, 40]
+    rest = inputs.rest
+    alone = []
+    with presses[0](llama), torch.no_grad():
+        for cache in caches:
+            alone.append(llama(input_ids=rest, use_cache=True, **{cache_kwarg(llama): cache}).logits[:, -1])
+        mask = torch.ones(3, 64 + rest.shape[1], dtype=torch.long)  # rewritten from the kept slots
+        batch = llama(
+            input_ids=rest.repeat(3, 1), attention_mask=mask, use_cache=True, **{cache_kwarg(llama): merged}
+        ).logits[:, -1]
+    torch.testing.assert_close(batch, torch.cat(alone), rtol=1e-4, atol=1e-4)
+
+
+def test_stack_padded_checks(llama):
+    a, b = new_cache(llama), new_cache(llama)
+    with torch.no_grad():
+        llama(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True, **{cache_kwarg(llama): a})
+        llama(input_ids=torch.tensor([[1, 2, 3, 4, 5]]), use_cache=True, **{cache_kwarg(llama): b})
+    merged, kept_real = stack_padded([a, b])  # plain caches: the mask is the caller's to pass
+    assert kept_real.tolist() == [[False, False, True, True, True], [True] * 5]
+    assert torch.equal(merged.layers[0].keys[0, :, 2:], a.layers[0].keys[0])
+    assert not merged.layers[0].keys[0, :, :2].any()
+    assert stack_padded([a, a])[1] is None
+    with pytest.raises(ValueError, match="at least one"):
+        stack_padded([])
+    uneven = stack_caches([a])
+    uneven.layers[1] = b.layers[1]
+    with pytest.raises(ValueError, match="one length"):
+        stack_padded([uneven])

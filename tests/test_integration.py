@@ -221,3 +221,35 @@ def test_generate_many_padded_batch(llama):
     many = ca.generate_many(llama, TOK, contexts, presses=presses, max_new_tokens=4)
     for name, press in presses.items():
         assert many[name].text == ca.generate(llama, TOK, contexts, press=press, max_new_tokens=4).text
+
+
+@pytest.mark.parametrize("name", ["pyramidkv", "clusterattn"])
+def test_appended_tokens_in_one_chunk_match_token_by_token(family_model, name):
+    """Tokens appended after a compressed prompt in one forward see the same keys as one at a time,
+    also when the press left layers at different lengths (PyramidKV: masks fitted per layer)."""
+    family, model = family_model
+    ids = torch.tensor([[int(t) for t in ids_text(150, seed=5).split()]])
+    question = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    kwarg = ca.integration.cache_kwarg(model)
+    last = {}
+    for chunk in (question.shape[1], 1):
+        cache = new_cache(model)
+        with PRESS_FACTORIES[name](40)(model), torch.no_grad():
+            model(ids, **{kwarg: cache})
+            for begin in range(0, question.shape[1], chunk):
+                logits = model(question[:, begin : begin + chunk], **{kwarg: cache}).logits
+        last[chunk] = logits[:, -1]
+        if name == "pyramidkv" and family != "gemma3":
+            assert len({layer.keys.shape[2] for layer in cache.layers}) > 1
+    torch.testing.assert_close(last[question.shape[1]], last[1], rtol=1e-4, atol=1e-4)
+
+
+def test_fit_mask_drops_or_prepends_visible_prompt_columns():
+    causal = torch.ones(4, 9, dtype=torch.bool).tril(diagonal=5)[None, None]  # 4 queries after 5 keys
+    shorter = ca.integration.fit_mask(causal, 7)  # a layer holding 3 prompt keys
+    assert torch.equal(shorter, torch.ones(4, 7, dtype=torch.bool).tril(diagonal=3)[None, None])
+    longer = ca.integration.fit_mask(causal, 12)  # a layer holding 8 prompt keys
+    assert torch.equal(longer, torch.ones(4, 12, dtype=torch.bool).tril(diagonal=8)[None, None])
+    additive = torch.zeros(1, 1, 4, 9).masked_fill(~causal, float("-inf"))
+    assert torch.equal(ca.integration.fit_mask(additive, 12).isinf(), ~longer)
+    assert ca.integration.fit_mask(None, 5) is None and ca.integration.fit_mask(causal, 9) is causal

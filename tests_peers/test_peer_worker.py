@@ -118,6 +118,9 @@ def test_worker_appends_rows(model, tmp_path, monkeypatch):
     job["presses"] = [
         ["snapkv", {}, "kvpress:snapkv", 96],
         ["chunkkv", {"nope": 1}, "kvpress:chunkkv:nope=1", 96],
+        ["knorm", {}, "kvpress:knorm", 64],
+        ["tova", {}, "kvpress:tova", 80],
+        ["adakv", {}, "kvpress:adakv", 96],
     ]
     job_path, out = tmp_path / "job.json", tmp_path / "predictions.jsonl"
     job_path.write_text(json.dumps({"version": 1, "model": "tiny", "jobs": [job]}))
@@ -126,7 +129,8 @@ def test_worker_appends_rows(model, tmp_path, monkeypatch):
     assert [r["press"] for r in rows] == [p[2] for p in job["presses"]]
     assert rows[0]["error"] is None and rows[0]["kept"] == 96 and rows[0]["score"] in (0.0, 1.0)
     assert rows[1]["error"].startswith("ValueError") and rows[1]["score"] is None
-    # batched rows (snapkv + knorm share a shape; tova alone; adakv alone) == one-press-at-a-time
+    # snapkv, knorm and tova (three widths) decode as one left-padded batch, adakv alone: each row
+    # must equal its press decoded on its own
     from clusterattn.generation import _prepare
 
     inputs = _prepare(model, IdTokenizer(), context, "5 6", 3, False, "", True)

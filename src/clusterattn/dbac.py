@@ -207,7 +207,8 @@ def dbac(
     budget: int,
     *,
     num_block: int | None = None,
-    theta: float | None = None,
+    theta: float | torch.Tensor | None = None,
+    relative_theta: float | None = None,
     span_width: int = 16,
     span_before: float = 0.0,
     n_sink: int = 0,
@@ -226,7 +227,10 @@ def dbac(
             ``max(1, budget // span_width)``: spans of about ``span_width`` tokens.
         theta: absolute density threshold (a float, or a tensor broadcastable to ``(..., 1)``);
             blocks whose peak score is below it seed no cluster. ``None`` admits every block.
-            (:class:`~clusterattn.ClusterAttnPress` sets it relative to the uniform mass.)
+        relative_theta: threshold relative to each row's count of finite scores ``m``:
+            ``theta = relative_theta / m`` (the uniform share of ``relative_theta``'s mass; the
+            :class:`~clusterattn.ClusterAttnPress` passes ``alpha * window``). Exclusive with
+            ``theta``. Rows without padding get it as one float32 number, with no pass over ``n``.
         span_width: target span width used when ``num_block`` is None.
         span_before: share of each span placed before its centre (0.5 = centred). Variant A.
         n_sink: the first ``n_sink`` finite-scored tokens are always kept.
@@ -253,8 +257,18 @@ def dbac(
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if n_sink > budget:
         raise ValueError(f"n_sink ({n_sink}) must be <= budget ({budget})")
+    if relative_theta is not None:
+        if theta is not None:
+            raise ValueError("give theta or relative_theta, not both")
+        if not relative_theta >= 0:
+            raise ValueError(f"relative_theta must be >= 0, got {relative_theta}")
     if variant == "A" and n_sink == 0 and (plain := _plain(scores)) is not None:
+        if relative_theta is not None:  # every score finite: m = n in every row
+            theta = (relative_theta / torch.tensor(n)).item()  # the float32 the tensor path gives
         return _dbac_plain(*plain, budget, num_block, theta, span_before)
+    if relative_theta is not None:
+        finite = torch.isfinite(scores).sum(dim=-1, keepdim=True).clamp_min_(1)
+        theta = relative_theta / finite
     # Left padding (leading -inf) is rolled to the end, so that every row's block grid and span
     # clamping start at its first real token: a padded row selects what it would select alone.
     padded = not bool(torch.isfinite(scores[..., 0]).all())

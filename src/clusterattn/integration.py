@@ -80,6 +80,7 @@ def _register(implementation: str) -> str:
         return name
 
     def attention(module, query, key, value, attention_mask, **kwargs):
+        attention_mask = fit_mask(attention_mask, key.shape[2])
         output = _base_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
         session = getattr(module, "_clusterattn_session", None)
         if session is not None:
@@ -89,6 +90,23 @@ def _register(implementation: str) -> str:
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
     return name
+
+
+def fit_mask(mask, kv_len: int):
+    """A 4-D attention mask fitted to a layer holding ``kv_len`` keys.
+
+    transformers builds one mask per forward from the first layer's cache length. A press that
+    leaves layers at different lengths (PyramidKV) is never used on padded prompts, so the columns
+    by which another layer is longer or shorter are prompt tokens every query sees: drop the leading
+    ones, or prepend visible ones (``True`` / ``0.0``). The causal part at the end is unchanged.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 4 or mask.shape[-1] == kv_len:
+        return mask
+    extra = kv_len - mask.shape[-1]
+    if extra < 0:
+        return mask[..., -kv_len:]
+    visible = torch.ones if mask.dtype == torch.bool else torch.zeros
+    return torch.cat([visible((*mask.shape[:-1], extra), dtype=mask.dtype, device=mask.device), mask], -1)
 
 
 def cache_kwarg(model) -> str:
@@ -117,12 +135,6 @@ def kv_bytes(cache: Cache) -> int:
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
     return total
-
-
-def uniform_lengths(cache: Cache) -> bool:
-    """True unless a press left the compressed layers of ``cache`` at different lengths."""
-    state = getattr(cache, "_clusterattn", None)
-    return state is None or len(set(state.lengths.values())) <= 1
 
 
 @dataclass

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from clusterattn.integration import CompressionStats, _CacheState, apply_press, gather_kv, install_compressed
@@ -125,3 +126,56 @@ def stack_caches(caches: list[Cache]) -> Cache:
             kept_real=kept_real,
         )
     return merged
+
+
+def _width(cache: Cache) -> int:
+    lengths = {layer.keys.shape[2] for layer in cache.layers}
+    if len(lengths) != 1:
+        raise ValueError(f"padded stacking needs one length across a cache's layers, got {sorted(lengths)}")
+    return lengths.pop()
+
+
+def stack_padded(caches: list[Cache]) -> tuple[Cache, torch.Tensor | None]:
+    """One batch from caches of different lengths, each with one length across its layers.
+
+    Shorter caches are left-padded with zero keys and values; the returned ``(batch, width)`` mask
+    is False on those slots (and on kept padding slots), or None when nothing is padded. Compressed
+    caches (every layer compressed, e.g. uniform-budget presses at several budgets) carry the mask
+    as their kept-slot state, so decoding under a press masks the slots by itself; plain caches
+    (kvpress's) need the mask passed as ``attention_mask`` with the new tokens' columns appended.
+    Softmax gives masked slots exactly zero weight: rows decode as they would alone, up to float
+    rounding.
+    """
+    if not caches:
+        raise ValueError("stack_padded needs at least one cache")
+    widths = [_width(cache) for cache in caches]
+    width = max(widths)
+    states = [getattr(cache, "_clusterattn", None) for cache in caches]
+    if len({state is None for state in states}) != 1:
+        raise ValueError("cannot stack compressed and uncompressed caches")
+    if states[0] is not None and any(
+        len(s.lengths) != len(c.layers) for s, c in zip(states, caches, strict=True)
+    ):
+        raise ValueError("padded stacking needs every layer compressed (no sliding-window layers)")
+    real = []
+    for cache, state, w in zip(caches, states, widths, strict=True):
+        kept = None if state is None else state.kept_real
+        if kept is None:
+            kept = torch.ones(cache.layers[0].keys.shape[0], w, dtype=torch.bool)
+        real.append(F.pad(kept.to(cache.layers[0].keys.device), (width - w, 0), value=False))
+    kept_real = torch.cat(real)
+    kept_real = None if bool(kept_real.all()) else kept_real
+    merged, pads = copy.copy(caches[0]), [(0, 0, width - w, 0) for w in widths]
+    merged.layers = []
+    for i, layer in enumerate(caches[0].layers):
+        layer = copy.copy(layer)
+        layer.keys = torch.cat([F.pad(c.layers[i].keys, p) for c, p in zip(caches, pads, strict=True)])
+        layer.values = torch.cat([F.pad(c.layers[i].values, p) for c, p in zip(caches, pads, strict=True)])
+        merged.layers.append(layer)
+    if states[0] is not None:
+        merged._clusterattn = _CacheState(
+            next_pos=torch.cat([state.next_pos for state in states]),
+            lengths={layer: width for layer in states[0].lengths},
+            kept_real=kept_real,
+        )
+    return merged, kept_real

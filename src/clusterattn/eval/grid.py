@@ -1,8 +1,9 @@
 """Answer one prompt under many presses: one recorded prefill, replayed selections, batched decoding.
 
-Every uniform-budget press at the same budget leaves a cache of the same per-layer lengths, so
-their rows decode together as one batch (a 135M model on CPU decodes 6 rows in about 3 single-row
-steps' time). Selections are exactly the live path's (:mod:`clusterattn.replay`); batched rows
+Every uniform-budget press leaves a cache with one length across its layers, so all of them, at
+every budget, decode together as one left-padded batch (decoding a 135M model on CPU reads all its
+weights per step whatever the batch, so 25 rows cost little more than one); presses with per-layer
+budgets batch by exact shape. Selections are exactly the live path's (:mod:`clusterattn.replay`); batched rows
 follow the same greedy decode as :func:`clusterattn.generate`, up to float rounding of batched
 matrix products.
 """
@@ -17,7 +18,7 @@ import torch
 
 from clusterattn.generation import _decode, _Inputs, _prepare, _record_prefill
 from clusterattn.integration import kv_bytes
-from clusterattn.replay import replay, stack_caches
+from clusterattn.replay import replay, stack_caches, stack_padded
 
 SETTINGS = ("query_aware", "query_agnostic")
 
@@ -32,6 +33,24 @@ class Answer:
     kv_bytes: int
     compress_s: float
     decode_s: float
+
+
+_PADDED = ("padded",)
+
+
+def _group(cache, stats) -> tuple:
+    """Decode-batch key: every compressed cache with one length across all its layers (uniform
+    presses, any budget) shares one left-padded batch; the rest batch by exact per-layer lengths."""
+    lengths = tuple(layer.keys.shape[2] for layer in cache.layers)
+    state = getattr(cache, "_clusterattn", None)
+    if (
+        stats is not None
+        and state is not None
+        and len(set(lengths)) == 1
+        and len(state.lengths) == len(lengths)
+    ):
+        return _PADDED
+    return (stats is not None, lengths)
 
 
 def _repeat(inputs: _Inputs, n: int) -> _Inputs:
@@ -82,13 +101,15 @@ def answer_all(
         prompt_bytes[name] = kv_bytes(pressed[name][0])
     groups: dict[tuple, list[str]] = defaultdict(list)
     for name, (c, stats) in pressed.items():
-        shape = (stats is not None, tuple(layer.keys.shape[2] for layer in c.layers))
-        groups[shape if batch else (name,)].append(name)
+        groups[_group(c, stats) if batch else (name,)].append(name)
     answers: dict[str, Answer] = {}
-    for names in groups.values():
+    for key, names in groups.items():
         caches = [pressed[n][0] for n in names]
         compressed = pressed[names[0]][1] is not None
-        merged = stack_caches(caches) if len(names) > 1 else caches[0]
+        if len(names) == 1:
+            merged = caches[0]
+        else:
+            merged = stack_padded(caches)[0] if key == _PADDED else stack_caches(caches)
         if not compressed and len(names) > 1:
             raise AssertionError("several full-cache presses in one grid")
         rows = len(names)

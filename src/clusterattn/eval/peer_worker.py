@@ -9,9 +9,10 @@ attention layer (its keyword arguments and output); then, for each press, kvpres
 ``press.forward_hook`` runs on a copy of the full cache layer by layer. kvpress compresses after a
 layer's attention and never changes the prefill's activations, so this is exactly the cache
 ``with press(model): model(...)`` leaves (tested in ``tests_peers``). Decoding is the plain greedy
-loop of kvpress's pipeline: positions continue from the prompt length, no attention mask; presses
-that leave equal cache shapes decode together as one batch (AdaKV, whose masks live on the
-attention modules, decodes alone).
+loop of kvpress's pipeline: positions continue from the prompt length. Presses that leave one
+length across layers decode together as one left-padded batch with an attention mask over the
+real slots (a batch reads the weights once per step, so this is most of the speed); others batch
+by equal shapes, and AdaKV, whose masks live on the attention modules, decodes alone.
 
 A token budget ``B`` is passed as the compression ratio that makes kvpress keep ``B`` tokens per
 head (``1 - (B + 0.5) / L``; PyramidKV's own budget adds its window, which is subtracted).
@@ -106,17 +107,29 @@ def apply_recorded(press, model, cache, captured):
 
 @torch.no_grad()
 def greedy(
-    model, tokenizer, cache, logits, start: int, rest: torch.Tensor | None, max_new_tokens: int
-) -> list[str]:
-    """kvpress's pipeline decode for every batch row of ``cache`` (rows of equal lengths): append
-    ``rest`` at positions ``start..``, then greedy tokens until EOS; returns one text per row."""
+    model, tokenizer, cache, logits, start: int, rest: torch.Tensor | None, max_new_tokens: int,
+    kept: torch.Tensor | None = None,
+) -> list[str]:  # fmt: skip
+    """kvpress's pipeline decode for every batch row of ``cache``: append ``rest`` at positions
+    ``start..``, then greedy tokens until EOS; returns one text per row. ``kept`` ``(rows, width)``
+    marks the real slots of a left-padded batch (:func:`~clusterattn.replay.stack_padded`); without
+    it no attention mask is passed, as in kvpress's pipeline."""
     rows, position = cache.layers[0].keys.shape[0], start
     logits = logits.expand(rows, -1, -1)
+    mask = None if kept is None else kept.long()
+
+    def extend(new: int) -> torch.Tensor | None:
+        nonlocal mask
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(rows, new)], -1)
+        return mask
+
     if rest is not None and rest.shape[1]:
         positions = torch.arange(start, start + rest.shape[1])[None].expand(rows, -1)
         logits = model(
-            input_ids=rest.expand(rows, -1), past_key_values=cache, position_ids=positions, logits_to_keep=1
-        ).logits
+            input_ids=rest.expand(rows, -1), past_key_values=cache, position_ids=positions, logits_to_keep=1,
+            attention_mask=extend(rest.shape[1]),
+        ).logits  # fmt: skip
         position += rest.shape[1]
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
@@ -131,7 +144,7 @@ def greedy(
             break
         logits = model(
             input_ids=tokens[:, None], past_key_values=cache,
-            position_ids=torch.full((rows, 1), position, dtype=torch.long),
+            position_ids=torch.full((rows, 1), position, dtype=torch.long), attention_mask=extend(1),
         ).logits  # fmt: skip
         position += 1
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in out]
@@ -147,7 +160,7 @@ def answer_job(model, tokenizer, job: dict) -> list[dict]:
     from clusterattn.eval.spec import budget_label
     from clusterattn.eval.tasks import Sample, score
     from clusterattn.generation import _prepare
-    from clusterattn.replay import stack_caches
+    from clusterattn.replay import stack_caches, stack_padded
 
     sample, setting = Sample.from_dict(job["sample"]), job["setting"]
     rows = []
@@ -170,8 +183,8 @@ def answer_job(model, tokenizer, job: dict) -> list[dict]:
             row.update(prediction=None, score=None, error=f"{type(err).__name__}: {err}")
         return rows
     groups: dict[tuple, list] = {}
-    decode = lambda caches: greedy(  # noqa: E731
-        model, tokenizer, caches, logits, ids.shape[1], inputs.rest, sample.max_new_tokens
+    decode = lambda caches, kept=None: greedy(  # noqa: E731
+        model, tokenizer, caches, logits, ids.shape[1], inputs.rest, sample.max_new_tokens, kept
     )
     for row, (name, params, _, budget) in zip(rows, job["presses"], strict=True):
         try:
@@ -181,17 +194,18 @@ def answer_job(model, tokenizer, job: dict) -> list[dict]:
             if _masked(model):  # masks live on the modules: decode now, alone
                 text = decode(pressed)[0]
                 row.update(prediction=text, score=score(sample, text), error=None)
-            else:  # equal cache shapes decode together as one batch
-                groups.setdefault(tuple(layer.keys.shape[2] for layer in pressed.layers), []).append(
-                    (row, pressed)
-                )
+            else:  # one batch for every cache with one length across its layers (left-padded)
+                lengths = tuple(layer.keys.shape[2] for layer in pressed.layers)
+                key = ("padded",) if len(set(lengths)) == 1 else lengths
+                groups.setdefault(key, []).append((row, pressed))
         except Exception as err:  # recorded as failed; the run goes on
             row.update(prediction=None, score=None, error=f"{type(err).__name__}: {err}")
     for _module in _attention_layers(model):
         _module.masked_key_indices = None
-    for members in groups.values():
+    for key, members in groups.items():
         try:
-            texts = decode(stack_caches([pressed for _, pressed in members]))
+            caches = [pressed for _, pressed in members]
+            texts = decode(*stack_padded(caches)) if key == ("padded",) else decode(stack_caches(caches))
             for (row, _), text in zip(members, texts, strict=True):
                 row.update(prediction=text, score=score(sample, text), error=None)
         except Exception as err:

@@ -69,15 +69,14 @@ class ClusterAttnPress(WindowPress):
         )
 
     def select_prefix(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
-        theta = self.theta
-        if theta is None:  # relative to the uniform mass over each row's real prefix tokens
-            real = torch.isfinite(scores[:, :1]).sum(dim=-1, keepdim=True).clamp_min(1)
-            theta = self.alpha * self.window_size / real
+        # theta relative to the uniform mass over each row's real (finite-scored) prefix tokens
+        relative = self.alpha * self.window_size if self.theta is None else None
         return dbac(
             scores,
             budget,
             num_block=self.num_block,
-            theta=theta,
+            theta=self.theta,
+            relative_theta=relative,
             span_width=self.span_width,
             span_before=self.span_before,
             n_sink=self.n_sink,
