@@ -151,6 +151,41 @@ def test_cli_rejects_bad_press_before_loading(patched, tmp_path):
     assert patched == []
 
 
+def test_cli_forwards_every_option(tmp_path, monkeypatch):
+    """Every EvalConfig field the CLI exposes reaches the config (run_eval itself is stubbed)."""
+    import dataclasses
+
+    from clusterattn import cli
+    from clusterattn.eval import report
+
+    seen = []
+    monkeypatch.setattr(runner, "run_eval", lambda config: seen.append(config))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tables.md").write_text("")
+    monkeypatch.setattr(report, "write_report", lambda out, doc=None: [])
+    profile = tmp_path / "p.json"
+    profile.write_text("{}")
+    cli.main([
+        "eval", "--models", "smollm2-135m", "--tasks", "vt", "--lengths", "300", "--presses", "full",
+        "--peer", "snapkv", "--budgets", "64", "--settings", "query_agnostic", "--samples", "3",
+        "--seed", "5", "--profile", str(profile), "--max-new-tokens", "7", "--retry-failed",
+        "--out", str(tmp_path / "out"),
+    ])  # fmt: skip
+    (config,) = seen
+    expected = {
+        "models": ["smollm2-135m"], "tasks": ["vt"], "lengths": [300], "presses": ["full"],
+        "peers": ["snapkv"], "budgets": ["64"], "settings": ["query_agnostic"], "samples": 3, "seed": 5,
+        "profile": str(profile), "max_new_tokens": 7, "retry_failed": True, "out": str(tmp_path / "out"),
+        "longbench": None,
+    }  # fmt: skip
+    missing = {f.name for f in dataclasses.fields(config)} - set(expected) - {"batch", "peer_python"}
+    assert not missing, f"CLI options not checked: {missing}"
+    for name, value in expected.items():
+        got = getattr(config, name)
+        assert got == value or [str(x) for x in got] == value or str(got) == str(value), name
+
+
 def test_profile_restricts_to_held_out_and_configures_clusterattn(patched, tmp_path, monkeypatch):
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({

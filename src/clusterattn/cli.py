@@ -104,6 +104,7 @@ def _eval(args) -> int:
         longbench=args.longbench,
         profile=args.profile,
         retry_failed=args.retry_failed,
+        max_new_tokens=args.max_new_tokens,
     )  # fmt: skip  (validated here, before any model loads)
     run_eval(config)
     write_report(args.out, doc=args.doc)
