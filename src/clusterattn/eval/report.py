@@ -84,10 +84,13 @@ def average_tables(metrics: list[dict]) -> str:
         presses = sorted(
             {r["press"] for r in rows if r["budget"] != "full"}, key=lambda p: (p.startswith("kvpress"), p)
         )
-        n = max((r["n"] for r in rows), default=0)
+        counts = [r["n"] for r in rows]
+        n = f"{min(counts)}-{max(counts)}" if min(counts) != max(counts) else str(max(counts))
         lines = [
             f"**{model}, {length} tokens, {setting.replace('_', '-')}** ({len(tasks)} tasks, "
-            f"up to {n} samples each; full cache: {_fmt(_mean(full))})",
+            f"{n} samples per cell; full cache: {_fmt(_mean(full))})",
+            "",
+            f"Tasks: {', '.join(tasks)}.",
             "",
             "| press | " + " | ".join(f"B={b}" for b in budgets) + " |",
             "|---|" + "---|" * len(budgets),
