@@ -106,3 +106,17 @@ def test_stack_padded_checks(llama):
     uneven.layers[1] = b.layers[1]
     with pytest.raises(ValueError, match="one length"):
         stack_padded([uneven])
+
+
+def test_masked_gqa_sets_and_restores_the_switch(monkeypatch):
+    import os
+
+    from clusterattn.eval.grid import masked_gqa
+
+    monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    with masked_gqa():
+        assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "0")  # a user's own choice is left alone
+    with masked_gqa():
+        assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "0"

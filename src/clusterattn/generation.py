@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clusterattn.integration import cache_kwarg, kv_bytes, new_cache
+from clusterattn.integration import cache_kwarg, kv_bytes, new_cache, ragged_with_sliding
 from clusterattn.replay import PrefillRecord, recording, replay
 
 
@@ -120,15 +120,18 @@ def _decode(model, tokenizer, inputs: _Inputs, cache, logits, next_pos, max_new_
     name, device = cache_kwarg(model), inputs.prompt_ids.device
     mask, start = inputs.prompt_mask, time.perf_counter()
     if inputs.rest is not None:
-        # Layers of unequal length (PyramidKV) get the mask fitted per layer (integration.fit_mask).
-        rest = inputs.rest
-        mask = torch.cat([mask, torch.ones_like(rest)], -1)
-        step_pos = next_pos[:, None] + torch.arange(rest.shape[1], device=device)
-        logits = model(
-            input_ids=rest, attention_mask=mask, position_ids=step_pos, use_cache=True,
-            logits_to_keep=1, **{name: cache},
-        ).logits  # fmt: skip
-        next_pos = next_pos + rest.shape[1]
+        # Layers of unequal length (PyramidKV) get the mask fitted per layer (integration.fit_mask),
+        # except next to sliding-window layers, whose masks transformers 5.2 sizes differently.
+        chunk = 1 if ragged_with_sliding(cache) else inputs.rest.shape[1]
+        for begin in range(0, inputs.rest.shape[1], chunk):
+            rest = inputs.rest[:, begin : begin + chunk]
+            mask = torch.cat([mask, torch.ones_like(rest)], -1)
+            step_pos = next_pos[:, None] + torch.arange(rest.shape[1], device=device)
+            logits = model(
+                input_ids=rest, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                logits_to_keep=1, **{name: cache},
+            ).logits  # fmt: skip
+            next_pos = next_pos + rest.shape[1]
     eos, out = (set() if ignore_eos else _eos_ids(model, tokenizer)), []
     done = torch.zeros(inputs.prompt_ids.shape[0], dtype=torch.bool, device=device)
     for step in range(max_new_tokens):

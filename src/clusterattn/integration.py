@@ -80,7 +80,8 @@ def _register(implementation: str) -> str:
         return name
 
     def attention(module, query, key, value, attention_mask, **kwargs):
-        attention_mask = fit_mask(attention_mask, key.shape[2])
+        if "sliding_attention" not in (getattr(getattr(module, "config", None), "layer_types", None) or ()):
+            attention_mask = fit_mask(attention_mask, key.shape[2])  # see ragged_with_sliding
         output = _base_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
         session = getattr(module, "_clusterattn_session", None)
         if session is not None:
@@ -93,7 +94,7 @@ def _register(implementation: str) -> str:
 
 
 def fit_mask(mask, kv_len: int):
-    """A 4-D attention mask fitted to a layer holding ``kv_len`` keys.
+    """A 4-D attention mask fitted to a layer holding ``kv_len`` keys (models without sliding layers).
 
     transformers builds one mask per forward from the first layer's cache length. A press that
     leaves layers at different lengths (PyramidKV) is never used on padded prompts, so the columns
@@ -135,6 +136,16 @@ def kv_bytes(cache: Cache) -> int:
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+def ragged_with_sliding(cache: Cache) -> bool:
+    """True when a press left layers at different lengths in a cache that also has sliding layers:
+    transformers 5.2 sizes the full-attention masks of such models differently, so tokens after the
+    prompt go one at a time there (single-token steps need no fitted mask)."""
+    state = getattr(cache, "_clusterattn", None)
+    if state is None or len(set(state.lengths.values())) <= 1:
+        return False
+    return any("Sliding" in type(layer).__name__ for layer in cache.layers)
 
 
 @dataclass
