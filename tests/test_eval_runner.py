@@ -168,14 +168,14 @@ def test_cli_forwards_every_option(tmp_path, monkeypatch):
     profile.write_text("{}")
     cli.main([
         "eval", "--models", "smollm2-135m", "--tasks", "vt", "--lengths", "300", "--presses", "full",
-        "--peer", "snapkv", "--budgets", "64", "--settings", "query_agnostic", "--samples", "3",
+        "--budgets", "64", "--settings", "query_agnostic", "--samples", "3",
         "--seed", "5", "--profile", str(profile), "--max-new-tokens", "7", "--retry-failed",
         "--out", str(tmp_path / "out"),
     ])  # fmt: skip
     (config,) = seen
     expected = {
         "models": ["smollm2-135m"], "tasks": ["vt"], "lengths": [300], "presses": ["full"],
-        "peers": ["snapkv"], "budgets": ["64"], "settings": ["query_agnostic"], "samples": 3, "seed": 5,
+        "peers": [], "budgets": ["64"], "settings": ["query_agnostic"], "samples": 3, "seed": 5,
         "profile": str(profile), "max_new_tokens": 7, "retry_failed": True, "out": str(tmp_path / "out"),
         "longbench": None,
     }  # fmt: skip
