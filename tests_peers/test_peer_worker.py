@@ -140,3 +140,47 @@ def test_worker_appends_rows(model, tmp_path, monkeypatch):
             pressed = apply_recorded(build_press(name, {}, budget, PROMPT), model, cache, captured)
             alone = greedy(model, IdTokenizer(), pressed, logits, PROMPT, inputs.rest, 3)[0]
             assert row["prediction"] == alone, name
+
+
+def test_expected_attention_runs_on_a_model_never_wrapped_by_kvpress():
+    """kvpress's context manager attaches the rotary embedding to each attention module, and
+    ExpectedAttention needs it: the replay must attach it too (a fresh model, no press(model) yet)."""
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, attn_implementation="sdpa",
+    )  # fmt: skip
+    fresh = LlamaForCausalLM(config).eval()
+    assert not hasattr(fresh.model.layers[0].self_attn, "rotary_emb")
+    cache, captured, _ = record_prefill(fresh, prompt_ids(4))
+    pressed = apply_recorded(build_press("expectedattention", {}, 64, PROMPT), fresh, cache, captured)
+    assert {layer.keys.shape[2] for layer in pressed.layers} == {64}
+
+
+def test_question_after_ragged_cache_goes_token_by_token(model, monkeypatch):
+    """ChunkKV may keep a shorter partial chunk on some layers; transformers' one mask (layer 0's
+    length) cannot serve them, so the question is appended one token at a time. That path must
+    equal the one-chunk path on a cache whose layers agree."""
+    import clusterattn.eval.peer_worker as worker
+
+    cache, captured, logits = record_prefill(model, prompt_ids(5))
+    rest = torch.tensor([[5, 6, 7, 8]])
+    pressed = apply_recorded(build_press("snapkv", {}, 96, PROMPT), model, cache, captured)
+    chunk = greedy(model, IdTokenizer(), copy_cache(pressed), logits, PROMPT, rest, 5)
+    monkeypatch.setattr(worker, "_ragged", lambda cache: True)
+    one_by_one = greedy(model, IdTokenizer(), copy_cache(pressed), logits, PROMPT, rest, 5)
+    assert chunk == one_by_one
+    monkeypatch.undo()
+    ragged = copy_cache(pressed)
+    ragged.layers[1].keys = ragged.layers[1].keys[:, :, :-3]
+    ragged.layers[1].values = ragged.layers[1].values[:, :, :-3]
+    assert worker._ragged(ragged)
+    assert len(greedy(model, IdTokenizer(), ragged, logits, PROMPT, rest, 5)) == 1
+
+
+def copy_cache(cache):
+    import copy
+
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    return out

@@ -66,9 +66,12 @@ def build_press(name: str, params: dict, budget, prompt_tokens: int):
     return outer_cls(press=inner_cls(compression_ratio=ratio, **inner), **outer)
 
 
+def _language_model(model):
+    return model.model.language_model if hasattr(model.model, "language_model") else model.model
+
+
 def _attention_layers(model):
-    inner = model.model.language_model if hasattr(model.model, "language_model") else model.model
-    return [layer.self_attn for layer in inner.layers]
+    return [layer.self_attn for layer in _language_model(model).layers]
 
 
 @torch.no_grad()
@@ -97,8 +100,9 @@ def apply_recorded(press, model, cache, captured):
     pressed = copy.copy(cache)
     pressed.layers = [copy.copy(layer) for layer in cache.layers]
     press.post_init_from_model(model)
-    for module in _attention_layers(model):
+    for module in _attention_layers(model):  # what kvpress's context manager sets on each layer
         module.masked_key_indices = None
+        module.rotary_emb = _language_model(model).rotary_emb
     for _, (module, kwargs, output) in sorted(captured.items()):
         if getattr(module, "is_sliding", False):
             continue
@@ -143,7 +147,16 @@ def greedy(
             mask = torch.cat([mask, mask.new_ones(rows, new)], -1)
         return mask
 
-    if rest is not None and rest.shape[1]:
+    if rest is not None and rest.shape[1] and kept is None and _ragged(cache):
+        # transformers builds one mask from layer 0's length; a cache whose layers kept different
+        # lengths (ChunkKV's partial last chunk) takes the question one token at a time (no mask).
+        for offset in range(rest.shape[1]):
+            logits = model(
+                input_ids=rest[:, offset : offset + 1].expand(rows, -1), past_key_values=cache,
+                position_ids=torch.full((rows, 1), position, dtype=torch.long), logits_to_keep=1,
+            ).logits  # fmt: skip
+            position += 1
+    elif rest is not None and rest.shape[1]:
         positions = torch.arange(start, start + rest.shape[1])[None].expand(rows, -1)
         logits = model(
             input_ids=rest.expand(rows, -1), past_key_values=cache, position_ids=positions, logits_to_keep=1,
@@ -167,6 +180,10 @@ def greedy(
         ).logits  # fmt: skip
         position += 1
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in out]
+
+
+def _ragged(cache) -> bool:
+    return len({layer.keys.shape[2] for layer in cache.layers}) > 1
 
 
 def _masked(model) -> bool:
