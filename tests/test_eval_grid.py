@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 import clusterattn as ca
+from clusterattn.batching import PADDED, batch_key, masked_gqa, stack_caches, stack_padded
 from clusterattn.eval.grid import answer_all
 from clusterattn.integration import cache_kwarg, new_cache
-from clusterattn.replay import replay, stack_caches, stack_padded
+from clusterattn.replay import replay
 from test_integration import TOK, ids_text
 from test_presses import PRESS_FACTORIES
 
@@ -75,6 +77,7 @@ def test_stack_caches_padded_decode_like_alone(llama):
     record, _ = _record_prefill(llama, inputs)
     presses = [PRESS_FACTORIES["snapkv"](24), PRESS_FACTORIES["clusterattn"](64), PRESS_FACTORIES["h2o"](40)]
     caches = [replay(record, press)[0] for press in presses]
+    assert {batch_key(cache) for cache in caches} == {PADDED}
     merged, kept_real = stack_padded(caches)
     assert [layer.keys.shape[2] for layer in merged.layers] == [64] * len(merged.layers)
     assert kept_real.sum(-1).tolist() == [24, 64, 40]
@@ -108,15 +111,26 @@ def test_stack_padded_checks(llama):
         stack_padded([uneven])
 
 
-def test_masked_gqa_sets_and_restores_the_switch(monkeypatch):
-    import os
+def test_masked_gqa_swaps_and_restores_the_predicate(monkeypatch):
+    from transformers.integrations import sdpa_attention
 
-    from clusterattn.eval.grid import masked_gqa
-
+    original = sdpa_attention.use_gqa_in_sdpa
     monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
     with masked_gqa():
-        assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
-    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+        assert sdpa_attention.use_gqa_in_sdpa(torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1)) is True
+    assert sdpa_attention.use_gqa_in_sdpa is original
+    with masked_gqa(active=False):
+        assert sdpa_attention.use_gqa_in_sdpa is original
     monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "0")  # a user's own choice is left alone
     with masked_gqa():
-        assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "0"
+        assert sdpa_attention.use_gqa_in_sdpa is original
+
+
+def test_batch_key(llama):
+    cache = DynamicCache()
+    for layer in range(2):
+        cache.update(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4), layer)
+    assert batch_key(cache) == ("exact", False, 5, 5)  # a plain cache masks nothing by itself
+    assert batch_key(cache, plain=True) == PADDED  # ... unless the decode passes the mask
+    cache.layers[1].keys = cache.layers[1].keys[:, :, :3]
+    assert batch_key(cache, plain=True) == ("exact", False, 5, 3)

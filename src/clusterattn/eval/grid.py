@@ -11,15 +11,15 @@ matrix products.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
+from clusterattn.batching import PADDED, batch_key, masked_gqa, stack_caches, stack_padded
 from clusterattn.generation import _decode, _Inputs, _prepare, _record_prefill
 from clusterattn.integration import kv_bytes
-from clusterattn.replay import replay, stack_caches, stack_padded
+from clusterattn.replay import replay
 
 SETTINGS = ("query_aware", "query_agnostic")
 
@@ -34,45 +34,6 @@ class Answer:
     kv_bytes: int
     compress_s: float
     decode_s: float
-
-
-_PADDED = ("padded",)
-_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
-
-
-@contextlib.contextmanager
-def masked_gqa():
-    """Let sdpa take grouped KV heads together with an attention mask (CPU only).
-
-    A padded batch carries a mask, and with a mask transformers' sdpa path copies every KV head to
-    each of its query heads (the whole cache, per layer and step: 2.0 s per step for 25 SmolLM2
-    rows at 2k against 0.36 s without the copy). torch's CPU kernels accept grouped heads with a
-    mask; transformers 5.24 reads ``TRANSFORMERS_SDPA_FORCE_GQA`` on every call (5.2 ignores it and
-    stays correct, only slower). On accelerators the copy is the fast path: left unchanged.
-    """
-    if os.environ.get(_FORCE_GQA) is not None or torch.cuda.is_available():
-        yield
-        return
-    os.environ[_FORCE_GQA] = "1"
-    try:
-        yield
-    finally:
-        del os.environ[_FORCE_GQA]
-
-
-def _group(cache, stats) -> tuple:
-    """Decode-batch key: every compressed cache with one length across all its layers (uniform
-    presses, any budget) shares one left-padded batch; the rest batch by exact per-layer lengths."""
-    lengths = tuple(layer.keys.shape[2] for layer in cache.layers)
-    state = getattr(cache, "_clusterattn", None)
-    if (
-        stats is not None
-        and state is not None
-        and len(set(lengths)) == 1
-        and len(state.lengths) == len(lengths)
-    ):
-        return _PADDED
-    return (stats is not None, lengths)
 
 
 def _repeat(inputs: _Inputs, n: int) -> _Inputs:
@@ -123,7 +84,8 @@ def answer_all(
         prompt_bytes[name] = kv_bytes(pressed[name][0])
     groups: dict[tuple, list[str]] = defaultdict(list)
     for name, (c, stats) in pressed.items():
-        groups[_group(c, stats) if batch else (name,)].append(name)
+        key = (batch_key(c) if stats is not None else ("full",)) if batch else (name,)
+        groups[key].append(name)
     answers: dict[str, Answer] = {}
     for key, names in groups.items():
         caches = [pressed[n][0] for n in names]
@@ -131,12 +93,12 @@ def answer_all(
         if len(names) == 1:
             merged = caches[0]
         else:
-            merged = stack_padded(caches)[0] if key == _PADDED else stack_caches(caches)
+            merged = stack_padded(caches)[0] if key == PADDED else stack_caches(caches)
         if not compressed and len(names) > 1:
             raise AssertionError("several full-cache presses in one grid")
         rows = len(names)
         context_manager = presses[names[0]](model) if compressed else contextlib.nullcontext()
-        gqa = masked_gqa() if key == _PADDED and len(names) > 1 else contextlib.nullcontext()
+        gqa = masked_gqa(key == PADDED and len(names) > 1)
         with context_manager, gqa:
             tokens, texts, decode_s = _decode(
                 model, tokenizer, _repeat(inputs, rows), merged, logits.repeat(rows, 1, 1),

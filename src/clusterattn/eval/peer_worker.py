@@ -20,7 +20,6 @@ head (``1 - (B + 0.5) / L``; PyramidKV's own budget adds its window, which is su
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import sys
@@ -110,24 +109,6 @@ def apply_recorded(press, model, cache, captured):
     return pressed
 
 
-@contextlib.contextmanager
-def _masked_gqa(active: bool):
-    """transformers 5.2 (kvpress's pin) copies every KV head to its query heads whenever a mask is
-    passed; on CPU torch's sdpa takes grouped heads with a mask directly, several times faster for
-    a padded batch (see :func:`clusterattn.eval.grid.masked_gqa`). Same arithmetic, no copy."""
-    from transformers.integrations import sdpa_attention
-
-    if not active or torch.cuda.is_available():
-        yield
-        return
-    original = sdpa_attention.use_gqa_in_sdpa
-    sdpa_attention.use_gqa_in_sdpa = lambda *args, **kwargs: True
-    try:
-        yield
-    finally:
-        sdpa_attention.use_gqa_in_sdpa = original
-
-
 @torch.no_grad()
 def greedy(
     model, tokenizer, cache, logits, start: int, rest: torch.Tensor | None, max_new_tokens: int,
@@ -135,7 +116,7 @@ def greedy(
 ) -> list[str]:  # fmt: skip
     """kvpress's pipeline decode for every batch row of ``cache``: append ``rest`` at positions
     ``start..``, then greedy tokens until EOS; returns one text per row. ``kept`` ``(rows, width)``
-    marks the real slots of a left-padded batch (:func:`~clusterattn.replay.stack_padded`); without
+    marks the real slots of a left-padded batch (:func:`~clusterattn.batching.stack_padded`); without
     it no attention mask is passed, as in kvpress's pipeline."""
     rows, position = cache.layers[0].keys.shape[0], start
     logits = logits.expand(rows, -1, -1)
@@ -193,10 +174,10 @@ def _masked(model) -> bool:
 
 def answer_job(model, tokenizer, job: dict) -> list[dict]:
     """Rows for one prompt under every kvpress press of the job."""
+    from clusterattn.batching import PADDED, batch_key, masked_gqa, stack_caches, stack_padded
     from clusterattn.eval.spec import budget_label
     from clusterattn.eval.tasks import Sample, score
     from clusterattn.generation import _prepare
-    from clusterattn.replay import stack_caches, stack_padded
 
     sample, setting = Sample.from_dict(job["sample"]), job["setting"]
     rows = []
@@ -231,9 +212,7 @@ def answer_job(model, tokenizer, job: dict) -> list[dict]:
                 text = decode(pressed)[0]
                 row.update(prediction=text, score=score(sample, text), error=None)
             else:  # one batch for every cache with one length across its layers (left-padded)
-                lengths = tuple(layer.keys.shape[2] for layer in pressed.layers)
-                key = ("padded",) if len(set(lengths)) == 1 else lengths
-                groups.setdefault(key, []).append((row, pressed))
+                groups.setdefault(batch_key(pressed, plain=True), []).append((row, pressed))
         except Exception as err:  # recorded as failed; the run goes on
             row.update(prediction=None, score=None, error=f"{type(err).__name__}: {err}")
     for _module in _attention_layers(model):
@@ -241,8 +220,8 @@ def answer_job(model, tokenizer, job: dict) -> list[dict]:
     for key, members in groups.items():
         try:
             caches = [pressed for _, pressed in members]
-            if key == ("padded",):
-                with _masked_gqa(len(caches) > 1):
+            if key == PADDED:
+                with masked_gqa(len(caches) > 1):
                     texts = decode(*stack_padded(caches))
             else:
                 texts = decode(stack_caches(caches))
