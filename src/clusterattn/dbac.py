@@ -154,6 +154,13 @@ def _offsets(width: int, device: torch.device) -> torch.Tensor:
     return torch.arange(width, device=device)
 
 
+@functools.lru_cache(maxsize=256)
+def _relative_theta(relative_theta: float, n: int) -> float:
+    """``relative_theta / n`` rounded as the tensor path rounds it (a float32 division), cached:
+    building the tensor costs more than the rest of the threshold's work."""
+    return (relative_theta / torch.tensor(n)).item()
+
+
 def _dbac_plain(scores, bits, budget: int, num_block: int, theta, span_before: float) -> torch.Tensor:
     """Variant A without sinks for float32 ``scores`` ``(..., n)`` and their ``bits``, from :func:`_plain`.
 
@@ -170,8 +177,8 @@ def _dbac_plain(scores, bits, budget: int, num_block: int, theta, span_before: f
     padded = F.pad(scores, (0, n_blocks * blk - n), value=float("-inf")) if n % blk else scores
     # amax, not max_pool1d: the pool always forks threads, which stall for ms on a busy machine
     peaks = padded.view(*scores.shape[:-1], n_blocks, blk).amax(dim=-1)
-    if theta is not None:
-        peaks = peaks.masked_fill_(peaks < theta, float("-inf"))
+    # the k highest peaks, thresholded afterwards: blocks below theta only ever fill the places of
+    # missing centres, and a centre below theta draws no span (the same as masking them to -inf)
     top_peaks, top_blocks = peaks.topk(min(num_block, n_blocks), dim=-1, sorted=False)
     offsets = _offsets(blk, bits.device)
     cells = torch.add(offsets, top_blocks.unsqueeze(-1), alpha=blk)  # (..., k, blk) top blocks' tokens
@@ -184,8 +191,8 @@ def _dbac_plain(scores, bits, budget: int, num_block: int, theta, span_before: f
     span = (start + offsets).flatten(-2)  # (..., k * blk)
     key = bits ^ _INT32_MIN
     src = bits.gather(-1, span)
-    if theta is not None and top_peaks.amin().item() == float("-inf"):  # noise centres: no span
-        src.view(*top_peaks.shape, blk).masked_fill_(top_peaks.isinf().unsqueeze(-1), _INT32_MIN)
+    if theta is not None and (noise := top_peaks < theta).any().item():  # noise centres: no span
+        src.view(*top_peaks.shape, blk).masked_fill_(noise.unsqueeze(-1), _INT32_MIN)
         return _select(key.scatter_reduce_(-1, span, src, "amax"), budget)
     return _select(key.scatter_(-1, span, src), budget)
 
@@ -264,7 +271,7 @@ def dbac(
             raise ValueError(f"relative_theta must be >= 0, got {relative_theta}")
     if variant == "A" and n_sink == 0 and (plain := _plain(scores)) is not None:
         if relative_theta is not None:  # every score finite: m = n in every row
-            theta = (relative_theta / torch.tensor(n)).item()  # the float32 the tensor path gives
+            theta = _relative_theta(relative_theta, n)
         return _dbac_plain(*plain, budget, num_block, theta, span_before)
     if relative_theta is not None:
         finite = torch.isfinite(scores).sum(dim=-1, keepdim=True).clamp_min_(1)
