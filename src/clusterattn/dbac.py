@@ -177,8 +177,8 @@ def _dbac_plain(scores, bits, budget: int, num_block: int, theta, span_before: f
     padded = F.pad(scores, (0, n_blocks * blk - n), value=float("-inf")) if n % blk else scores
     # amax, not max_pool1d: the pool always forks threads, which stall for ms on a busy machine
     peaks = padded.view(*scores.shape[:-1], n_blocks, blk).amax(dim=-1)
-    # the k highest peaks, thresholded afterwards: blocks below theta only ever fill the places of
-    # missing centres, and a centre below theta draws no span (the same as masking them to -inf)
+    if theta is not None:  # masked before the top-k, as in _spans_variant_a: ties break the same way
+        peaks = peaks.masked_fill_(peaks < theta, float("-inf"))
     top_peaks, top_blocks = peaks.topk(min(num_block, n_blocks), dim=-1, sorted=False)
     offsets = _offsets(blk, bits.device)
     cells = torch.add(offsets, top_blocks.unsqueeze(-1), alpha=blk)  # (..., k, blk) top blocks' tokens
@@ -191,8 +191,8 @@ def _dbac_plain(scores, bits, budget: int, num_block: int, theta, span_before: f
     span = (start + offsets).flatten(-2)  # (..., k * blk)
     key = bits ^ _INT32_MIN
     src = bits.gather(-1, span)
-    if theta is not None and (noise := top_peaks < theta).any().item():  # noise centres: no span
-        src.view(*top_peaks.shape, blk).masked_fill_(noise.unsqueeze(-1), _INT32_MIN)
+    if theta is not None and top_peaks.amin().item() == float("-inf"):  # noise centres: no span
+        src.view(*top_peaks.shape, blk).masked_fill_(top_peaks.isinf().unsqueeze(-1), _INT32_MIN)
         return _select(key.scatter_reduce_(-1, span, src, "amax"), budget)
     return _select(key.scatter_(-1, span, src), budget)
 
