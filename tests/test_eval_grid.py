@@ -7,10 +7,11 @@ import torch
 from transformers import DynamicCache
 
 import clusterattn as ca
-from clusterattn.batching import PADDED, batch_key, masked_gqa, stack_caches, stack_padded
+from clusterattn.batching import PADDED, PADDED_LAYERS, batch_key, masked_gqa, stack_caches, stack_padded
 from clusterattn.eval.grid import answer_all
 from clusterattn.integration import cache_kwarg, new_cache
 from clusterattn.replay import replay
+from conftest import tiny_model
 from test_integration import TOK, ids_text
 from test_presses import PRESS_FACTORIES
 
@@ -134,3 +135,57 @@ def test_batch_key(llama):
     assert batch_key(cache, plain=True) == PADDED  # ... unless the decode passes the mask
     cache.layers[1].keys = cache.layers[1].keys[:, :, :3]
     assert batch_key(cache, plain=True) == ("exact", False, 5, 3)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_per_layer_padded_batch_decodes_like_alone(implementation):
+    """PyramidKV at several budgets (layers of different lengths) in one batch padded layer by
+    layer: the question chunk and the next decode steps give each row the logits it has alone."""
+    from clusterattn.generation import _prepare, _record_prefill
+
+    model = tiny_model("llama", num_hidden_layers=3, attn_implementation=implementation)
+    inputs = _prepare(model, TOK, ids_text(150, seed=9), "3 4 5", 4, False, "", False)
+    record, _ = _record_prefill(model, inputs)
+    presses = [PRESS_FACTORIES["pyramidkv"](b) for b in (24, 64, 40)]
+    caches = [replay(record, press)[0] for press in presses]
+    assert {batch_key(cache) for cache in caches} == {PADDED_LAYERS}
+    assert len({tuple(layer.keys.shape[2] for layer in cache.layers) for cache in caches}) == 3
+    merged, kept_real = stack_padded(caches)
+    assert kept_real is None
+    widths = [layer.keys.shape[2] for layer in merged.layers]
+    assert widths == [max(c.layers[i].keys.shape[2] for c in caches) for i in range(3)]
+    assert len(set(widths)) > 1  # really padded per layer
+    name, rest, start = cache_kwarg(model), inputs.rest, record.next_pos
+
+    def steps(cache, rows):
+        out = []
+        with presses[0](model), torch.no_grad():
+            pos = start.repeat(rows)[:, None] + torch.arange(rest.shape[1])
+            mask = torch.ones(rows, 1, dtype=torch.long)  # rewritten by the press from its state
+            logits = model(
+                input_ids=rest.repeat(rows, 1), position_ids=pos, attention_mask=mask, **{name: cache}
+            )
+            out.append(logits.logits[:, -1])
+            token = out[-1].argmax(-1, keepdim=True)
+            for _step in range(2):
+                pos = pos[:, -1:] + 1
+                out.append(
+                    model(input_ids=token, position_ids=pos, attention_mask=mask, **{name: cache}).logits[
+                        :, -1
+                    ]
+                )
+                token = out[-1].argmax(-1, keepdim=True)
+        return out
+
+    alone = [steps(cache, 1) for cache in caches]
+    batch = steps(merged, 3)
+    for step, logits in enumerate(batch):
+        torch.testing.assert_close(logits, torch.cat([a[step] for a in alone]), rtol=1e-4, atol=1e-4)
+
+
+def test_per_layer_padding_refuses_plain_caches(llama):
+    a = DynamicCache()
+    for layer in range(2):
+        a.update(torch.zeros(1, 2, 5 - 2 * layer, 4), torch.zeros(1, 2, 5 - 2 * layer, 4), layer)
+    with pytest.raises(ValueError, match="plain caches"):
+        stack_padded([a, a])

@@ -22,26 +22,31 @@ from clusterattn.integration import _CacheState
 
 PADDED = ("padded",)
 """The :func:`batch_key` of caches that share one left-padded batch."""
+PADDED_LAYERS = ("padded", "per layer")
+"""The :func:`batch_key` of compressed caches whose layers kept different lengths (PyramidKV): one
+batch padded layer by layer, masked per layer by the press."""
 
 _FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
 def batch_key(cache: Cache, *, plain: bool = False) -> tuple:
-    """Which decode batch ``cache`` can join: :data:`PADDED`, or its exact per-layer lengths.
+    """Which decode batch ``cache`` can join: :data:`PADDED`, :data:`PADDED_LAYERS`, or its exact
+    per-layer lengths.
 
-    A cache with one length across its layers joins the padded batch when the padding can be
-    masked: compressed by one of our presses on every layer (the press masks the slots itself), or,
-    with ``plain=True``, a cache without compression state whose decode passes the mask as
-    ``attention_mask`` (kvpress's pipeline). Anything else (PyramidKV's per-layer budgets, models
-    with uncompressed sliding-window layers) batches only with caches of the very same shape.
+    A cache compressed by one of our presses on every layer joins a padded batch (the press masks
+    the padding itself): :data:`PADDED` with one length across its layers, :data:`PADDED_LAYERS`
+    with per-layer lengths (PyramidKV). With ``plain=True``, a cache without compression state and
+    one length across its layers joins :data:`PADDED` too (its decode passes the mask as
+    ``attention_mask``, as kvpress's pipeline does). Anything else (models with uncompressed
+    sliding-window layers, plain caches of per-layer lengths) batches only with caches of the very
+    same shape.
     """
     lengths = tuple(layer.keys.shape[2] for layer in cache.layers)
     state = getattr(cache, "_clusterattn", None)
-    if len(set(lengths)) == 1:
-        if state is not None and len(state.lengths) == len(lengths):
-            return PADDED
-        if plain and state is None:
-            return PADDED
+    if state is not None and len(state.lengths) == len(lengths):
+        return PADDED if len(set(lengths)) == 1 else PADDED_LAYERS
+    if plain and state is None and len(set(lengths)) == 1:
+        return PADDED
     return ("exact", state is not None, *lengths)
 
 
@@ -52,9 +57,9 @@ def _states(caches: list[Cache]) -> list[_CacheState | None]:
     return states
 
 
-def _real_slots(caches, states, widths: list[int], width: int) -> torch.Tensor | None:
+def _real_slots(caches, states, widths: list[int], width: int, everywhere=False) -> torch.Tensor | None:
     """``(rows, width)``: True on each row's real kept slots, False on its left padding and on
-    padding it kept from a padded prompt; None when every slot is real."""
+    padding it kept from a padded prompt; None when every slot is real (unless ``everywhere``)."""
     rows = []
     for cache, state, w in zip(caches, states, widths, strict=True):
         kept = None if state is None else state.kept_real
@@ -62,23 +67,24 @@ def _real_slots(caches, states, widths: list[int], width: int) -> torch.Tensor |
             kept = torch.ones(cache.layers[0].keys.shape[0], w, dtype=torch.bool)
         rows.append(F.pad(kept.to(cache.layers[0].keys.device), (width - w, 0), value=False))
     real = torch.cat(rows)
-    return None if bool(real.all()) else real
+    return None if not everywhere and bool(real.all()) else real
 
 
-def _concat(caches, states, pads: list[int], lengths: dict | None, kept_real) -> Cache:
-    """The caches' rows in order, each left-padded by its ``pads`` entry on every layer."""
+def _concat(caches, states, widths: list[int], lengths: dict | None, kept_real, layer_real=None) -> Cache:
+    """The caches' rows in order, every layer ``i`` left-padded to ``widths[i]`` slots."""
     merged = copy.copy(caches[0])
     merged.layers = []
     for i, layer in enumerate(caches[0].layers):
         layer = copy.copy(layer)
-        rows = list(zip(caches, pads, strict=True))
-        layer.keys = torch.cat([F.pad(c.layers[i].keys, (0, 0, p, 0)) for c, p in rows])
-        layer.values = torch.cat([F.pad(c.layers[i].values, (0, 0, p, 0)) for c, p in rows])
+        pads = [(0, 0, widths[i] - c.layers[i].keys.shape[2], 0) for c in caches]
+        layer.keys = torch.cat([F.pad(c.layers[i].keys, p) for c, p in zip(caches, pads, strict=True)])
+        layer.values = torch.cat([F.pad(c.layers[i].values, p) for c, p in zip(caches, pads, strict=True)])
         merged.layers.append(layer)
     if states[0] is not None:
         merged._clusterattn = _CacheState(
-            next_pos=torch.cat([state.next_pos for state in states]), lengths=lengths, kept_real=kept_real
-        )
+            next_pos=torch.cat([state.next_pos for state in states]), lengths=lengths, kept_real=kept_real,
+            layer_real=layer_real,
+        )  # fmt: skip
     return merged
 
 
@@ -95,43 +101,54 @@ def stack_caches(caches: list[Cache]) -> Cache:
     if len(shapes) != 1:
         raise ValueError(f"caches of different per-layer lengths cannot share a batch: {sorted(shapes)}")
     states = _states(caches)
+    layer_widths = [layer.keys.shape[2] for layer in caches[0].layers]
     if states[0] is None:
-        return _concat(caches, states, [0] * len(caches), None, None)
+        return _concat(caches, states, layer_widths, None, None)
     widths = [next(iter(state.lengths.values())) for state in states]
     kept_real = _real_slots(caches, states, widths, widths[0])
-    return _concat(caches, states, [0] * len(caches), dict(states[0].lengths), kept_real)
-
-
-def _width(cache: Cache) -> int:
-    lengths = {layer.keys.shape[2] for layer in cache.layers}
-    if len(lengths) != 1:
-        raise ValueError(f"padded stacking needs one length across a cache's layers, got {sorted(lengths)}")
-    return lengths.pop()
+    return _concat(caches, states, layer_widths, dict(states[0].lengths), kept_real)
 
 
 def stack_padded(caches: list[Cache]) -> tuple[Cache, torch.Tensor | None]:
-    """One batch from caches of different lengths, each with one length across its layers.
+    """One batch from caches of different lengths.
 
-    Shorter caches are left-padded with zero keys and values; the returned ``(batch, width)`` mask
-    is False on those slots (and on kept padding slots), or None when nothing is padded. Compressed
-    caches (every layer compressed, e.g. uniform-budget presses at several budgets) carry the mask
-    as their kept-slot state, so decoding under a press masks the slots by itself; plain caches
-    (kvpress's) need the mask passed as ``attention_mask`` with the new tokens' columns appended.
-    Softmax gives masked slots exactly zero weight: rows decode as they would alone, up to float
-    rounding.
+    Shorter caches are left-padded with zero keys and values, layer by layer. Caches with one length
+    across their layers give one ``(batch, width)`` mask, False on the padding slots (and on kept
+    padding slots), or None when nothing is padded: compressed caches (every layer compressed, e.g.
+    uniform-budget presses at several budgets) carry it as their kept-slot state, so decoding under
+    a press masks the slots by itself; plain caches (kvpress's) need it passed as
+    ``attention_mask`` with the new tokens' columns appended. Compressed caches whose layers kept
+    different lengths (PyramidKV at several budgets) are padded to each layer's widest row and carry
+    one mask per layer, which the press's attention applies layer by layer; the returned mask is then
+    None. Softmax gives masked slots exactly zero weight: rows decode as they would alone, up to
+    float rounding.
     """
     if not caches:
         raise ValueError("stack_padded needs at least one cache")
-    widths = [_width(cache) for cache in caches]
-    width = max(widths)
     states = _states(caches)
     if states[0] is not None and any(
         len(s.lengths) != len(c.layers) for s, c in zip(states, caches, strict=True)
     ):
         raise ValueError("padded stacking needs every layer compressed (no sliding-window layers)")
-    kept_real = _real_slots(caches, states, widths, width)
-    lengths = None if states[0] is None else {layer: width for layer in states[0].lengths}
-    return _concat(caches, states, [width - w for w in widths], lengths, kept_real), kept_real
+    lengths = [[layer.keys.shape[2] for layer in cache.layers] for cache in caches]
+    if all(len(set(row)) == 1 for row in lengths):
+        widths = [row[0] for row in lengths]
+        width = max(widths)
+        kept_real = _real_slots(caches, states, widths, width)
+        layers = None if states[0] is None else {layer: width for layer in states[0].lengths}
+        return _concat(caches, states, [width] * len(lengths[0]), layers, kept_real), kept_real
+    if states[0] is None:
+        raise ValueError(
+            "padded stacking of plain caches needs one length across each cache's layers, got "
+            f"{sorted({tuple(row) for row in lengths})}"
+        )
+    layer_widths = [max(column) for column in zip(*lengths, strict=True)]
+    layer_real = {  # every layer is compressed: layer index i is cache.layers[i]
+        i: _real_slots(caches, states, [row[i] for row in lengths], width, everywhere=True)
+        for i, width in enumerate(layer_widths)
+    }
+    layers = dict(enumerate(layer_widths))
+    return _concat(caches, states, layer_widths, layers, None, layer_real), None
 
 
 @contextlib.contextmanager

@@ -80,10 +80,14 @@ def _register(implementation: str) -> str:
         return name
 
     def attention(module, query, key, value, attention_mask, **kwargs):
-        if "sliding_attention" not in (getattr(getattr(module, "config", None), "layer_types", None) or ()):
+        session = getattr(module, "_clusterattn_session", None)
+        layer_mask = getattr(session, "layer_mask", None)  # sessions that only capture have none
+        own = None if layer_mask is None else layer_mask(module.layer_idx, query.shape[2], key.shape[2])
+        if own is not None:  # a batch padded per layer (batching.stack_padded): this layer's own mask
+            attention_mask = own if implementation == "sdpa" else _additive(own, query.dtype)
+        elif "sliding_attention" not in (getattr(getattr(module, "config", None), "layer_types", None) or ()):
             attention_mask = fit_mask(attention_mask, key.shape[2])  # see ragged_with_sliding
         output = _base_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
-        session = getattr(module, "_clusterattn_session", None)
         if session is not None:
             session.on_attention(module, query, key, value, kwargs.get("scaling", module.scaling))
         return output
@@ -91,6 +95,12 @@ def _register(implementation: str) -> str:
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
     return name
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = attend) as the additive float mask eager attention expects."""
+    zeros = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return zeros.masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 def fit_mask(mask, kv_len: int):
@@ -171,6 +181,9 @@ class _CacheState:
     next_pos: torch.Tensor  # (batch,) position of the first token after the prompt
     lengths: dict[int, int]  # compressed length per layer
     kept_real: torch.Tensor | None  # (batch, kept) False on kept padding slots, None without padding
+    # {layer: (batch, lengths[layer])} False on the left padding of a batch padded per layer (caches
+    # whose layers kept different lengths, stacked by batching.stack_padded); None otherwise
+    layer_real: dict[int, torch.Tensor] | None = None
 
 
 class PressSession:
@@ -186,6 +199,7 @@ class PressSession:
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._pad_mask: torch.Tensor | None = None
         self._next_pos: torch.Tensor | None = None
+        self._layer_real: dict[int, torch.Tensor] | None = None
 
     # -- model pre-hook -------------------------------------------------------------------------
     def before_forward(self, module, args, kwargs):
@@ -196,6 +210,7 @@ class PressSession:
             tokens = kwargs["inputs_embeds"]
         batch, q_len = tokens.shape[:2]
         mask = kwargs.get("attention_mask")
+        self._layer_real = None if state is None else state.layer_real
         if state is None:
             self._begin_prefill(tokens, q_len, mask, kwargs.get("position_ids"))
             return args, kwargs
@@ -212,6 +227,19 @@ class PressSession:
                     mask.dtype
                 )
         return args, kwargs
+
+    def layer_mask(self, layer: int, q_len: int, kv_len: int) -> torch.Tensor | None:
+        """``(batch, 1, q_len, kv_len)`` bool mask of a layer in a batch padded per layer: the
+        layer's real kept slots, then every token after the prompt, causal among the new ones.
+        None for every other cache (transformers' own mask serves)."""
+        if self._layer_real is None or layer not in self._layer_real:
+            return None
+        real = self._layer_real[layer]
+        tail = kv_len - real.shape[1]  # tokens after the prompt, the new ones included
+        cols = torch.arange(tail, device=real.device)
+        rows = torch.arange(tail - q_len, tail, device=real.device)
+        causal = (cols[None, :] <= rows[:, None]).expand(real.shape[0], 1, q_len, tail)
+        return torch.cat([real[:, None, None, :].expand(-1, 1, q_len, -1), causal], -1)
 
     def _begin_prefill(self, tokens, q_len, mask, position_ids) -> None:
         self._pending.clear()

@@ -3,9 +3,9 @@
 Every uniform-budget press leaves a cache with one length across its layers, so all of them, at
 every budget, decode together as one left-padded batch (decoding a 135M model on CPU reads all its
 weights per step whatever the batch, so 25 rows cost little more than one); presses with per-layer
-budgets batch by exact shape. Selections are exactly the live path's (:mod:`clusterattn.replay`); batched rows
-follow the same greedy decode as :func:`clusterattn.generate`, up to float rounding of batched
-matrix products.
+budgets (PyramidKV) form a second batch, padded and masked layer by layer. Selections are exactly
+the live path's (:mod:`clusterattn.replay`); batched rows follow the same greedy decode as
+:func:`clusterattn.generate`, up to float rounding of batched matrix products.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clusterattn.batching import PADDED, batch_key, masked_gqa, stack_caches, stack_padded
+from clusterattn.batching import PADDED, PADDED_LAYERS, batch_key, masked_gqa, stack_caches, stack_padded
 from clusterattn.generation import _decode, _Inputs, _prepare, _record_prefill
 from clusterattn.integration import kv_bytes
 from clusterattn.replay import replay
@@ -93,12 +93,12 @@ def answer_all(
         if len(names) == 1:
             merged = caches[0]
         else:
-            merged = stack_padded(caches)[0] if key == PADDED else stack_caches(caches)
+            merged = stack_padded(caches)[0] if key in (PADDED, PADDED_LAYERS) else stack_caches(caches)
         if not compressed and len(names) > 1:
             raise AssertionError("several full-cache presses in one grid")
         rows = len(names)
         context_manager = presses[names[0]](model) if compressed else contextlib.nullcontext()
-        gqa = masked_gqa(key == PADDED and len(names) > 1)
+        gqa = masked_gqa(key in (PADDED, PADDED_LAYERS) and len(names) > 1)
         with context_manager, gqa:
             tokens, texts, decode_s = _decode(
                 model, tokenizer, _repeat(inputs, rows), merged, logits.repeat(rows, 1, 1),
