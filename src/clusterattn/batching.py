@@ -2,8 +2,9 @@
 
 An evaluation grid answers one prompt under many presses and budgets. Decoding a small model on
 CPU reads every weight once per step whatever the batch size, so rows decode far cheaper together:
-caches of equal per-layer lengths stack as they are (:func:`stack_caches`); caches with one length
-across their layers but different widths are left-padded and masked (:func:`stack_padded`).
+caches of equal per-layer lengths stack as they are (:func:`stack_caches`); caches of different
+widths are left-padded and masked (:func:`stack_padded`), as one mask for caches with one length
+across their layers, or one mask per layer for compressed caches whose layers differ (PyramidKV).
 :func:`batch_key` says which caches can share a batch, for our presses and kvpress's alike.
 """
 
@@ -91,9 +92,9 @@ def _concat(caches, states, widths: list[int], lengths: dict | None, kept_real, 
 def stack_caches(caches: list[Cache]) -> Cache:
     """One cache whose batch rows are the rows of ``caches``, in order.
 
-    Every cache must hold the same per-layer lengths (e.g. several PyramidKV presses replayed on one
-    prefill), so their rows decode together in one batch; compression state (original next
-    positions, kept padding slots) is stacked alongside.
+    Every cache must hold the same per-layer lengths (e.g. presses on a model whose sliding-window
+    layers stay uncompressed, at one budget), so their rows decode together in one batch without
+    padding; compression state (original next positions, kept padding slots) is stacked alongside.
     """
     if not caches:
         raise ValueError("stack_caches needs at least one cache")
