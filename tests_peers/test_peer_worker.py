@@ -13,6 +13,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from clusterattn.eval.peer_worker import (
     apply_recorded,
     build_press,
+    copy_cache,
     greedy,
     kvpress_ratio,
     main,
@@ -40,16 +41,21 @@ class IdTokenizer:
         return " ".join(str(int(i)) for i in ids)
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
+def tiny_llama(seed: int = 0, layers: int = 3):
+    torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, attn_implementation="sdpa",
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        attn_implementation="sdpa",
     )  # fmt: skip
     model = LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id = 127
     return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
 
 
 def prompt_ids(seed=0):
@@ -145,12 +151,7 @@ def test_worker_appends_rows(model, tmp_path, monkeypatch):
 def test_expected_attention_runs_on_a_model_never_wrapped_by_kvpress():
     """kvpress's context manager attaches the rotary embedding to each attention module, and
     ExpectedAttention needs it: the replay must attach it too (a fresh model, no press(model) yet)."""
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, attn_implementation="sdpa",
-    )  # fmt: skip
-    fresh = LlamaForCausalLM(config).eval()
+    fresh = tiny_llama(seed=1, layers=2)
     assert not hasattr(fresh.model.layers[0].self_attn, "rotary_emb")
     cache, captured, _ = record_prefill(fresh, prompt_ids(4))
     pressed = apply_recorded(build_press("expectedattention", {}, 64, PROMPT), fresh, cache, captured)
@@ -176,11 +177,3 @@ def test_question_after_ragged_cache_goes_token_by_token(model, monkeypatch):
     ragged.layers[1].values = ragged.layers[1].values[:, :, :-3]
     assert worker._ragged(ragged)
     assert len(greedy(model, IdTokenizer(), ragged, logits, PROMPT, rest, 5)) == 1
-
-
-def copy_cache(cache):
-    import copy
-
-    out = copy.copy(cache)
-    out.layers = [copy.copy(layer) for layer in cache.layers]
-    return out

@@ -93,11 +93,17 @@ def record_prefill(model, ids: torch.Tensor):
     return cache, captured, logits
 
 
+def copy_cache(cache):
+    """A cache whose layers can be replaced without touching ``cache`` (tensors are shared)."""
+    pressed = copy.copy(cache)
+    pressed.layers = [copy.copy(layer) for layer in cache.layers]
+    return pressed
+
+
 @torch.no_grad()
 def apply_recorded(press, model, cache, captured):
     """kvpress's own hook on every recorded layer, on a copy of ``cache``; returns the copy."""
-    pressed = copy.copy(cache)
-    pressed.layers = [copy.copy(layer) for layer in cache.layers]
+    pressed = copy_cache(cache)
     press.post_init_from_model(model)
     for module in _attention_layers(model):  # what kvpress's context manager sets on each layer
         module.masked_key_indices = None
