@@ -271,12 +271,6 @@ def selection_markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
-if __name__ == "__main__":
-    job = json.loads(sys.argv[1])
-    case = Case(**job["case"])
-    print(json.dumps(measure(case) if job["cap_bytes"] is None else throughput(case, job["cap_bytes"])))
-
-
 def _ratio_rows(rows: list[dict]) -> list[dict]:
     """Add ratios against the full-cache row of the same model, length and batch."""
     full = {(r["model"], r["length"], r["batch"]): r for r in rows if r["press"] == "full"}
@@ -382,3 +376,9 @@ def run_bench(
     (out / "bench.md").write_text("\n".join(md) + "\n")
     plot(rows, out / "bench.png")
     return report
+
+
+if __name__ == "__main__":
+    job = json.loads(sys.argv[1])
+    case = Case(**job["case"])
+    print(json.dumps(measure(case) if job["cap_bytes"] is None else throughput(case, job["cap_bytes"])))
