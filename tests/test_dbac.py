@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clusterattn.dbac import dbac, topk_indices
+from clusterattn.dbac import dbac, default_num_block, topk_indices
 
 dbac_module = importlib.import_module("clusterattn.dbac")  # the package exports the function as `dbac`
 
@@ -130,6 +130,14 @@ def test_padding_never_selected_while_real_tokens_remain():
     assert (kept[0, 0, :10] < 20).all() and kept[0, 0, 10:].tolist() == list(range(20, 50))
 
 
+def test_default_num_block_caps_the_cluster_count():
+    assert [default_num_block(b, 16) for b in (10, 96, 224, 271, 272, 480, 992)] == [1, 6, 14, 16, 16, 16, 16]
+    assert default_num_block(992, 16, None) == 62 and default_num_block(992, 16, 8) == 8
+    scores = torch.rand(2, 3, 1500, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(dbac(scores, 992), dbac(scores, 992, num_block=16))
+    assert torch.equal(dbac(scores, 992, max_clusters=None), dbac(scores, 992, num_block=62))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "word"),
     [
@@ -137,6 +145,8 @@ def test_padding_never_selected_while_real_tokens_remain():
         ({"budget": 11}, ValueError, "budget"),
         ({"budget": 2.0}, TypeError, "budget"),
         ({"budget": 4, "num_block": 0}, ValueError, "num_block"),
+        ({"budget": 4, "max_clusters": 0}, ValueError, "max_clusters"),
+        ({"budget": 4, "max_clusters": 2.0}, TypeError, "max_clusters"),
         ({"budget": 4, "span_before": 1.0}, ValueError, "span_before"),
         ({"budget": 4, "variant": "C"}, ValueError, "variant"),
         ({"budget": 4, "n_sink": 5}, ValueError, "n_sink"),

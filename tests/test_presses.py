@@ -89,6 +89,7 @@ def test_pyramid_budgets_average_to_budget():
         (lambda: ca.ClusterAttnPress(budget=64, aggregation="median"), ValueError, "aggregation"),
         (lambda: ca.ClusterAttnPress(budget=64, variant="C"), ValueError, "variant"),
         (lambda: ca.ClusterAttnPress(budget=64, span_before=1.5), ValueError, "span_before"),
+        (lambda: ca.ClusterAttnPress(budget=64, max_clusters=0), ValueError, "max_clusters"),
         (lambda: ca.SnapKVPress(budget=64, kernel_size=4), ValueError, "kernel_size"),
         (lambda: ca.SnapKVPress(budget=64, pooling="min"), ValueError, "pooling"),
         (lambda: ca.StreamingLLMPress(budget=4), ValueError, "budget"),
@@ -98,6 +99,18 @@ def test_pyramid_budgets_average_to_budget():
 def test_bad_parameters(build, error, word):
     with pytest.raises(error, match=word):
         build()
+
+
+def test_default_clusters_widen_past_the_cap():
+    """16-token spans up to 16 clusters; a larger budget widens the spans (max_clusters=None: no cap)."""
+    scores = torch.softmax(torch.randn(1, 3, 2000, generator=torch.Generator().manual_seed(0)) * 3, -1) * 32
+    for budget, clusters in ((128, 6), (256, 14), (512, 16), (1024, 16)):
+        b = budget - 32
+        press = ca.ClusterAttnPress(budget=budget)
+        expected = ca.dbac(scores, b, num_block=clusters, relative_theta=32.0)
+        assert torch.equal(press.select_prefix(scores, b), expected)
+    uncapped = ca.ClusterAttnPress(budget=1024, max_clusters=None).select_prefix(scores, 992)
+    assert torch.equal(uncapped, ca.dbac(scores, 992, num_block=62, relative_theta=32.0))
 
 
 def test_from_profile(tmp_path):

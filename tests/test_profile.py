@@ -176,6 +176,7 @@ def test_from_profile_unprofiled_budget_and_ratio(tmp_path):
     assert ca.ClusterAttnPress.from_profile(path, budget=256).num_block == 16
     wide = ca.ClusterAttnPress.from_profile(path, budget=160)  # nearest entry 128: spans of 96 // 4
     assert wide.budget == 160 and wide.num_block is None and wide.span_width == 24
+    assert wide.max_clusters is None  # the profiled width is kept at any budget
     ratio = ca.ClusterAttnPress.from_profile(path, compression_ratio=0.5)
     assert ratio.budget is None and ratio.compression_ratio == 0.5
     old = tmp_path / "old.json"

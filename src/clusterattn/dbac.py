@@ -44,9 +44,16 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
-def default_num_block(budget: int, span_width: int) -> int:
-    """Number of clusters for spans of about ``span_width`` tokens: ``max(1, budget // span_width)``."""
-    return max(1, budget // span_width)
+MAX_CLUSTERS = 16
+"""Default cap on the number of clusters: above it, larger budgets widen the spans instead."""
+
+
+def default_num_block(budget: int, span_width: int, max_clusters: int | None = MAX_CLUSTERS) -> int:
+    """Number of clusters for spans of about ``span_width`` tokens, ``max(1, budget // span_width)``,
+    at most ``max_clusters`` (None: no cap). With the defaults, spans are 16 tokens wide up to
+    ``budget = 271`` and widen beyond (``budget // 16``: 30 tokens at 480, 62 at 992)."""
+    count = max(1, budget // span_width)
+    return count if max_clusters is None else min(count, max_clusters)
 
 
 def rank_and_select(scores: torch.Tensor, budget: int, *tiers: torch.Tensor | None) -> torch.Tensor:
@@ -237,6 +244,7 @@ def dbac(
     theta: float | torch.Tensor | None = None,
     relative_theta: float | None = None,
     span_width: int = 16,
+    max_clusters: int | None = MAX_CLUSTERS,
     span_before: float = 0.0,
     n_sink: int = 0,
     variant: str = "A",
@@ -251,7 +259,8 @@ def dbac(
         budget: number of indices to return per row (ClusterAttn passes the prefix budget
             ``B - window``); ``1 <= budget <= n``.
         num_block: number of clusters (variant A) or of equal prompt blocks (variant B). Default
-            ``max(1, budget // span_width)``: spans of about ``span_width`` tokens.
+            ``min(max(1, budget // span_width), max_clusters)``: spans of about ``span_width``
+            tokens, and wider spans once there would be more than ``max_clusters`` of them.
         theta: absolute density threshold (a float, or a tensor broadcastable to ``(..., 1)``);
             blocks whose peak score is below it seed no cluster. ``None`` admits every block.
         relative_theta: threshold relative to each row's count of finite scores ``m``:
@@ -259,6 +268,7 @@ def dbac(
             :class:`~clusterattn.ClusterAttnPress` passes ``alpha * window``). Exclusive with
             ``theta``. Rows without padding get it as one float32 number, with no pass over ``n``.
         span_width: target span width used when ``num_block`` is None.
+        max_clusters: cap on the default ``num_block`` (None: no cap); unused with ``num_block``.
         span_before: share of each span placed before its centre (0.5 = centred). Variant A.
         n_sink: the first ``n_sink`` finite-scored tokens are always kept.
         variant: ``"A"`` (centre expansion) or ``"B"`` (prompt blocks).
@@ -273,8 +283,10 @@ def dbac(
     _check_int("budget", budget, 1)
     if budget > n:
         raise ValueError(f"budget ({budget}) must be <= the number of scored tokens ({n})")
+    if max_clusters is not None:
+        _check_int("max_clusters", max_clusters, 1)
     if num_block is None:
-        num_block = default_num_block(budget, _check_int("span_width", span_width, 1))
+        num_block = default_num_block(budget, _check_int("span_width", span_width, 1), max_clusters)
     _check_int("num_block", num_block, 1)
     _check_int("n_sink", n_sink, 0)
     _check_int("expand", expand, 0)

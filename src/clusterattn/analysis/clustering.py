@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clusterattn.dbac import dbac, rank_and_select, topk_indices
+from clusterattn.dbac import dbac, default_num_block, rank_and_select, topk_indices
 from clusterattn.presses.snapkv import pool_scores
 
 METHODS = ("dbac", "kmeans", "dbscan", "topk", "snapkv")
@@ -126,13 +126,14 @@ def select_prefix(
         scores: ``(..., n)`` window scores, e.g. ``(layers, kv_heads, prefix)``.
         budget: prefix tokens kept per row (the press budget minus the window).
         window_size: the observation window, for the threshold ``alpha * w / n``.
-        num_block: clusters for DBAC and K-means; default ``max(1, budget // span_width)``.
+        num_block: clusters for DBAC and K-means; default the press's
+            (:func:`~clusterattn.dbac.default_num_block`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not 1 <= budget <= scores.shape[-1]:
         raise ValueError(f"budget must be in [1, {scores.shape[-1]}], got {budget}")
-    num_block = num_block or max(1, budget // span_width)
+    num_block = num_block or default_num_block(budget, span_width)
     theta = uniform_threshold(scores, window_size, alpha)
     if method == "dbac":
         return dbac(scores, budget, num_block=num_block, theta=theta)

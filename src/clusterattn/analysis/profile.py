@@ -31,7 +31,7 @@ NUM_BLOCK_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 def num_block_grid(budget: int, window_size: int, span_width: int = 16) -> list[int]:
     """Candidate cluster counts for a budget: a ladder from 1 cluster to plain top-k (``b`` clusters
-    of one token, ``b = budget - window_size``), with the press's default ``b // span_width``."""
+    of one token, ``b = budget - window_size``), with the press's default number of clusters."""
     b = budget - window_size
     return sorted({n for n in NUM_BLOCK_LADDER if n <= b} | {b, default_num_block(b, span_width)})
 
@@ -78,7 +78,7 @@ def default_config(budget: int) -> dict:
     b = budget - press.window_size
     return {
         "budget": budget,
-        "num_block": default_num_block(b, press.span_width),
+        "num_block": default_num_block(b, press.span_width, press.max_clusters),
         "alpha": press.alpha,
         "window_size": press.window_size,
     }

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from clusterattn.dbac import VARIANTS, dbac
+from clusterattn.dbac import MAX_CLUSTERS, VARIANTS, dbac
 from clusterattn.presses.base import WindowPress, check_choice, check_int
 from clusterattn.scoring import AGGREGATIONS, window_scores
 
@@ -25,9 +25,13 @@ class ClusterAttnPress(WindowPress):
     Args:
         budget / compression_ratio: see :class:`~clusterattn.presses.base.BasePress`.
         window_size: observation window ``w`` (default 32), always kept.
-        num_block: number of clusters; default ``max(1, (budget - w) // span_width)``.
+        num_block: number of clusters; default ``min(max(1, (budget - w) // span_width),
+            max_clusters)``.
         span_width: target cluster width when ``num_block`` is None (default 16 tokens, chosen on
             the needle sweep of the README: 16 > 24 > 32 at budgets 128-256, 8 fails).
+        max_clusters: cap on the default number of clusters (default 16; None: no cap). Past it, a
+            larger budget widens the spans (30 tokens at B = 512, 62 at B = 1024 with w = 32)
+            instead of adding more 16-token ones, which cut long values such as UUIDs.
         span_before: share of each span placed before its peak (0.5 = centred; default 0.0: the
             peak sits just before what matters, e.g. on "is:" before a number's digits).
         alpha: relative density threshold, ``theta = alpha * w / L_pre`` (1.0 = uniform mass).
@@ -41,6 +45,7 @@ class ClusterAttnPress(WindowPress):
 
     num_block: int | None = None
     span_width: int = 16
+    max_clusters: int | None = MAX_CLUSTERS
     span_before: float = 0.0
     alpha: float = 1.0
     theta: float | None = None
@@ -54,6 +59,8 @@ class ClusterAttnPress(WindowPress):
         if self.num_block is not None:
             check_int("num_block", self.num_block, 1)
         check_int("span_width", self.span_width, 1)
+        if self.max_clusters is not None:
+            check_int("max_clusters", self.max_clusters, 1)
         check_int("n_sink", self.n_sink, 0)
         check_int("expand", self.expand, 0)
         if not 0.0 <= self.span_before < 1.0:
@@ -78,6 +85,7 @@ class ClusterAttnPress(WindowPress):
             theta=self.theta,
             relative_theta=relative,
             span_width=self.span_width,
+            max_clusters=self.max_clusters,
             span_before=self.span_before,
             n_sink=self.n_sink,
             variant=self.variant,
@@ -92,7 +100,8 @@ class ClusterAttnPress(WindowPress):
         ``clusterattn profile`` also has ``"budgets": {"128": {"config": {...}}, ...}`` (``num_block``
         is tuned per budget): ``from_profile(path, budget=B)`` takes budget ``B``'s entry. A budget
         without an entry keeps the nearest profiled budget's cluster width instead
-        (``span_width = (B' - window_size) // num_block``, ``num_block`` by the default rule).
+        (``span_width = (B' - window_size) // num_block``, ``num_block`` by the default rule, with no
+        ``max_clusters`` cap, so that the width stays the profiled one).
         """
         data = json.loads(Path(path).read_text())
         config = dict(data.get("config", data))
@@ -107,6 +116,7 @@ class ClusterAttnPress(WindowPress):
                 if num_block:
                     window = config.get("window_size", cls.window_size)
                     config["span_width"] = max(1, (int(ref) - window) // num_block)
+                    config["max_clusters"] = None
             else:
                 config = dict(entry.get("config", entry))
         if "compression_ratio" in overrides:
