@@ -21,6 +21,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,27 +62,28 @@ def peers(job_path: str) -> int:
     torch.set_num_threads(job["threads"])
     model, tokenizer = ca.load_model(job["model"])
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
-    same = differ = missing = 0
+    verdicts = Counter()
     for sample in map(Sample.from_dict, job["samples"]):
         head, _ = build_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix, True)
         n_context = len(tokenizer(head, add_special_tokens=False)["input_ids"])
+        max_new_tokens = sample.max_new_tokens
+        if job["max_new_tokens"] is not None:  # the eval's --max-new-tokens cap
+            max_new_tokens = min(max_new_tokens, job["max_new_tokens"])
         for name in job["presses"]:
             press = build_press(name, {}, job["budget"], n_context)
             # kvpress puts the context in the user turn and the template's tail after the question;
             # "\n\n" + question gives the same text as our prompt's question part.
             text = pipe(
                 sample.context, question="\n\n" + sample.question, answer_prefix=sample.answer_prefix or "",
-                press=press, max_new_tokens=sample.max_new_tokens if job["max_new_tokens"] is None
-                else min(sample.max_new_tokens, job["max_new_tokens"]),
+                press=press, max_new_tokens=max_new_tokens,
             )["answer"]  # fmt: skip
             row = job["want"].get(f"kvpress:{name}|{sample.index}")
             verdict = "missing" if row is None else ("same" if row == text else "DIFFERS")
-            same, differ = same + (verdict == "same"), differ + (verdict == "DIFFERS")
-            missing += verdict == "missing"
+            verdicts[verdict] += 1
             print(f"{sample.index:3d} {name:18s} gold={sample.answers[0]!r:14s} pipeline={text[:40]!r:44s} "
                   f"eval={None if row is None else row[:40]!r:44s} {verdict}", flush=True)  # fmt: skip
-    print(f"same {same}, differ {differ}, missing {missing}")
-    return 1 if differ else 0
+    print(f"same {verdicts['same']}, differ {verdicts['DIFFERS']}, missing {verdicts['missing']}")
+    return 1 if verdicts["DIFFERS"] else 0
 
 
 def main() -> int:
