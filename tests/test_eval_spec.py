@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from clusterattn.eval.report import aggregate, average_tables, write_report
+from clusterattn.eval.compare import depth_tables, head_to_head
+from clusterattn.eval.report import aggregate, average_tables, latest_rows, write_report
 from clusterattn.eval.spec import budget_label, parse_budget, parse_press, validate
 from clusterattn.presses import ClusterAttnPress, SnapKVPress
 
@@ -134,3 +135,56 @@ def test_write_report_files_and_doc_splice(tmp_path):
     write_report(tmp_path, doc=doc)  # idempotent: the section is replaced, not appended
     assert doc.read_text().count(f"<!-- eval {tmp_path.name} begin -->") == 1
     assert not math.isnan(float(metrics[0]["score"]))
+
+
+def _metric(press, budget, task, score, setting="query_aware"):
+    return {"model": "m", "task": task, "length": 2048, "press": press, "budget": budget,
+            "setting": setting, "n": 1, "failed": 0, "score": score}  # fmt: skip
+
+
+def test_head_to_head_verdicts_and_task_wins():
+    metrics = [_metric(p, b, t, s) for p, b, t, s in [
+        ("clusterattn", "64", "a", 60.0), ("clusterattn", "64", "b", 20.0),  # 40 vs 30: best
+        ("snapkv", "64", "a", 50.0), ("snapkv", "64", "b", 10.0),
+        ("clusterattn", "128", "a", 40.0), ("clusterattn", "128", "b", 38.0),  # 39 vs 41: within 3
+        ("snapkv", "128", "a", 42.0), ("snapkv", "128", "b", 40.0),
+        ("streamingllm", "128", "a", 10.0),  # missing task b: left out of the comparison
+        ("clusterattn", "256", "a", 10.0), ("clusterattn", "256", "b", 30.0),  # 20 vs 30: behind
+        ("snapkv", "256", "a", 30.0), ("snapkv", "256", "b", 30.0),
+        ("full", "full", "a", 100.0), ("full", "full", "b", 100.0),
+    ]]  # fmt: skip
+    table = head_to_head(metrics)
+    assert "| 64 | 40.0 | snapkv 30.0 | +10.0 | best | 2 of 2 |" in table
+    assert "| 128 | 39.0 | snapkv 41.0 | -2.0 | within 3 | 0 of 2 |" in table
+    assert "| 256 | 20.0 | snapkv 30.0 | -10.0 | behind | 1 of 2 |" in table  # a tie counts as best
+    assert "streamingllm" not in table and "full" not in table.split("\n", 1)[1]
+    assert head_to_head(metrics, press="nope") == ""
+
+
+def test_depth_tables_split_needles_by_quarter():
+    needles = [(0.1, 0.0), (0.2, 1.0), (0.6, 1.0), (0.99, 1.0), (1.0, 0.0)]  # (depth, score)
+    rows = [_row("clusterattn", "64", "niah_single_1", i, s, depth=d) for i, (d, s) in enumerate(needles)]
+    rows += [_row("full", "full", "niah_single_1", i, 1.0, depth=r["depth"]) for i, r in enumerate(rows)]
+    rows.append(_row("clusterattn", "64", "vt", 0, 1.0))  # no depth: ignored
+    rows.append(_row("clusterattn", "64", "niah_single_1", 9, None, error="boom", depth=0.3))
+    table = depth_tables(rows)
+    assert "0-25 % (n=2) | 25-50 % (n=0) | 50-75 % (n=1) | 75-100 % (n=2)" in table
+    assert "| full | 100.0 | - | 100.0 | 100.0 |" in table
+    assert "| clusterattn | 50.0 | - | 100.0 | 50.0 |" in table
+    assert "B=full" not in table
+
+
+def test_report_counts_only_the_latest_row_of_a_rerun_sample(tmp_path, monkeypatch):
+    from clusterattn.eval import plots
+
+    rows = [_row("clusterattn", "64", "niah_single_1", 0, 0.0, depth=0.5),
+            _row("full", "full", "niah_single_1", 0, 1.0, depth=0.5),
+            _row("clusterattn", "64", "niah_single_1", 0, 1.0, depth=0.5)]  # fmt: skip
+    latest = latest_rows(rows)
+    assert len(latest) == 2 and rows[0] not in latest and rows[2] in latest
+    seen = []
+    monkeypatch.setattr(plots, "needle_heatmaps", lambda rows, out: seen.extend(rows) or [])
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_report(tmp_path)
+    assert len(seen) == 2 and rows[0] not in seen
+    assert "| clusterattn | - | - | 100.0 | - |" in (tmp_path / "tables.md").read_text()

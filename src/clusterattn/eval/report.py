@@ -24,16 +24,22 @@ def budget_sort_key(budget: str) -> tuple:
     return (1, float(budget))
 
 
+def _cell_key(row: dict) -> tuple:
+    return (row["model"], row["task"], row["length"], row["press"], row["budget"], row["setting"])
+
+
+def latest_rows(rows: list[dict]) -> list[dict]:
+    """One prediction per (model, task, length, press, budget, setting, sample index): the last one
+    written, so a retried or rerun sample replaces its earlier row everywhere it is counted."""
+    return list({(*_cell_key(row), row["index"]): row for row in rows}.values())
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Mean score (0-100) per (model, task, length, press, budget, setting); the last row of a
-    repeated key wins (a retried sample replaces its failure)."""
-    latest = {}
-    for row in rows:
-        key = (row["model"], row["task"], row["length"], row["press"], row["budget"], row["setting"])
-        latest[(*key, row["index"])] = row
+    """Mean score (0-100) per (model, task, length, press, budget, setting), over
+    :func:`latest_rows` (a retried sample replaces its failure)."""
     cells: dict[tuple, list[dict]] = defaultdict(list)
-    for (*key, _), row in latest.items():
-        cells[tuple(key)].append(row)
+    for row in latest_rows(rows):
+        cells[_cell_key(row)].append(row)
     out = []
     for key, cell in sorted(cells.items(), key=lambda kv: (*kv[0][:4], budget_sort_key(kv[0][4]), kv[0][5])):
         scores = [r["score"] for r in cell if r.get("error") is None and r.get("score") is not None]
@@ -147,18 +153,28 @@ def _mean(values) -> float:
 
 
 def write_report(out: str | Path, doc: str | Path | None = None) -> list[Path]:
-    """Rebuild metrics, tables and figures in ``out`` from its ``predictions.jsonl``."""
+    """Rebuild metrics, tables and figures in ``out`` from its ``predictions.jsonl`` (the latest row
+    of every sample, :func:`latest_rows`): ``metrics.csv``, ``tables.md`` (averages, the
+    head-to-head verdict of ClusterAttn, per-task scores, needle scores by depth) and the PNGs."""
+    from clusterattn.eval.compare import depth_tables, head_to_head
     from clusterattn.eval.plots import needle_heatmaps, score_vs_budget
     from clusterattn.eval.runner import read_predictions
 
     out = Path(out)
-    rows = read_predictions(out / "predictions.jsonl")
+    rows = latest_rows(read_predictions(out / "predictions.jsonl"))
     if not rows:
         raise ValueError(f"no predictions in {out / 'predictions.jsonl'}")
     metrics_path = write_metrics(rows, out / "metrics.csv")
     metrics = read_metrics(metrics_path)
-    headline = average_tables(metrics)
-    (out / "tables.md").write_text("# Scores per task\n\n" + headline + "\n" + task_tables(metrics))
+    headline = average_tables(metrics) + "\n" + head_to_head(metrics)
+    depth = depth_tables(rows)
+    (out / "tables.md").write_text(
+        "# Scores per task\n\n"
+        + headline
+        + "\n"
+        + task_tables(metrics)
+        + ("\n## Needle tasks by needle depth\n\n" + depth if depth else "")
+    )
     figures = score_vs_budget(metrics, out) + needle_heatmaps(rows, out)
     if doc is not None:
         _splice(Path(doc), out, headline, figures)

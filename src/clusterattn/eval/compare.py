@@ -1,0 +1,101 @@
+"""One press against the rest: the head-to-head verdict and the needle-depth breakdown of a run.
+
+:func:`head_to_head` answers "is this press the best at every budget, and by how much does it lead
+or trail?" from ``metrics.csv`` rows; :func:`depth_tables` splits the needle tasks' scores by where
+the needle sits in the context, which is what separates query-aware from query-agnostic
+compression (without the question, a press can only guess which part of the context matters).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from clusterattn.eval.report import _complete_mean, _fmt, budget_sort_key
+
+DEPTH_QUARTERS = ("0-25 %", "25-50 %", "50-75 %", "75-100 %")
+
+
+def head_to_head(metrics: list[dict], press: str = "clusterattn", margin: float = 3.0) -> str:
+    """Markdown: per (model, length, setting) and budget, ``press``'s task-averaged score against
+    the best other press's (same tasks), the gap (positive: ``press`` leads), the verdict (best,
+    within ``margin`` points, or behind) and on how many tasks ``press`` scores at least as high as
+    every other press. Presses missing a task are left out of that budget's comparison; an empty
+    string when ``press`` has no rows."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in metrics:
+        groups[(row["model"], row["length"], row["setting"])].append(row)
+    parts = []
+    for (model, length, setting), rows in sorted(groups.items()):
+        if not any(r["press"] == press for r in rows):
+            continue
+        tasks = sorted({r["task"] for r in rows})
+        by = {(r["press"], r["budget"], r["task"]): r["score"] for r in rows}
+        others = sorted({r["press"] for r in rows if r["budget"] != "full"} - {press})
+        lines = [
+            f"**{model}, {length} tokens, {setting.replace('_', '-')}: {press} against the best other "
+            f"press** ({len(tasks)} tasks)",
+            "",
+            f"| budget | {press} | best other | gap | verdict | tasks where {press} is best |",
+            "|---|---|---|---|---|---|",
+        ]
+        budgets = sorted({r["budget"] for r in rows if r["budget"] != "full"}, key=budget_sort_key)
+        for budget in budgets:
+            ours = _complete_mean([by.get((press, budget, t)) for t in tasks])
+            rivals = {p: _complete_mean([by.get((p, budget, t)) for t in tasks]) for p in others}
+            rivals = {p: v for p, v in rivals.items() if not math.isnan(v)}
+            if math.isnan(ours) or not rivals:
+                continue
+            best = max(rivals, key=lambda p: (rivals[p], p))
+            gap = ours - rivals[best]
+            verdict = "best" if gap >= 0 else f"within {margin:g}" if gap >= -margin else "behind"
+            wins = sum(
+                by[press, budget, t] >= max(by.get((p, budget, t), -math.inf) for p in rivals) for t in tasks
+            )
+            lines.append(
+                f"| {budget} | {_fmt(ours)} | {best} {_fmt(rivals[best])} | {gap:+.1f} | {verdict} "
+                f"| {wins} of {len(tasks)} |"
+            )
+        if len(lines) > 4:  # some budget had a complete comparison
+            parts.append("\n".join(lines))
+    return "\n\n".join(parts) + ("\n" if parts else "")
+
+
+def depth_tables(rows: list[dict]) -> str:
+    """Markdown: per (model, length, setting, budget), the needle tasks' mean score (0-100) of every
+    press by the quarter of the context the needle sits in, with the sample count per quarter;
+    the full cache's row is repeated in every table. ``rows`` are predictions (use
+    :func:`~clusterattn.eval.report.latest_rows`); rows without a depth are ignored."""
+    cells: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row.get("depth") is None or row.get("error") is not None or row.get("score") is None:
+            continue
+        quarter = min(int(row["depth"] * 4), 3)
+        key = (row["model"], row["length"], row["setting"], row["budget"])
+        cells[key][(row["press"], quarter)].append(row["score"])
+    parts = []
+    for (model, length, setting, budget), values in sorted(cells.items(), key=_depth_order):
+        if budget == "full":
+            continue
+        values = {**cells.get((model, length, setting, "full"), {}), **values}
+        presses = sorted({p for p, _ in values}, key=lambda p: (p != "full", p.startswith("kvpress"), p))
+        counts = [len(values.get(("full" if "full" in presses else presses[0], q), [])) for q in range(4)]
+        head = " | ".join(f"{name} (n={n})" for name, n in zip(DEPTH_QUARTERS, counts, strict=True))
+        lines = [
+            f"**{model}, {length} tokens, {setting.replace('_', '-')}, B={budget}: needle tasks by "
+            "needle depth**",
+            "",
+            f"| press | {head} |",
+            "|---|" + "---|" * 4,
+        ]
+        for press in presses:
+            scores = [values.get((press, q), []) for q in range(4)]
+            cells_text = [_fmt(100.0 * sum(s) / len(s)) if s else "-" for s in scores]
+            lines.append(f"| {press} | " + " | ".join(cells_text) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + ("\n" if parts else "")
+
+
+def _depth_order(item) -> tuple:
+    model, length, setting, budget = item[0]
+    return (model, length, setting, budget_sort_key(budget))
