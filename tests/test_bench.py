@@ -8,8 +8,8 @@ from clusterattn import bench
 
 
 def test_selection_timing_runs():
-    rows = bench.selection_timing(lengths=(512,), budgets=(128, 256), layers=2, reps=2)
-    assert [(r["length"], r["budget"]) for r in rows] == [(512, 128), (512, 256)]
+    rows = bench.selection_timing(lengths=(512,), budgets=(128, 256), layers=2, reps=2, batch=2)
+    assert [(r["length"], r["budget"], r["batch"]) for r in rows] == [(512, 128, 2), (512, 256, 2)]
     assert all(r["ratio"] > 0 and r["cpu_ratio"] > 0 for r in rows)
     table = bench.selection_markdown(rows)
     assert len(table) == 2 + len(rows) and "CPU ratio" in table[0]

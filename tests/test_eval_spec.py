@@ -151,9 +151,12 @@ def test_head_to_head_verdicts_and_task_wins():
         ("streamingllm", "128", "a", 10.0),  # missing task b: left out of the comparison
         ("clusterattn", "256", "a", 10.0), ("clusterattn", "256", "b", 30.0),  # 20 vs 30: behind
         ("snapkv", "256", "a", 30.0), ("snapkv", "256", "b", 30.0),
+        ("clusterattn", "512", "a", 0.0), ("clusterattn", "512", "b", 5.0),  # a: all 0, left out
+        ("snapkv", "512", "a", 0.0), ("snapkv", "512", "b", 0.0),
         ("full", "full", "a", 100.0), ("full", "full", "b", 100.0),
     ]]  # fmt: skip
     table = head_to_head(metrics)
+    assert "| 512 | 2.5 | snapkv 0.0 | +2.5 | best | 1 of 1 |" in table
     assert "| 64 | 40.0 | snapkv 30.0 | +10.0 | best | 2 of 2 |" in table
     assert "| 128 | 39.0 | snapkv 41.0 | -2.0 | within 3 | 0 of 2 |" in table
     assert "| 256 | 20.0 | snapkv 30.0 | -10.0 | behind | 1 of 2 |" in table  # a tie counts as best

@@ -217,7 +217,7 @@ def run_isolated(case: Case, timeout: float = 3600, cap_bytes: int | None = None
 
 def selection_timing(
     lengths=(4096, 8192, 16384), budgets=(128, 256, 512, 1024), kv_heads: int = 3, layers: int = 30,
-    reps: int = 21, window: int = 32, scores: dict | None = None,
+    reps: int = 21, window: int = 32, scores: dict | None = None, batch: int = 1,
 ) -> list[dict]:  # fmt: skip
     """Median seconds of ClusterAttn's DBAC step vs SnapKV's plain top-k on the same scores, for all
     layers of one prompt, per prompt length and budget.
@@ -228,11 +228,13 @@ def selection_timing(
     each repeat) on the same ``(batch, kv_heads, prefix)`` scores, in wall and in CPU (process)
     seconds: CPU time is less disturbed by other jobs on a shared machine. ``scores`` maps a length
     to real window scores ``(layers, batch, kv_heads, prefix)``; default: synthetic softmax scores
-    (SmolLM2 shapes: batch 1, 3 KV heads, 30 layers).
+    (SmolLM2 shapes: ``batch`` rows, 3 KV heads, 30 layers). Both steps cost a fixed number of
+    tensor ops per layer whatever the size, so a larger ``batch`` shows the ratio once that fixed
+    cost is shared by more rows.
     """
     rows = []
     for length in lengths:
-        synthetic = torch.softmax(torch.randn(layers, 1, kv_heads, length - window) * 3, dim=-1) * window
+        synthetic = torch.softmax(torch.randn(layers, batch, kv_heads, length - window) * 3, dim=-1) * window
         layer_scores = synthetic if scores is None else scores[length]
         for budget in budgets:
             presses = {
@@ -248,7 +250,8 @@ def selection_timing(
                         presses[name].select_prefix(layer, budget - window)
                     cpu[name].append(time.process_time() - start_cpu)
                     wall[name].append(time.perf_counter() - start)
-            row = {"length": length, "budget": budget, "threads": torch.get_num_threads(), "reps": reps}
+            row = {"length": length, "budget": budget, "batch": layer_scores.shape[1]}
+            row |= {"threads": torch.get_num_threads(), "reps": reps}
             for name in presses:
                 row[f"{name}_s"] = statistics.median(wall[name])
                 row[f"{name}_cpu_s"] = statistics.median(cpu[name])
@@ -260,11 +263,12 @@ def selection_timing(
 
 def selection_markdown(rows: list[dict]) -> list[str]:
     """The selection timing table (30 layers, medians): wall ms, CPU ms and both ratios."""
-    lines = ["| length | budget | DBAC ms | top-k ms | ratio | DBAC CPU ms | top-k CPU ms | CPU ratio |",
-             "|" + "---|" * 8]  # fmt: skip
+    head = "| length | budget | batch | DBAC ms | top-k ms | ratio | DBAC CPU ms | top-k CPU ms | CPU ratio |"
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         lines.append(
-            f"| {r['length']} | {r['budget']} | {1e3 * r['dbac_s']:.2f} | {1e3 * r['topk_s']:.2f} "
+            f"| {r['length']} | {r['budget']} | {r.get('batch', 1)} | {1e3 * r['dbac_s']:.2f} "
+            f"| {1e3 * r['topk_s']:.2f} "
             f"| {r['ratio']:.2f} | {1e3 * r['dbac_cpu_s']:.2f} | {1e3 * r['topk_cpu_s']:.2f} "
             f"| {r['cpu_ratio']:.2f} |"
         )

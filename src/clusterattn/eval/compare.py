@@ -20,8 +20,8 @@ def head_to_head(metrics: list[dict], press: str = "clusterattn", margin: float 
     """Markdown: per (model, length, setting) and budget, ``press``'s task-averaged score against
     the best other press's (same tasks), the gap (positive: ``press`` leads), the verdict (best,
     within ``margin`` points, or behind) and on how many tasks ``press`` scores at least as high as
-    every other press. Presses missing a task are left out of that budget's comparison; an empty
-    string when ``press`` has no rows."""
+    every other press, out of the tasks where some press scores above 0. Presses missing a task are
+    left out of that budget's comparison; an empty string when ``press`` has no rows."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in metrics:
         groups[(row["model"], row["length"], row["setting"])].append(row)
@@ -36,7 +36,8 @@ def head_to_head(metrics: list[dict], press: str = "clusterattn", margin: float 
             f"**{model}, {length} tokens, {setting.replace('_', '-')}: {press} against the best other "
             f"press** ({len(tasks)} tasks)",
             "",
-            f"| budget | {press} | best other | gap | verdict | tasks where {press} is best |",
+            f"| budget | {press} | best other | gap | verdict | tasks where {press} is best (ties "
+            "count; tasks where every press scores 0 are left out) |",
             "|---|---|---|---|---|---|",
         ]
         budgets = sorted({r["budget"] for r in rows if r["budget"] != "full"}, key=budget_sort_key)
@@ -49,12 +50,12 @@ def head_to_head(metrics: list[dict], press: str = "clusterattn", margin: float 
             best = max(rivals, key=lambda p: (rivals[p], p))
             gap = ours - rivals[best]
             verdict = "best" if gap >= 0 else f"within {margin:g}" if gap >= -margin else "behind"
-            wins = sum(
-                by[press, budget, t] >= max(by.get((p, budget, t), -math.inf) for p in rivals) for t in tasks
-            )
+            top = {t: max(by[p, budget, t] for p in rivals) for t in tasks}
+            scored = [t for t in tasks if max(by[press, budget, t], top[t]) > 0]
+            wins = sum(by[press, budget, t] >= top[t] for t in scored)
             lines.append(
                 f"| {budget} | {_fmt(ours)} | {best} {_fmt(rivals[best])} | {gap:+.1f} | {verdict} "
-                f"| {wins} of {len(tasks)} |"
+                f"| {wins} of {len(scored)} |"
             )
         if len(lines) > 4:  # some budget had a complete comparison
             parts.append("\n".join(lines))
