@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from clusterattn.eval.report import _complete_mean, _fmt, budget_sort_key
+from clusterattn.eval.report import _fmt, budget_sort_key, press_order, runs, task_averages
 
 DEPTH_QUARTERS = ("0-25 %", "25-50 %", "50-75 %", "75-100 %")
 
@@ -22,16 +22,11 @@ def head_to_head(metrics: list[dict], press: str = "clusterattn", margin: float 
     within ``margin`` points, or behind) and on how many tasks ``press`` scores at least as high as
     every other press, out of the tasks where some press scores above 0. Presses missing a task are
     left out of that budget's comparison; an empty string when ``press`` has no rows."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for row in metrics:
-        groups[(row["model"], row["length"], row["setting"])].append(row)
     parts = []
-    for (model, length, setting), rows in sorted(groups.items()):
+    for (model, length, setting), rows in runs(metrics):
         if not any(r["press"] == press for r in rows):
             continue
-        tasks = sorted({r["task"] for r in rows})
-        by = {(r["press"], r["budget"], r["task"]): r["score"] for r in rows}
-        others = sorted({r["press"] for r in rows if r["budget"] != "full"} - {press})
+        tasks, budgets, by, average = task_averages(rows)
         lines = [
             f"**{model}, {length} tokens, {setting.replace('_', '-')}: {press} against the best other "
             f"press** ({len(tasks)} tasks)",
@@ -40,10 +35,9 @@ def head_to_head(metrics: list[dict], press: str = "clusterattn", margin: float 
             "count; tasks where every press scores 0 are left out) |",
             "|---|---|---|---|---|---|",
         ]
-        budgets = sorted({r["budget"] for r in rows if r["budget"] != "full"}, key=budget_sort_key)
         for budget in budgets:
-            ours = _complete_mean([by.get((press, budget, t)) for t in tasks])
-            rivals = {p: _complete_mean([by.get((p, budget, t)) for t in tasks]) for p in others}
+            ours = average.get((press, budget), math.nan)
+            rivals = {p: v for (p, b), v in average.items() if b == budget and p != press}
             rivals = {p: v for p, v in rivals.items() if not math.isnan(v)}
             if math.isnan(ours) or not rivals:
                 continue
@@ -79,7 +73,7 @@ def depth_tables(rows: list[dict]) -> str:
         if budget == "full":
             continue
         values = {**cells.get((model, length, setting, "full"), {}), **values}
-        presses = sorted({p for p, _ in values}, key=lambda p: (p != "full", p.startswith("kvpress"), p))
+        presses = sorted({p for p, _ in values}, key=press_order)
         counts = [len(values.get(("full" if "full" in presses else presses[0], q), [])) for q in range(4)]
         head = " | ".join(f"{name} (n={n})" for name, n in zip(DEPTH_QUARTERS, counts, strict=True))
         lines = [

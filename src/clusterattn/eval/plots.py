@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from clusterattn.eval.report import press_order, runs
+
 DEPTH_BINS = 5
 
 
@@ -29,11 +31,8 @@ def _style(press: str) -> dict:
 def score_vs_budget(metrics: list[dict], out: Path) -> list[Path]:
     """One PNG per (model, length, setting): a panel per task plus the average, token budgets only."""
     plt = _pyplot()
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for row in metrics:
-        groups[(row["model"], row["length"], row["setting"])].append(row)
     paths = []
-    for (model, length, setting), rows in sorted(groups.items()):
+    for (model, length, setting), rows in runs(metrics):
         tasks = sorted({r["task"] for r in rows})
         panels = [*tasks, "average"]
         cols = min(5, len(panels))
@@ -94,7 +93,7 @@ def needle_heatmaps(rows: list[dict], out: Path) -> list[Path]:
         if budget == "full":
             continue
         values = {**{k: v for k, v in full_cells.get((model, setting), {}).items()}, **values}
-        presses = sorted({k[0] for k in values}, key=lambda p: (p != "full", p.startswith("kvpress"), p))
+        presses = sorted({k[0] for k in values}, key=press_order)
         lengths = sorted({k[1] for k in values})
         fig, axes = plt.subplots(
             1, len(presses), figsize=(1.2 + 1.0 * len(lengths) * len(presses), 3.0), squeeze=False

@@ -73,23 +73,41 @@ def _fmt(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.1f}"
 
 
-def average_tables(metrics: list[dict]) -> str:
-    """Per (model, length, setting): presses x budgets, score averaged over tasks (every cell
-    averages the same task set; a press missing a task shows '-')."""
+def press_order(press: str) -> tuple:
+    """Sort key of press names in tables and figures: the full cache, ours, then kvpress's."""
+    return (press != "full", press.startswith("kvpress"), press)
+
+
+def runs(metrics: list[dict]) -> list[tuple[tuple, list[dict]]]:
+    """``metrics`` rows grouped per ``(model, length, setting)``, in sorted order."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in metrics:
         groups[(row["model"], row["length"], row["setting"])].append(row)
+    return sorted(groups.items())
+
+
+def task_averages(rows: list[dict]) -> tuple[list[str], list[str], dict, dict]:
+    """For the rows of one run: its tasks, its budgets (the full cache's left out, in order), the
+    scores ``(press, budget, task) -> score`` and every compressing press's score averaged over all
+    the tasks, ``(press, budget) -> mean`` (NaN when the press misses a task)."""
+    tasks = sorted({r["task"] for r in rows})
+    budgets = sorted({r["budget"] for r in rows if r["budget"] != "full"}, key=budget_sort_key)
+    by = {(r["press"], r["budget"], r["task"]): r["score"] for r in rows}
+    presses = {r["press"] for r in rows if r["budget"] != "full"}
+    average = {(p, b): _complete_mean([by.get((p, b, t)) for t in tasks]) for p in presses for b in budgets}
+    return tasks, budgets, by, average
+
+
+def average_tables(metrics: list[dict]) -> str:
+    """Per (model, length, setting): presses x budgets, score averaged over tasks (every cell
+    averages the same task set; a press missing a task shows '-')."""
     parts = []
-    for (model, length, setting), rows in sorted(groups.items()):
-        tasks = sorted({r["task"] for r in rows})
-        budgets = sorted({r["budget"] for r in rows if r["budget"] != "full"}, key=budget_sort_key)
-        by = {(r["press"], r["budget"], r["task"]): r["score"] for r in rows}
+    for (model, length, setting), rows in runs(metrics):
+        tasks, budgets, by, average = task_averages(rows)
         full = [
             by.get((p, "full", t)) for p in {r["press"] for r in rows if r["budget"] == "full"} for t in tasks
         ]
-        presses = sorted(
-            {r["press"] for r in rows if r["budget"] != "full"}, key=lambda p: (p.startswith("kvpress"), p)
-        )
+        presses = sorted({p for p, _ in average}, key=press_order)
         counts = [r["n"] for r in rows]
         n = f"{min(counts)}-{max(counts)}" if min(counts) != max(counts) else str(max(counts))
         lines = [
@@ -101,9 +119,6 @@ def average_tables(metrics: list[dict]) -> str:
             "| press | " + " | ".join(f"B={b}" for b in budgets) + " |",
             "|---|" + "---|" * len(budgets),
         ]
-        average = {
-            (p, b): _complete_mean([by.get((p, b, t)) for t in tasks]) for p in presses for b in budgets
-        }
         best = {b: max((average[p, b] for p in presses), key=_nan_low) for b in budgets}
         for press in presses:
             cells = []
@@ -117,12 +132,9 @@ def average_tables(metrics: list[dict]) -> str:
 
 def task_tables(metrics: list[dict]) -> str:
     """Per (model, length, setting, budget): tasks x presses."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for row in metrics:
-        groups[(row["model"], row["length"], row["setting"])].append(row)
     parts = []
-    for (model, length, setting), rows in sorted(groups.items()):
-        presses = sorted({r["press"] for r in rows}, key=lambda p: (p != "full", p.startswith("kvpress"), p))
+    for (model, length, setting), rows in runs(metrics):
+        presses = sorted({r["press"] for r in rows}, key=press_order)
         tasks = sorted({r["task"] for r in rows})
         by = {(r["press"], r["budget"], r["task"]): r for r in rows}
         for budget in sorted({r["budget"] for r in rows if r["budget"] != "full"}, key=budget_sort_key):
