@@ -57,3 +57,20 @@ def test_padding_scores_minus_inf_and_real_rows_unchanged():
 def test_window_size_checked():
     with pytest.raises(ValueError, match="window_size"):
         window_scores(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), 1.0, 8)
+
+
+@pytest.mark.parametrize("chunk", [5, 16, 128])
+def test_accumulated_scores_with_left_padding_match_full_attention(chunk):
+    """Rows padded differently in one batch: pads score -inf, pad queries add nothing, and the real
+    tokens score as the naive full-attention column sums."""
+    torch.manual_seed(3)
+    query, key = torch.randn(2, 6, 37, 8), torch.randn(2, 3, 37, 8)
+    pad = torch.ones(2, 37, dtype=torch.bool)
+    pad[0, :9] = False
+    expected = naive_probs(query, key, 0.3, pad).sum(2).view(2, 3, 2, 37).amax(2)
+    got = accumulated_scores(query, key, 0.3, aggregation="max", pad_mask=pad, chunk_size=chunk)
+    assert torch.isinf(got[0, :, :9]).all() and torch.isfinite(got[0, :, 9:]).all()
+    torch.testing.assert_close(got[0, :, 9:], expected[0, :, 9:])
+    torch.testing.assert_close(got[1], expected[1])
+    alone = accumulated_scores(query[:1, :, 9:], key[:1, :, 9:], 0.3, aggregation="max", chunk_size=chunk)
+    torch.testing.assert_close(got[:1, :, 9:], alone)

@@ -100,27 +100,43 @@ def accumulated_scores(
     *,
     aggregation: str = "mean",
     pad_mask: torch.Tensor | None = None,
-    chunk_size: int = 512,
+    chunk_size: int = 128,
 ) -> torch.Tensor:
     """H2O heavy-hitter scores: attention received from *every* prompt query, summed.
 
     Computed in query chunks of ``chunk_size`` so at most ``chunk_size x seq`` scores per head exist
-    at once. ``query`` must cover the whole prompt (``q_len == seq``).
+    at once. ``query`` must cover the whole prompt (``q_len == seq``). A chunk's probabilities are
+    never materialised: its logits become ``exp(logit - row max)`` in place, and the column sums
+    ``sum_i softmax(l_i)_j`` are one vector-matrix product with the rows' ``1 / row sum`` weights
+    (a 4-5x saving over softmax + sum on CPU at 2k-4k tokens).
 
     Returns:
         ``(batch, kv_heads, seq)`` fp32 scores; pads score ``-inf``.
     """
-    seq = key.shape[2]
-    if query.shape[2] != seq:
-        raise ValueError(f"accumulated_scores needs one query per key, got {query.shape[2]} and {seq}")
-    total = torch.zeros(query.shape[0], query.shape[1], seq, dtype=torch.float32, device=key.device)
+    batch, q_heads, seq, dim = query.shape
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(f"accumulated_scores needs one query per key, got {seq} and {key.shape[2]}")
+    kv_heads = key.shape[1]
+    group = q_heads // kv_heads
+    scaled = (query.float() * scaling).view(batch, kv_heads, group, seq, dim)
+    keys_t = key.float().transpose(-1, -2)  # (batch, kv_heads, dim, seq)
+    total = torch.zeros(batch, kv_heads, group, seq, dtype=torch.float32, device=key.device)
     for start in range(0, seq, chunk_size):  # chunks bound memory; the work inside is vectorised
         stop = min(start + chunk_size, seq)
-        positions = torch.arange(start, stop, device=key.device)
-        visible = None if pad_mask is None else pad_mask[:, :stop]  # causal: keys after the chunk get 0
-        probs = _attention_probs(query[:, :, start:stop], key[:, :, :stop], scaling, positions, visible)
-        total[..., :stop] += probs.sum(dim=2)
-    scores = _group_reduce(total, key.shape[1], aggregation)
+        n = stop - start
+        q = scaled[:, :, :, start:stop].reshape(batch, kv_heads, group * n, dim)
+        logits = torch.matmul(q, keys_t[..., :stop]).view(batch, kv_heads, group, n, stop)
+        # causal: only the chunk's own n x n corner holds future keys (keys after it are not built)
+        future = torch.ones(n, n, dtype=torch.bool, device=key.device).triu_(1)
+        logits[..., start:stop].masked_fill_(future, float("-inf"))
+        if pad_mask is not None:
+            logits.masked_fill_(~pad_mask[:, None, None, None, :stop], float("-inf"))
+        row_max = logits.amax(dim=-1, keepdim=True)
+        row_max.masked_fill_(torch.isinf(row_max), 0.0)  # a query that sees only pads: all zeros
+        logits.sub_(row_max).exp_()
+        weight = logits.sum(dim=-1, keepdim=True).reciprocal_().nan_to_num_(posinf=0.0)
+        total[..., :stop] += torch.matmul(weight.transpose(-1, -2), logits).squeeze(-2)
+    scores = _group_reduce(total.view(batch, q_heads, seq), kv_heads, aggregation)
     if pad_mask is not None:
         scores = scores.masked_fill(~pad_mask[:, None, :], float("-inf"))
     return scores

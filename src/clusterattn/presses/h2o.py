@@ -24,7 +24,7 @@ class H2OPress(WindowPress):
     """
 
     aggregation: str = "mean"
-    chunk_size: int = 512
+    chunk_size: int = 128
 
     def __post_init__(self) -> None:
         super().__post_init__()
