@@ -189,3 +189,33 @@ def test_per_layer_padding_refuses_plain_caches(llama):
         a.update(torch.zeros(1, 2, 5 - 2 * layer, 4), torch.zeros(1, 2, 5 - 2 * layer, 4), layer)
     with pytest.raises(ValueError, match="plain caches"):
         stack_padded([a, a])
+
+
+@pytest.mark.parametrize("setting", ["query_aware", "query_agnostic"])
+def test_rows_that_reach_eos_leave_the_batch_and_answer_as_alone(llama, monkeypatch, setting):
+    """Greedy decoding drops a row from its batch once it emits EOS (batching.select_rows): every
+    row still answers as it would alone, uniform (one padded batch) and PyramidKV (padded per layer)
+    rows alike, whether the rows around it stop earlier or later."""
+    presses = {"full": None, "snap_48": PRESS_FACTORIES["snapkv"](48), "h2o_24": PRESS_FACTORIES["h2o"](24)}
+    for name in ("clusterattn", "pyramidkv"):
+        presses |= {f"{name}_{b}": PRESS_FACTORIES[name](b) for b in (40, 64)}
+    context, question = ids_text(150, seed=21), "3 4 5"
+    run = lambda **kw: answer_all(  # noqa: E731
+        llama, TOK, context=context, question=question, answer_prefix="", presses=presses,
+        setting=setting, max_new_tokens=8, **kw,
+    )[0]  # fmt: skip
+    monkeypatch.setattr(llama.generation_config, "eos_token_id", [])
+    free = {name: answer.text.split() for name, answer in run().items()}
+    # EOS = tokens some rows emit early: those rows stop there, the others run on
+    eos = {int(tokens[2 + i % 5]) for i, tokens in enumerate(free.values()) if i % 3 == 1}
+    expected = {}
+    for name, tokens in free.items():
+        stop = next((i for i, t in enumerate(tokens) if int(t) in eos), None)
+        expected[name] = tokens if stop is None else tokens[:stop]
+    lengths = {len(tokens) for tokens in expected.values()}
+    assert min(lengths) < 8 and max(lengths) == 8, "the test needs rows that stop early and rows that run on"
+    monkeypatch.setattr(llama.generation_config, "eos_token_id", sorted(eos))
+    batched, alone = run(), run(batch=False)
+    for name in presses:
+        assert batched[name].text.split() == alone[name].text.split() == expected[name], name
+        assert batched[name].new_tokens == min(len(expected[name]) + 1, 8), name

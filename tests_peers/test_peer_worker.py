@@ -177,3 +177,26 @@ def test_question_after_ragged_cache_goes_token_by_token(model, monkeypatch):
     ragged.layers[1].values = ragged.layers[1].values[:, :, :-3]
     assert worker._ragged(ragged)
     assert len(greedy(model, IdTokenizer(), ragged, logits, PROMPT, rest, 5)) == 1
+
+
+def test_rows_that_reach_eos_leave_the_batch(model, monkeypatch):
+    """A padded batch whose rows stop at different steps: each row still decodes as it would alone
+    (greedy drops a row from the batch at its EOS, batching.select_rows)."""
+    from clusterattn.batching import stack_padded
+
+    ids = prompt_ids(4)
+    cache, captured, logits = record_prefill(model, ids)
+    caches = [
+        apply_recorded(build_press(name, {}, budget, PROMPT), model, cache, captured)
+        for name, budget in (("snapkv", 64), ("snapkv", 96), ("knorm", 80), ("tova", 48), ("knorm", 120))
+    ]
+    decode = lambda c, kept=None: greedy(model, IdTokenizer(), c, logits, PROMPT, None, 8, kept)  # noqa: E731
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [])
+    free = [decode(copy_cache(c))[0].split() for c in caches]
+    eos = {int(tokens[2 + i]) for i, tokens in enumerate(free) if i % 2 == 0}
+    expected = [next((tokens[:i] for i, t in enumerate(tokens) if int(t) in eos), tokens) for tokens in free]
+    assert min(map(len, expected)) < 8 and max(map(len, expected)) == 8
+    monkeypatch.setattr(model.generation_config, "eos_token_id", sorted(eos))
+    alone = [decode(copy_cache(c))[0].split() for c in caches]
+    batched = [text.split() for text in decode(*stack_padded([copy_cache(c) for c in caches]))]
+    assert batched == alone == expected

@@ -152,6 +152,28 @@ def stack_padded(caches: list[Cache]) -> tuple[Cache, torch.Tensor | None]:
     return _concat(caches, states, layer_widths, layers, None, layer_real), None
 
 
+def select_rows(cache: Cache, rows: torch.Tensor) -> None:
+    """Keep only the batch ``rows`` (a 1-D index tensor, in the order given) of ``cache``, in place:
+    every layer's keys and values and the compression state (next positions, kept-slot masks).
+
+    Greedy decoding drops the rows that reached EOS this way, so that a batch whose other rows are
+    done stops paying for them (an evaluation grid's weak presses often run to the token limit
+    while most rows answer in a few tokens). Rows are independent in a batch, so each row keeps
+    decoding as it would have, up to float rounding.
+    """
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
+            layer.values = layer.values.index_select(0, rows.to(layer.values.device))
+    state = getattr(cache, "_clusterattn", None)
+    if state is None:
+        return
+    pick = lambda t: None if t is None else t.index_select(0, rows.to(t.device))  # noqa: E731
+    state.next_pos, state.kept_real = pick(state.next_pos), pick(state.kept_real)
+    if state.layer_real is not None:
+        state.layer_real = {layer: pick(real) for layer, real in state.layer_real.items()}
+
+
 @contextlib.contextmanager
 def masked_gqa(active: bool = True) -> Iterator[None]:
     """Let sdpa take grouped KV heads together with an attention mask while decoding a padded batch.

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from clusterattn.batching import select_rows
 from clusterattn.integration import cache_kwarg, kv_bytes, new_cache, ragged_with_sliding
 from clusterattn.replay import PrefillRecord, recording, replay
 
@@ -132,15 +133,21 @@ def _decode(model, tokenizer, inputs: _Inputs, cache, logits, next_pos, max_new_
                 logits_to_keep=1, **{name: cache},
             ).logits  # fmt: skip
             next_pos = next_pos + rest.shape[1]
-    eos, out = (set() if ignore_eos else _eos_ids(model, tokenizer)), []
-    done = torch.zeros(inputs.prompt_ids.shape[0], dtype=torch.bool, device=device)
+    eos = set() if ignore_eos else _eos_ids(model, tokenizer)
+    # rows still decoding (their index in the batch); a row that emits EOS leaves the batch, and
+    # its later tokens stay pad_id
+    active = torch.arange(inputs.prompt_ids.shape[0], device=device)
+    out = torch.full((len(active), max_new_tokens), inputs.pad_id, dtype=torch.long, device=device)
     for step in range(max_new_tokens):
         token = logits[:, -1].argmax(-1)
-        token = torch.where(done, torch.full_like(token, inputs.pad_id), token)
-        out.append(token)
-        done |= torch.tensor([int(t) in eos for t in token], device=device)
+        out[active, step] = token
+        done = torch.tensor([int(t) in eos for t in token], device=device)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            active, token, mask, next_pos = active[keep], token[keep], mask[keep], next_pos[keep]
+            select_rows(cache, keep)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
         logits = model(
             input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
@@ -148,7 +155,7 @@ def _decode(model, tokenizer, inputs: _Inputs, cache, logits, next_pos, max_new_
         ).logits  # fmt: skip
         next_pos = next_pos + 1
     seconds = time.perf_counter() - start
-    tokens = torch.stack(out, dim=1)
+    tokens = out[:, : step + 1]
     skip = _eos_ids(model, tokenizer) | {inputs.pad_id}
     texts = [
         tokenizer.decode([t for t in row.tolist() if t not in skip], skip_special_tokens=True)

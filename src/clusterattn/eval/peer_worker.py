@@ -124,6 +124,8 @@ def greedy(
     ``start..``, then greedy tokens until EOS; returns one text per row. ``kept`` ``(rows, width)``
     marks the real slots of a left-padded batch (:func:`~clusterattn.batching.stack_padded`); without
     it no attention mask is passed, as in kvpress's pipeline."""
+    from clusterattn.batching import select_rows
+
     rows, position = cache.layers[0].keys.shape[0], start
     logits = logits.expand(rows, -1, -1)
     mask = None if kept is None else kept.long()
@@ -152,15 +154,20 @@ def greedy(
         position += rest.shape[1]
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
-    out, done = [[] for _ in range(rows)], [False] * rows
+    out, active = [[] for _ in range(rows)], list(range(rows))  # active: batch row -> answer
     for step in range(max_new_tokens):
         tokens = logits[:, -1].argmax(-1)
-        for row, token in enumerate(tokens.tolist()):
-            done[row] = done[row] or token in eos
-            if not done[row]:
+        running = [token not in eos for token in tokens.tolist()]
+        for row, token, more in zip(active, tokens.tolist(), running, strict=True):
+            if more:
                 out[row].append(token)
-        if all(done) or step == max_new_tokens - 1:
+        if not any(running) or step == max_new_tokens - 1:
             break
+        if not all(running):  # rows that emitted EOS leave the batch (batching.select_rows)
+            keep = torch.tensor([i for i, more in enumerate(running) if more])
+            active, tokens, rows = [active[i] for i in keep.tolist()], tokens[keep], len(keep)
+            mask = None if mask is None else mask[keep]
+            select_rows(cache, keep)
         logits = model(
             input_ids=tokens[:, None], past_key_values=cache,
             position_ids=torch.full((rows, 1), position, dtype=torch.long), attention_mask=extend(1),
