@@ -114,7 +114,7 @@ def accumulated_scores(
         ``(batch, kv_heads, seq)`` fp32 scores; pads score ``-inf``.
     """
     batch, q_heads, seq, dim = query.shape
-    if query.shape[2] != key.shape[2]:
+    if seq != key.shape[2]:
         raise ValueError(f"accumulated_scores needs one query per key, got {seq} and {key.shape[2]}")
     kv_heads = key.shape[1]
     group = q_heads // kv_heads

@@ -157,8 +157,9 @@ def greedy(
     out, active = [[] for _ in range(rows)], list(range(rows))  # active: batch row -> answer
     for step in range(max_new_tokens):
         tokens = logits[:, -1].argmax(-1)
-        running = [token not in eos for token in tokens.tolist()]
-        for row, token, more in zip(active, tokens.tolist(), running, strict=True):
+        ids = tokens.tolist()
+        running = [token not in eos for token in ids]
+        for row, token, more in zip(active, ids, running, strict=True):
             if more:
                 out[row].append(token)
         if not any(running) or step == max_new_tokens - 1:
