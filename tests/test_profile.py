@@ -210,3 +210,15 @@ def test_samples_with_an_empty_answer_are_skipped(tmp_path):
         trace_decode(model, TOK, context, question, steps=3)
     samples = data.load_jsonl(write_jsonl(tmp_path / "rows.jsonl", n=2))
     assert 0 not in trace_samples(model, TOK, samples, steps=3)
+
+
+def test_analysis_takes_each_tasks_profile_at_the_analysed_length():
+    from clusterattn.analysis.commands import profiles_for_length
+
+    at = lambda task, length: {"task": task, "length": length}  # noqa: E731
+    profiles = [at("vt", 2048), at("vt", 4096), at("qa_1", 4096)]
+    assert profiles_for_length(profiles, 4096) == {"vt": at("vt", 4096), "qa_1": at("qa_1", 4096)}
+    assert profiles_for_length(profiles, 2048) == {"vt": at("vt", 2048)}
+    assert profiles_for_length(profiles, 8192) == {}
+    with pytest.raises(ValueError, match="two profiles of task 'vt' at length 2048"):
+        profiles_for_length([at("vt", 2048), at("vt", 2048)], 2048)

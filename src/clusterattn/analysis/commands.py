@@ -66,6 +66,20 @@ def _profile_paths(items) -> list[Path]:
     return paths
 
 
+def profiles_for_length(profiles: list[dict], length: int) -> dict[str, dict]:
+    """``{task: profile}`` of the profiles made at ``length``: the analysis traces a task's held-out
+    samples and compares its tuned num_block at that length only (a profile directory may hold the
+    same task at several lengths). Two profiles of one task at one length are an error."""
+    chosen: dict[str, dict] = {}
+    for profile in profiles:
+        if profile["length"] != length:
+            continue
+        if profile["task"] in chosen:
+            raise ValueError(f"two profiles of task {profile['task']!r} at length {length}")
+        chosen[profile["task"]] = profile
+    return chosen
+
+
 def _analyze(args) -> int:
     from clusterattn.analysis.analyze import AnalysisSpec
     from clusterattn.analysis.data import check_task
@@ -80,7 +94,7 @@ def _analyze(args) -> int:
         return 0
     for task in args.tasks:
         check_task(task)
-    loaded = {json.loads(p.read_text())["task"]: json.loads(p.read_text()) for p in profiles}
+    loaded = profiles_for_length([json.loads(p.read_text()) for p in profiles], args.length)
     tuned = {
         Path(t).stem: {b: e["config"]["num_block"] for b, e in p["budgets"].items()}
         for t, p in loaded.items()
@@ -117,7 +131,7 @@ def run_analysis(model, tokenizer, args, spec, profiles: dict, command: str = ""
     rows = []
     for task in args.tasks:
         profile = profiles.get(task)
-        if profile is not None and profile["length"] == args.length:
+        if profile is not None:
             samples = load_samples(
                 task, args.length, profile["split"]["n_samples"], tokenizer, seed=profile["seed"]
             )
