@@ -222,3 +222,47 @@ def test_analysis_takes_each_tasks_profile_at_the_analysed_length():
     assert profiles_for_length(profiles, 8192) == {}
     with pytest.raises(ValueError, match="two profiles of task 'vt' at length 2048"):
         profiles_for_length([at("vt", 2048), at("vt", 2048)], 2048)
+
+
+def test_answer_objective_ranks_by_the_full_answers_logprob(tmp_path):
+    from clusterattn.analysis.fidelity import answer_logprobs
+    from clusterattn.analysis.report import profile_section
+
+    model = tiny_model("llama")
+    task = str(write_jsonl(tmp_path / "mine.jsonl", n=4))
+    spec = ProfileSpec(task=task, length=2048, n_samples=4, fraction=0.5, seed=1, steps=3, stop_at_eos=False)
+    grid = ProfileGrid(budgets=[48, 64], num_blocks=[1, 4, 40], window_sizes=[8], objective="answer")
+    saved = profile_task(model, TOK, spec, grid, out=tmp_path / "p.json")
+    assert saved["objective"] == "answer"
+    samples = data.load_samples(task, 2048, 4, TOK)
+    for budget in ("48", "64"):
+        entry, rows = saved["budgets"][budget], [r for r in saved["grid"] if str(r["budget"]) == budget]
+        assert entry["objective"] == "answer" and all(len(r["answer_per_sample"]) == 2 for r in rows)
+        assert entry["answer_logprob"] == pytest.approx(max(r["answer_logprob"] for r in rows))
+        assert entry["config"] in [{k: r[k] for k in entry["config"]} for r in rows]
+        # each row's value is the mean over the traced samples of answer_logprobs on that sample
+        configs = [{k: r[k] for k in entry["config"]} for r in rows]
+        expected = torch.stack(
+            [
+                answer_logprobs(
+                    model, TOK, samples[t["index"]], trace_decode_answer(model, samples[t["index"]]), configs
+                )
+                for t in saved["traces"]
+            ]
+        ).mean(0)
+        assert [r["answer_logprob"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert "log p" in profile_section([saved])
+    with pytest.raises(ValueError, match="objective"):
+        ProfileGrid(objective="loss")
+
+
+def trace_decode_answer(model, sample):
+    return trace_decode(
+        model,
+        TOK,
+        sample.context,
+        sample.question,
+        answer_prefix=sample.answer_prefix,
+        steps=3,
+        stop_at_eos=False,
+    ).new_tokens

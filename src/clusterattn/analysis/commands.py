@@ -27,7 +27,11 @@ def _profile(args) -> int:
         model=args.model,
     )
     grid = ProfileGrid(
-        budgets=args.budgets, num_blocks=args.num_blocks, alphas=args.alphas, window_sizes=args.window_sizes
+        budgets=args.budgets,
+        num_blocks=args.num_blocks,
+        alphas=args.alphas,
+        window_sizes=args.window_sizes,
+        objective=args.objective,
     )
     if args.evaluate_only and not Path(args.out).is_file():
         raise ValueError(f"--evaluate-only needs an existing profile at {args.out}")
@@ -66,13 +70,14 @@ def _profile_paths(items) -> list[Path]:
     return paths
 
 
-def profiles_for_length(profiles: list[dict], length: int) -> dict[str, dict]:
-    """``{task: profile}`` of the profiles made at ``length``: the analysis traces a task's held-out
-    samples and compares its tuned num_block at that length only (a profile directory may hold the
-    same task at several lengths). Two profiles of one task at one length are an error."""
+def profiles_for_length(profiles: list[dict], length: int, objective: str = "cosine") -> dict[str, dict]:
+    """``{task: profile}`` of the profiles made at ``length`` with ``objective``: the analysis traces
+    a task's held-out samples and compares its tuned num_block at that length only (a profile
+    directory may hold the same task at several lengths and objectives). Two profiles of one task
+    at one length and objective are an error."""
     chosen: dict[str, dict] = {}
     for profile in profiles:
-        if profile["length"] != length:
+        if profile["length"] != length or profile.get("objective", "cosine") != objective:
             continue
         if profile["task"] in chosen:
             raise ValueError(f"two profiles of task {profile['task']!r} at length {length}")
@@ -180,6 +185,13 @@ def add_commands(sub) -> None:
     prof.add_argument("--num-blocks", type=int, nargs="+", default=None, help="default: a ladder per budget")
     prof.add_argument("--alphas", type=float, nargs="+", default=[1.0])
     prof.add_argument("--window-sizes", type=int, nargs="+", default=[32])
+    prof.add_argument(
+        "--objective",
+        choices=["cosine", "answer"],
+        default="cosine",
+        help="rank candidates by the decode queries' restricted-attention cosine (the paper's "
+        "procedure) or by the log-probability their cache gives to the full cache's answer",
+    )
     prof.add_argument("--steps", type=int, default=32, help="decode queries recorded per sample")
     prof.add_argument("--ignore-eos", action="store_true", help="decode all steps even past the answer")
     prof.add_argument(

@@ -5,7 +5,9 @@ decode query's attention over the prompt, :func:`~clusterattn.analysis.trace.tra
 every budget and candidate ``(num_block, alpha, window_size)``, the press's own selection runs on the
 recorded prefill alone, and the candidate scores the cosine between each decode query's attention
 and the same attention restricted to the kept tokens (renormalised), averaged over decode steps,
-query heads, layers and samples. The best candidate per budget is written to a JSON profile that
+query heads, layers and samples; with ``objective="answer"`` the candidates are ranked instead by the
+mean log-probability their compressed cache gives to the full cache's own answer
+(:mod:`clusterattn.analysis.fidelity`). The best candidate per budget is written to a JSON profile that
 :meth:`clusterattn.ClusterAttnPress.from_profile` loads (``budget=`` picks the budget's entry); the
 held-out 80 % indices are recorded in it for evaluation.
 """
@@ -36,17 +38,26 @@ def num_block_grid(budget: int, window_size: int, span_width: int = 16) -> list[
     return sorted({n for n in NUM_BLOCK_LADDER if n <= b} | {b, default_num_block(b, span_width)})
 
 
+OBJECTIVES = ("cosine", "answer")
+
+
 @dataclass
 class ProfileGrid:
     """What is searched: ``num_blocks`` (None: :func:`num_block_grid` per budget and window) for
-    every budget, crossed with ``alphas`` and ``window_sizes``."""
+    every budget, crossed with ``alphas`` and ``window_sizes``, and how candidates are ranked:
+    ``objective`` ``"cosine"`` (the restricted-attention cosine of the decode queries, the paper's
+    procedure as method.md reconstructs it) or ``"answer"`` (the teacher-forced log-probability of
+    the full cache's answer, :func:`clusterattn.analysis.fidelity.answer_logprobs`)."""
 
     budgets: list[int] = field(default_factory=lambda: [128, 256])
     num_blocks: list[int] | None = None
     alphas: list[float] = field(default_factory=lambda: [1.0])
     window_sizes: list[int] = field(default_factory=lambda: [32])
+    objective: str = "cosine"
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if not self.budgets or not self.alphas or not self.window_sizes:
             raise ValueError("budgets, alphas and window_sizes must be non-empty")
         if self.num_blocks is not None and (not self.num_blocks or min(self.num_blocks) < 1):
@@ -110,35 +121,61 @@ def score_candidates(trace: DecodeTrace, configs: list[dict]) -> torch.Tensor:
     return out
 
 
-def choose(configs: list[dict], cosine: torch.Tensor, budget: int) -> dict:
-    """The best configuration; among equal cosines (to 1e-6) the default, then fewer clusters."""
+def choose(configs: list[dict], objective: torch.Tensor, budget: int) -> dict:
+    """The best configuration by ``objective`` (higher is better); among equal values (to 1e-6) the
+    default, then fewer clusters."""
     default = default_config(budget)
-    best = float(cosine.max())
-    tied = [c for c, v in zip(configs, cosine.tolist(), strict=True) if v >= best - 1e-6]
+    best = float(objective.max())
+    tied = [c for c, v in zip(configs, objective.tolist(), strict=True) if v >= best - 1e-6]
     if default in tied:
         return default
     return min(tied, key=lambda c: (c["num_block"], c["window_size"], c["alpha"]))
 
 
-def profile_traces(traces: list[DecodeTrace], grid: ProfileGrid) -> tuple[dict, list[dict]]:
-    """Score every candidate on every trace; returns ``({budget: entry}, rows)``."""
+def budget_configs(grid: ProfileGrid, budget: int) -> list[dict]:
+    """The candidates scored at ``budget``: the grid's, and the default configuration."""
+    configs = grid.candidates(budget)
+    if (default := default_config(budget)) not in configs:
+        configs.append(default)
+    return configs
+
+
+def profile_traces(
+    traces: list[DecodeTrace], grid: ProfileGrid, answer: dict[int, torch.Tensor] | None = None
+) -> tuple[dict, list[dict]]:
+    """Score every candidate on every trace; returns ``({budget: entry}, rows)``.
+
+    ``answer`` (needed for ``grid.objective == "answer"``): ``{budget: (traces, configs)}`` answer
+    log-probabilities of :func:`budget_configs`' candidates, which then rank them.
+    """
+    if grid.objective == "answer" and answer is None:
+        raise ValueError("objective 'answer' needs the candidates' answer log-probabilities")
     entries, rows = {}, []
     for budget in grid.budgets:
-        configs = grid.candidates(budget)
+        configs = budget_configs(grid, budget)
         default = default_config(budget)
-        if default not in configs:
-            configs.append(default)
         per_trace = torch.stack([score_candidates(t, configs) for t in traces])  # (traces, configs)
         mean = per_trace.mean(0)
-        for config, value, column in zip(configs, mean.tolist(), per_trace.T.tolist(), strict=True):
-            rows.append({**config, "cosine": value, "per_sample": column})
-        best = choose(configs, mean, budget)
-        entries[str(budget)] = {
+        logp = answer[budget] if grid.objective == "answer" else None
+        for j, (config, value, column) in enumerate(
+            zip(configs, mean.tolist(), per_trace.T.tolist(), strict=True)
+        ):
+            row = {**config, "cosine": value, "per_sample": column}
+            if logp is not None:
+                row |= {"answer_logprob": float(logp[:, j].mean()), "answer_per_sample": logp[:, j].tolist()}
+            rows.append(row)
+        best = choose(configs, mean if logp is None else logp.mean(0), budget)
+        entry = {
             "config": best,
             "cosine": float(mean[configs.index(best)]),
             "default_config": default,
             "default_cosine": float(mean[configs.index(default)]),
+            "objective": grid.objective,
         }
+        if logp is not None:
+            entry["answer_logprob"] = float(logp[:, configs.index(best)].mean())
+            entry["default_answer_logprob"] = float(logp[:, configs.index(default)].mean())
+        entries[str(budget)] = entry
     return entries, rows
 
 
@@ -210,11 +247,26 @@ def profile_task(model, tokenizer, spec: ProfileSpec, grid: ProfileGrid | None =
     if not traced:
         raise ValueError(f"no profile sample of {spec.task} has a non-empty answer to measure")
     traces = list(traced.values())
-    entries, rows = profile_traces(traces, grid)
+    answer = None
+    if grid.objective == "answer":
+        from clusterattn.analysis.fidelity import answer_logprobs
+
+        by_index = {s.index: s for s in samples}
+        configs = [budget_configs(grid, b) for b in grid.budgets]
+        flat = [c for group in configs for c in group]
+        per_sample = [  # one shared full prefill per sample for every budget's candidates
+            answer_logprobs(model, tokenizer, by_index[i], t.new_tokens, flat).split(
+                [len(g) for g in configs]
+            )
+            for i, t in tqdm(traced.items(), desc="answer log-probabilities", unit="sample")
+        ]
+        answer = {b: torch.stack([s[k] for s in per_sample]) for k, b in enumerate(grid.budgets)}
+    entries, rows = profile_traces(traces, grid, answer)
     first = entries[str(grid.budgets[0])]
     result = {
         "format": FORMAT,
         **asdict(spec),
+        "objective": grid.objective,
         "config": first["config"],
         "budgets": entries,
         "split": {

@@ -34,6 +34,14 @@ def topk_note(config: dict) -> str:
     return " = top-k" if (config["budget"] - config["window_size"]) // config["num_block"] <= 1 else ""
 
 
+def _objective_values(entry: dict, prefix: str) -> str:
+    """A profile entry's cosine, with the answer log-probability first when that was the objective."""
+    cosine = f"{entry[prefix + 'cosine']:.4f}"
+    if entry.get("objective", "cosine") != "answer":
+        return cosine
+    return f"log p {entry[prefix + 'answer_logprob']:.3f}, cosine {cosine}"
+
+
 def profile_section(profiles: list[dict]) -> str:
     rows, acc_rows = [], []
     budgets = sorted({b for p in profiles for b in p["budgets"]}, key=int)
@@ -51,14 +59,16 @@ def profile_section(profiles: list[dict]) -> str:
             extra = "".join(
                 f", {k} {c[k]}" for k in ("alpha", "window_size") if c[k] != e["default_config"][k]
             )
+            objective = e.get("objective", "cosine")
             rows.append(
                 [
                     name,
                     str(p["length"]),
                     b,
+                    objective,
                     f"{n_prof} / {n_held}",
-                    f"{e['default_config']['num_block']} ({e['default_cosine']:.4f})",
-                    f"**{c['num_block']}**{topk_note(c)}{extra} ({e['cosine']:.4f})",
+                    f"{e['default_config']['num_block']} ({_objective_values(e, 'default_')})",
+                    f"**{c['num_block']}**{topk_note(c)}{extra} ({_objective_values(e, '')})",
                 ]
             )
     evaluated = [
@@ -70,7 +80,8 @@ def profile_section(profiles: list[dict]) -> str:
         held = p.get("heldout")
         if held:
             acc = held["accuracy"]
-            cells = [Path(p["task"]).stem, str(p["length"]), str(held["n"]), _pct(acc["full"])]
+            objective = p.get("objective", "cosine")
+            cells = [Path(p["task"]).stem, str(p["length"]), objective, str(held["n"]), _pct(acc["full"])]
             for b in evaluated:
                 cells += [
                     _pct(acc.get(f"default@{b}", float("nan"))),
@@ -83,6 +94,7 @@ def profile_section(profiles: list[dict]) -> str:
                 "task",
                 "length",
                 "budget",
+                "objective",
                 "traced profile / held-out samples",
                 "default num_block (cosine)",
                 "profiled num_block (cosine)",
@@ -91,7 +103,7 @@ def profile_section(profiles: list[dict]) -> str:
         )
     ]
     if acc_rows:
-        header = ["task", "length", "held-out n", "full"]
+        header = ["task", "length", "objective", "held-out n", "full"]
         for b in evaluated:
             header += [f"default B={b}", f"tuned B={b}"]
         out += [
@@ -103,9 +115,12 @@ def profile_section(profiles: list[dict]) -> str:
         verdicts = []
         for row in acc_rows:
             for i, b in enumerate(evaluated):
-                d, t = float(row[4 + 2 * i]), float(row[5 + 2 * i])
+                d, t = float(row[5 + 2 * i]), float(row[6 + 2 * i])
+                if d != d or t != t:  # not evaluated at this budget
+                    continue
                 verdicts.append(
-                    f"{row[0]} B={b}: tuned {'>=' if t >= d else '<'} default ({t:.1f} vs {d:.1f})"
+                    f"{row[0]} {row[1]} ({row[2]}) B={b}: tuned {'>=' if t >= d else '<'} default "
+                    f"({t:.1f} vs {d:.1f})"
                 )
         out += ["", "Tuned against default: " + "; ".join(verdicts) + "."]
     return "\n".join(out)
