@@ -92,19 +92,22 @@ eval-table: .venv/.installed .venv-peers/.installed
 	  --budgets 64 128 256 512 1024 --settings query_aware query_agnostic --presses $(EVAL_PRESSES) \
 	  --max-new-tokens 64 --seed 0 --out docs/eval-gemma3 --doc docs/benchmarks.md
 
-# Profiles ClusterAttn's num_block on five RULER tasks at 2k (seeded 20 % split; default vs tuned
-# accuracy at B=128 on 8 held-out samples each), then the attention-cluster analysis on four of them;
-# rewrites docs/analysis.md and docs/analysis/ (about 15 minutes on 2 idle cores; hours on a busy machine).
+# Profiles ClusterAttn's num_block on five RULER tasks at 2k and 4k with both objectives (decode-attention
+# cosine into profiles/, answer log-probability into profiles-answer/; seeded 20 % split; default vs
+# tuned accuracy at B=128 and 256 on 12 held-out samples each), then the attention-cluster analysis at
+# 2k on four of them; rewrites docs/analysis.md and docs/analysis/ (2-3 hours on 2 idle cores).
 PROFILE_TASKS := niah_single_1 niah_single_2 niah_multikey_1 vt qa_1
 ANALYSIS_TASKS := niah_single_2 niah_multikey_1 niah_single_1 vt qa_1
 .PHONY: analysis
 analysis: .venv/.installed
-	for t in $(PROFILE_TASKS); do \
-	  .venv/bin/clusterattn --threads 2 profile --task $$t --length 2048 --samples 15 --budgets 128 256 \
-	    --evaluate --eval-budgets 128 --max-eval 8 --max-new-tokens 32 --out docs/analysis/profiles/$$t-2048.json || exit 1; \
-	done
-	.venv/bin/clusterattn --threads 2 analyze --tasks $(ANALYSIS_TASKS) --length 2048 --samples 2 \
-	  --budgets 128 256 --profiles docs/analysis/profiles --out docs/analysis --doc docs/analysis.md
+	for n in 2048 4096; do for t in $(PROFILE_TASKS); do for o in cosine answer; do \
+	  dir=docs/analysis/profiles; if [ $$o = answer ]; then dir=docs/analysis/profiles-answer; fi; \
+	  .venv/bin/clusterattn --threads 2 profile --task $$t --length $$n --samples 15 --budgets 128 256 \
+	    --objective $$o --evaluate --eval-budgets 128 256 --max-eval 12 --max-new-tokens 32 \
+	    --out $$dir/$$t-$$n.json || exit 1; \
+	done; done; done
+	.venv/bin/clusterattn --threads 2 analyze --tasks $(ANALYSIS_TASKS) --length 2048 --samples 2 --budgets 128 256 \
+	  --profiles docs/analysis/profiles docs/analysis/profiles-answer --out docs/analysis --doc docs/analysis.md
 
 clean:
 	rm -rf .venv .venv-tf52 .venv-peers .venv-vllm .pytest_cache

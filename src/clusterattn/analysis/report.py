@@ -43,6 +43,11 @@ def _objective_values(entry: dict, prefix: str) -> str:
 
 
 def profile_section(profiles: list[dict]) -> str:
+    """The profiling tables: chosen configurations, then held-out accuracy, one row per task,
+    length and objective (in that order)."""
+    profiles = sorted(
+        profiles, key=lambda p: (Path(p["task"]).stem, p["length"], p.get("objective", "cosine"))
+    )
     rows, acc_rows = [], []
     budgets = sorted({b for p in profiles for b in p["budgets"]}, key=int)
     for p in profiles:
