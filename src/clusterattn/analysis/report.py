@@ -101,8 +101,8 @@ def profile_section(profiles: list[dict]) -> str:
                 "budget",
                 "objective",
                 "traced profile / held-out samples",
-                "default num_block (cosine)",
-                "profiled num_block (cosine)",
+                "default num_block (objective values)",
+                "profiled num_block (objective values)",
             ],
             rows,
         )
@@ -200,7 +200,9 @@ def write_report(doc: str | Path, out_dir: str | Path, profiles: list[str | Path
         "prefill alone, and scores the cosine between the full decode attention and the attention "
         "restricted to the kept tokens (renormalised), averaged over steps, heads, layers and samples. "
         "The best candidate per budget is stored with its budget in the profile JSON "
-        "(`ClusterAttnPress.from_profile(path, budget=B)`); the other 80 % are the held-out samples.",
+        "(`ClusterAttnPress.from_profile(path, budget=B)`); the other 80 % are the held-out samples. "
+        "Profiles with the objective `answer` rank the candidates instead by the mean teacher-forced "
+        "log-probability (log p) their compressed cache gives to the full cache's own answer.",
         "",
     ]
     if loaded:
