@@ -75,9 +75,11 @@ def profiles_for_length(profiles: list[dict], length: int, objective: str = "cos
     a task's held-out samples and compares its tuned num_block at that length only (a profile
     directory may hold the same task at several lengths and objectives). Two profiles of one task
     at one length and objective are an error."""
+    from clusterattn.analysis.report import profile_objective
+
     chosen: dict[str, dict] = {}
     for profile in profiles:
-        if profile["length"] != length or profile.get("objective", "cosine") != objective:
+        if profile["length"] != length or profile_objective(profile) != objective:
             continue
         if profile["task"] in chosen:
             raise ValueError(f"two profiles of task {profile['task']!r} at length {length}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from clusterattn.analysis.data import TaskSample
-from clusterattn.generation import _prepare, _record_prefill
+from clusterattn.generation import _NoPress, _prepare, _record_prefill
 from clusterattn.integration import cache_kwarg
 from clusterattn.presses.clusterattn import ClusterAttnPress
 from clusterattn.replay import replay
@@ -60,7 +60,7 @@ def answer_logprobs(
         press = ClusterAttnPress(**config)
         if inputs.prompt_ids.shape[1] <= press.budget:  # nothing evicted: the full cache's score
             if full is None:
-                cache, _ = replay(record, _KeepAll())
+                cache, _ = replay(record, _NoPress())
                 logits = model(input_ids=fed, **kwargs, **{name: cache}).logits
                 full = teacher_forced_logprob(logits[0], target)
             out[i] = full
@@ -70,10 +70,3 @@ def answer_logprobs(
             logits = model(input_ids=fed, **kwargs, **{name: cache}).logits
         out[i] = teacher_forced_logprob(logits[0], target)
     return out
-
-
-class _KeepAll:
-    """A press that keeps every token (replay leaves the full cache)."""
-
-    def select(self, *args, **kwargs):
-        return None

@@ -34,10 +34,15 @@ def topk_note(config: dict) -> str:
     return " = top-k" if (config["budget"] - config["window_size"]) // config["num_block"] <= 1 else ""
 
 
-def _objective_values(entry: dict, prefix: str) -> str:
+def profile_objective(profile: dict) -> str:
+    """The profile's objective (profiles written before there was a choice used the cosine)."""
+    return profile.get("objective", "cosine")
+
+
+def _objective_values(entry: dict, prefix: str, objective: str) -> str:
     """A profile entry's cosine, with the answer log-probability first when that was the objective."""
     cosine = f"{entry[prefix + 'cosine']:.4f}"
-    if entry.get("objective", "cosine") != "answer":
+    if objective != "answer":
         return cosine
     return f"log p {entry[prefix + 'answer_logprob']:.3f}, cosine {cosine}"
 
@@ -45,13 +50,11 @@ def _objective_values(entry: dict, prefix: str) -> str:
 def profile_section(profiles: list[dict]) -> str:
     """The profiling tables: chosen configurations, then held-out accuracy, one row per task,
     length and objective (in that order)."""
-    profiles = sorted(
-        profiles, key=lambda p: (Path(p["task"]).stem, p["length"], p.get("objective", "cosine"))
-    )
+    profiles = sorted(profiles, key=lambda p: (Path(p["task"]).stem, p["length"], profile_objective(p)))
     rows, acc_rows = [], []
     budgets = sorted({b for p in profiles for b in p["budgets"]}, key=int)
     for p in profiles:
-        name = Path(p["task"]).stem
+        name, objective = Path(p["task"]).stem, profile_objective(p)
         n_prof, n_held = (
             len(p.get("traces", p["split"]["profile_indices"])),
             len(p["split"]["heldout_indices"]),
@@ -64,7 +67,6 @@ def profile_section(profiles: list[dict]) -> str:
             extra = "".join(
                 f", {k} {c[k]}" for k in ("alpha", "window_size") if c[k] != e["default_config"][k]
             )
-            objective = e.get("objective", "cosine")
             rows.append(
                 [
                     name,
@@ -72,8 +74,8 @@ def profile_section(profiles: list[dict]) -> str:
                     b,
                     objective,
                     f"{n_prof} / {n_held}",
-                    f"{e['default_config']['num_block']} ({_objective_values(e, 'default_')})",
-                    f"**{c['num_block']}**{topk_note(c)}{extra} ({_objective_values(e, '')})",
+                    f"{e['default_config']['num_block']} ({_objective_values(e, 'default_', objective)})",
+                    f"**{c['num_block']}**{topk_note(c)}{extra} ({_objective_values(e, '', objective)})",
                 ]
             )
     evaluated = [
@@ -85,8 +87,13 @@ def profile_section(profiles: list[dict]) -> str:
         held = p.get("heldout")
         if held:
             acc = held["accuracy"]
-            objective = p.get("objective", "cosine")
-            cells = [Path(p["task"]).stem, str(p["length"]), objective, str(held["n"]), _pct(acc["full"])]
+            cells = [
+                Path(p["task"]).stem,
+                str(p["length"]),
+                profile_objective(p),
+                str(held["n"]),
+                _pct(acc["full"]),
+            ]
             for b in evaluated:
                 cells += [
                     _pct(acc.get(f"default@{b}", float("nan"))),
