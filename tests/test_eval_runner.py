@@ -217,3 +217,22 @@ def test_max_new_tokens_caps_generation(patched, tmp_path):
     run_eval(cfg, progress=False)
     assert {r["new_tokens"] for r in read_predictions(tmp_path / "predictions.jsonl")} == {1}
     assert json.loads((tmp_path / "run.json").read_text())["arguments"]["max_new_tokens"] == 1
+
+
+@pytest.mark.parametrize("exit_code", [0, 3])
+def test_peer_job_file_is_removed_only_after_the_worker_succeeds(patched, tmp_path, exit_code):
+    worker = tmp_path / "fake-python"  # stands in for the peers environment's python; writes no rows
+    worker.write_text(f'#!/bin/sh\ntest -s "$3" || exit 9\nexit {exit_code}\n')
+    worker.chmod(0o755)
+    cfg = config(
+        tmp_path / "out", tasks=["vt"], presses=["full"], settings=["query_aware"], budgets=[64], samples=1,
+        peers=["snapkv"], peer_python=str(worker),
+    )  # fmt: skip
+    job = tmp_path / "out" / "peer_job.json"
+    if exit_code:
+        with pytest.raises(RuntimeError, match="kvpress worker failed"):
+            run_eval(cfg, progress=False)
+        assert json.loads(job.read_text())["jobs"][0]["presses"] == [["snapkv", {}, "kvpress:snapkv", 64]]
+    else:
+        run_eval(cfg, progress=False)
+        assert not job.exists()

@@ -302,7 +302,9 @@ def _run_ours(config, model_name, model, tokenizer, samples, pred_path: Path, pr
 
 
 def _run_peers(config: EvalConfig, model_name: str, samples, out: Path, pred_path: Path) -> None:
-    """Hand the same prompts to the kvpress worker in the peers environment; it appends rows."""
+    """Hand the same prompts to the kvpress worker in the peers environment; it appends rows.
+
+    The jobs go through ``out/peer_job.json``, removed once the worker succeeds."""
     from clusterattn.eval.peer_worker import JOB_VERSION
 
     done = _done(config, pred_path)
@@ -320,8 +322,9 @@ def _run_peers(config: EvalConfig, model_name: str, samples, out: Path, pred_pat
     command = [config.peer_python, "-m", "clusterattn.eval.peer_worker", str(job_path), str(pred_path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     result = subprocess.run(command, env=env, check=False)
-    if result.returncode != 0:
+    if result.returncode != 0:  # the job file stays, so that the command can be rerun by hand
         raise RuntimeError(f"the kvpress worker failed (exit {result.returncode}): {' '.join(command)}")
+    job_path.unlink()  # a scratch file: its rows are in predictions.jsonl now
 
 
 def _git_commit() -> str | None:
