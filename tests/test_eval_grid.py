@@ -7,9 +7,17 @@ import torch
 from transformers import DynamicCache
 
 import clusterattn as ca
-from clusterattn.batching import PADDED, PADDED_LAYERS, batch_key, masked_gqa, stack_caches, stack_padded
+from clusterattn.batching import (
+    PADDED,
+    PADDED_LAYERS,
+    batch_key,
+    is_padded,
+    masked_gqa,
+    stack_caches,
+    stack_padded,
+)
 from clusterattn.eval.grid import answer_all
-from clusterattn.integration import cache_kwarg, new_cache
+from clusterattn.integration import cache_kwarg, new_cache, ragged_with_sliding
 from clusterattn.replay import replay
 from conftest import tiny_model
 from test_integration import TOK, ids_text
@@ -137,34 +145,55 @@ def test_batch_key(llama):
     assert batch_key(cache, plain=True) == ("exact", False, 5, 3)
 
 
+# (family, presses at budgets 24 / 64 / 40): PyramidKV's layers keep different lengths; on Gemma3
+# only the full-attention layers are compressed (the 24-token sliding layers stay whole, and at
+# B = 24 a cache holds one length across its layers without being padded like one)
+PER_LAYER_CASES = {
+    "llama-pyramidkv": ("llama", ["pyramidkv", "pyramidkv", "pyramidkv"]),
+    "gemma3-mixed": ("gemma3", ["clusterattn", "snapkv", "pyramidkv"]),
+}
+
+
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-def test_per_layer_padded_batch_decodes_like_alone(implementation):
-    """PyramidKV at several budgets (layers of different lengths) in one batch padded layer by
-    layer: the question chunk and the next decode steps give each row the logits it has alone."""
+@pytest.mark.parametrize("case", list(PER_LAYER_CASES))
+def test_per_layer_padded_batch_decodes_like_alone(implementation, case):
+    """Caches padded layer by layer in one batch (PyramidKV at several budgets; any press on a
+    model with uncompressed sliding-window layers): the question chunk and the next decode steps
+    give each row the logits it has alone."""
     from clusterattn.generation import _prepare, _record_prefill
 
-    model = tiny_model("llama", num_hidden_layers=3, attn_implementation=implementation)
+    family, names = PER_LAYER_CASES[case]
+    layers = 3 if family == "llama" else 4
+    model = tiny_model(family, num_hidden_layers=layers, attn_implementation=implementation)
     inputs = _prepare(model, TOK, ids_text(150, seed=9), "3 4 5", 4, False, "", False)
     record, _ = _record_prefill(model, inputs)
-    presses = [PRESS_FACTORIES["pyramidkv"](b) for b in (24, 64, 40)]
+    presses = [PRESS_FACTORIES[name](b) for name, b in zip(names, (24, 64, 40), strict=True)]
     caches = [replay(record, press)[0] for press in presses]
-    assert {batch_key(cache) for cache in caches} == {PADDED_LAYERS}
+    assert len({batch_key(cache) for cache in caches}) == 1
+    assert is_padded(batch_key(caches[0])) and batch_key(caches[0])[:2] == PADDED_LAYERS
     assert len({tuple(layer.keys.shape[2] for layer in cache.layers) for cache in caches}) == 3
     merged, kept_real = stack_padded(caches)
     assert kept_real is None
     widths = [layer.keys.shape[2] for layer in merged.layers]
-    assert widths == [max(c.layers[i].keys.shape[2] for c in caches) for i in range(3)]
+    assert widths == [max(c.layers[i].keys.shape[2] for c in caches) for i in range(layers)]
     assert len(set(widths)) > 1  # really padded per layer
+    compressed = set(caches[0]._clusterattn.lengths)
+    assert set(merged._clusterattn.layer_real) == compressed
+    for i in set(range(layers)) - compressed:  # uncompressed layers are stacked as they are
+        assert torch.equal(merged.layers[i].keys, torch.cat([c.layers[i].keys for c in caches]))
     name, rest, start = cache_kwarg(model), inputs.rest, record.next_pos
 
     def steps(cache, rows):
         out = []
+        # the question goes in one chunk, or token by token where layers of unequal length sit
+        # beside sliding layers (as generation does: integration.ragged_with_sliding)
+        chunk = 1 if ragged_with_sliding(cache) else rest.shape[1]
         with presses[0](model), torch.no_grad():
-            pos = start.repeat(rows)[:, None] + torch.arange(rest.shape[1])
-            mask = torch.ones(rows, 1, dtype=torch.long)  # rewritten by the press from its state
-            logits = model(
-                input_ids=rest.repeat(rows, 1), position_ids=pos, attention_mask=mask, **{name: cache}
-            )
+            for begin in range(0, rest.shape[1], chunk):
+                pos = start.repeat(rows)[:, None] + torch.arange(begin, min(begin + chunk, rest.shape[1]))
+                mask = torch.ones(rows, 1, dtype=torch.long)  # rewritten by the press from its state
+                ids = rest[:, begin : begin + chunk].repeat(rows, 1)
+                logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, **{name: cache})
             out.append(logits.logits[:, -1])
             token = out[-1].argmax(-1, keepdim=True)
             for _step in range(2):
@@ -181,6 +210,26 @@ def test_per_layer_padded_batch_decodes_like_alone(implementation):
     batch = steps(merged, 3)
     for step, logits in enumerate(batch):
         torch.testing.assert_close(logits, torch.cat([a[step] for a in alone]), rtol=1e-4, atol=1e-4)
+
+
+def test_padded_stacking_refuses_mismatched_layers():
+    """Caches compressed on different layers, or whose uncompressed layers differ, share no batch."""
+    from clusterattn.generation import _prepare, _record_prefill
+
+    model = tiny_model("gemma3")
+    inputs = _prepare(model, TOK, ids_text(150, seed=9), "3 4 5", 4, False, "", False)
+    record, _ = _record_prefill(model, inputs)
+    a, b = (replay(record, PRESS_FACTORIES["snapkv"](budget))[0] for budget in (40, 64))
+    stack_padded([a, b])
+    sliding = next(i for i, layer in enumerate(b.layers) if i not in b._clusterattn.lengths)
+    b.layers[sliding].keys = b.layers[sliding].keys[:, :, 1:]
+    b.layers[sliding].values = b.layers[sliding].values[:, :, 1:]
+    assert batch_key(a) != batch_key(b)
+    with pytest.raises(ValueError, match="uncompressed layers"):
+        stack_padded([a, b])
+    del b._clusterattn.lengths[max(b._clusterattn.lengths)]
+    with pytest.raises(ValueError, match="different layers"):
+        stack_padded([a, b])
 
 
 def test_per_layer_padding_refuses_plain_caches(llama):

@@ -4,7 +4,8 @@ An evaluation grid answers one prompt under many presses and budgets. Decoding a
 CPU reads every weight once per step whatever the batch size, so rows decode far cheaper together:
 caches of equal per-layer lengths stack as they are (:func:`stack_caches`); caches of different
 widths are left-padded and masked (:func:`stack_padded`), as one mask for caches with one length
-across their layers, or one mask per layer for compressed caches whose layers differ (PyramidKV).
+across their layers, or one mask per compressed layer for compressed caches whose layers differ
+(PyramidKV; every press on Gemma3, whose sliding-window layers stay whole and are never padded).
 :func:`batch_key` says which caches can share a batch, for our presses and kvpress's alike.
 """
 
@@ -31,24 +32,33 @@ _FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
 def batch_key(cache: Cache, *, plain: bool = False) -> tuple:
-    """Which decode batch ``cache`` can join: :data:`PADDED`, :data:`PADDED_LAYERS`, or its exact
-    per-layer lengths.
+    """Which decode batch ``cache`` can join: :data:`PADDED`, :data:`PADDED_LAYERS`, a padded key of
+    its own (below), or its exact per-layer lengths.
 
     A cache compressed by one of our presses on every layer joins a padded batch (the press masks
     the padding itself): :data:`PADDED` with one length across its layers, :data:`PADDED_LAYERS`
-    with per-layer lengths (PyramidKV). With ``plain=True``, a cache without compression state and
-    one length across its layers joins :data:`PADDED` too (its decode passes the mask as
-    ``attention_mask``, as kvpress's pipeline does). Anything else (models with uncompressed
-    sliding-window layers, plain caches of per-layer lengths) batches only with caches of the very
-    same shape.
+    with per-layer lengths (PyramidKV). A cache compressed on some layers only (the full-attention
+    layers of a model with sliding-window layers, Gemma3) is padded per compressed layer too, and
+    joins the caches whose other layers hold the same lengths (those layers are never padded): its
+    key is :data:`PADDED_LAYERS` followed by those lengths. With ``plain=True``, a cache without
+    compression state and one length across its layers joins :data:`PADDED` too (its decode passes
+    the mask as ``attention_mask``, as kvpress's pipeline does). Any other plain cache batches only
+    with caches of the very same shape. :func:`is_padded` tells the padded keys apart.
     """
     lengths = tuple(layer.keys.shape[2] for layer in cache.layers)
     state = getattr(cache, "_clusterattn", None)
-    if state is not None and len(state.lengths) == len(lengths):
-        return PADDED if len(set(lengths)) == 1 else PADDED_LAYERS
+    if state is not None and state.lengths:
+        if len(state.lengths) == len(lengths):
+            return PADDED if len(set(lengths)) == 1 else PADDED_LAYERS
+        return (*PADDED_LAYERS, *(n for i, n in enumerate(lengths) if i not in state.lengths))
     if plain and state is None and len(set(lengths)) == 1:
         return PADDED
     return ("exact", state is not None, *lengths)
+
+
+def is_padded(key: tuple) -> bool:
+    """True for the :func:`batch_key` of caches that decode as one padded batch (:func:`stack_padded`)."""
+    return key[: len(PADDED)] == PADDED
 
 
 def _states(caches: list[Cache]) -> list[_CacheState | None]:
@@ -114,25 +124,26 @@ def stack_padded(caches: list[Cache]) -> tuple[Cache, torch.Tensor | None]:
     """One batch from caches of different lengths.
 
     Shorter caches are left-padded with zero keys and values, layer by layer. Caches with one length
-    across their layers give one ``(batch, width)`` mask, False on the padding slots (and on kept
-    padding slots), or None when nothing is padded: compressed caches (every layer compressed, e.g.
-    uniform-budget presses at several budgets) carry it as their kept-slot state, so decoding under
-    a press masks the slots by itself; plain caches (kvpress's) need it passed as
-    ``attention_mask`` with the new tokens' columns appended. Compressed caches whose layers kept
-    different lengths (PyramidKV at several budgets) are padded to each layer's widest row and carry
-    one mask per layer, which the press's attention applies layer by layer; the returned mask is then
-    None. Softmax gives masked slots exactly zero weight: rows decode as they would alone, up to
-    float rounding.
+    across their layers, every layer compressed, give one ``(batch, width)`` mask, False on the
+    padding slots (and on kept padding slots), or None when nothing is padded: compressed caches
+    (e.g. uniform-budget presses at several budgets) carry it as their kept-slot state, so decoding
+    under a press masks the slots by itself; plain caches (kvpress's) need it passed as
+    ``attention_mask`` with the new tokens' columns appended. Other compressed caches (PyramidKV at
+    several budgets; any press on a model whose sliding-window layers stay uncompressed) are padded
+    to each compressed layer's widest row and carry one mask per compressed layer, which the press's
+    attention applies layer by layer; their uncompressed layers must hold equal lengths and are
+    stacked as they are. The returned mask is then None. Softmax gives masked slots exactly zero
+    weight: rows decode as they would alone, up to float rounding.
     """
     if not caches:
         raise ValueError("stack_padded needs at least one cache")
     states = _states(caches)
-    if states[0] is not None and any(
-        len(s.lengths) != len(c.layers) for s, c in zip(states, caches, strict=True)
-    ):
-        raise ValueError("padded stacking needs every layer compressed (no sliding-window layers)")
+    compressed = None if states[0] is None else set(states[0].lengths)
+    if compressed is not None and any(set(state.lengths) != compressed for state in states):
+        raise ValueError("caches compressed on different layers cannot share a padded batch")
     lengths = [[layer.keys.shape[2] for layer in cache.layers] for cache in caches]
-    if all(len(set(row)) == 1 for row in lengths):
+    every_layer = compressed is None or len(compressed) == len(lengths[0])
+    if every_layer and all(len(set(row)) == 1 for row in lengths):
         widths = [row[0] for row in lengths]
         width = max(widths)
         kept_real = _real_slots(caches, states, widths, width)
@@ -143,12 +154,16 @@ def stack_padded(caches: list[Cache]) -> tuple[Cache, torch.Tensor | None]:
             "padded stacking of plain caches needs one length across each cache's layers, got "
             f"{sorted({tuple(row) for row in lengths})}"
         )
-    layer_widths = [max(column) for column in zip(*lengths, strict=True)]
-    layer_real = {  # every layer is compressed: layer index i is cache.layers[i]
-        i: _real_slots(caches, states, [row[i] for row in lengths], width, everywhere=True)
-        for i, width in enumerate(layer_widths)
+    columns = list(zip(*lengths, strict=True))
+    uneven = [i for i, column in enumerate(columns) if i not in compressed and len(set(column)) > 1]
+    if uneven:
+        raise ValueError(f"uncompressed layers {uneven} hold different lengths: no shared batch")
+    layer_widths = [max(column) for column in columns]
+    layer_real = {
+        i: _real_slots(caches, states, [row[i] for row in lengths], layer_widths[i], everywhere=True)
+        for i in sorted(compressed)
     }
-    layers = dict(enumerate(layer_widths))
+    layers = {i: layer_widths[i] for i in states[0].lengths}
     return _concat(caches, states, layer_widths, layers, None, layer_real), None
 
 

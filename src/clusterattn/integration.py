@@ -82,11 +82,15 @@ def _register(implementation: str) -> str:
     def attention(module, query, key, value, attention_mask, **kwargs):
         session = getattr(module, "_clusterattn_session", None)
         layer_mask = getattr(session, "layer_mask", None)  # sessions that only capture have none
-        own = None if layer_mask is None else layer_mask(module.layer_idx, query.shape[2], key.shape[2])
+        own = (
+            None
+            if layer_mask is None
+            else layer_mask(module.layer_idx, query.shape[2], key.shape[2], query.device)
+        )
         if own is not None:  # a batch padded per layer (batching.stack_padded): this layer's own mask
             attention_mask = own if implementation == "sdpa" else _additive(own, query.dtype)
-        elif "sliding_attention" not in (getattr(getattr(module, "config", None), "layer_types", None) or ()):
-            attention_mask = fit_mask(attention_mask, key.shape[2])  # see ragged_with_sliding
+        elif not _sliding(module):  # full-attention layers: their own cache length (ragged_with_sliding)
+            attention_mask = fit_mask(attention_mask, key.shape[2])
         output = _base_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
         if session is not None:
             session.on_attention(module, query, key, value, kwargs.get("scaling", module.scaling))
@@ -103,13 +107,20 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return zeros.masked_fill_(~mask, torch.finfo(dtype).min)
 
 
-def fit_mask(mask, kv_len: int):
-    """A 4-D attention mask fitted to a layer holding ``kv_len`` keys (models without sliding layers).
+def _sliding(module) -> bool:
+    """True for the attention module of a sliding-window layer (``config.layer_types``)."""
+    kinds = getattr(getattr(module, "config", None), "layer_types", None)
+    return bool(kinds) and kinds[module.layer_idx] == "sliding_attention"
 
-    transformers builds one mask per forward from the first layer's cache length. A press that
-    leaves layers at different lengths (PyramidKV) is never used on padded prompts, so the columns
-    by which another layer is longer or shorter are prompt tokens every query sees: drop the leading
-    ones, or prepend visible ones (``True`` / ``0.0``). The causal part at the end is unchanged.
+
+def fit_mask(mask, kv_len: int):
+    """A 4-D attention mask fitted to a full-attention layer holding ``kv_len`` keys.
+
+    transformers builds one mask per forward (per layer type) from the first such layer's cache
+    length. A press that leaves layers at different lengths (PyramidKV) is never used on padded
+    prompts, so the columns by which another layer is longer or shorter are prompt tokens every
+    query sees: drop the leading ones, or prepend visible ones (``True`` / ``0.0``). The causal part
+    at the end is unchanged. Sliding-window layers are never compressed and keep transformers' mask.
     """
     if not isinstance(mask, torch.Tensor) or mask.ndim != 4 or mask.shape[-1] == kv_len:
         return mask
@@ -200,6 +211,8 @@ class PressSession:
         self._pad_mask: torch.Tensor | None = None
         self._next_pos: torch.Tensor | None = None
         self._layer_real: dict[int, torch.Tensor] | None = None
+        self._state: _CacheState | None = None
+        self._sliding_model = any(_sliding(module) for module in attention_modules(model).values())
 
     # -- model pre-hook -------------------------------------------------------------------------
     def before_forward(self, module, args, kwargs):
@@ -211,6 +224,7 @@ class PressSession:
         batch, q_len = tokens.shape[:2]
         mask = kwargs.get("attention_mask")
         self._layer_real = None if state is None else state.layer_real
+        self._state = state
         if state is None:
             self._begin_prefill(tokens, q_len, mask, kwargs.get("position_ids"))
             return args, kwargs
@@ -228,13 +242,26 @@ class PressSession:
                 )
         return args, kwargs
 
-    def layer_mask(self, layer: int, q_len: int, kv_len: int) -> torch.Tensor | None:
-        """``(batch, 1, q_len, kv_len)`` bool mask of a layer in a batch padded per layer: the
+    def layer_mask(self, layer: int, q_len: int, kv_len: int, device=None) -> torch.Tensor | None:
+        """``(batch, 1, q_len, kv_len)`` bool mask of a compressed layer after the prompt: the
         layer's real kept slots, then every token after the prompt, causal among the new ones.
-        None for every other cache (transformers' own mask serves)."""
-        if self._layer_real is None or layer not in self._layer_real:
+
+        Built for a batch padded per layer (its slots differ by layer), and for several new tokens
+        at once on a model with sliding-window layers: transformers 5.2 places their causal part by
+        the sliding layers' (uncompressed) length, so every new token would see the later ones.
+        None otherwise (transformers' own mask serves). On ``device`` when given.
+        """
+        if self._layer_real is not None and layer in self._layer_real:
+            real = self._layer_real[layer]
+        elif self._sliding_model and q_len > 1 and self._state is not None and layer in self._state.lengths:
+            real = self._state.kept_real
+            if real is None:
+                real = torch.ones(1, self._state.lengths[layer], dtype=torch.bool)
+            real = real.expand(self._state.next_pos.shape[0], -1)
+        else:
             return None
-        real = self._layer_real[layer]
+        if device is not None:
+            real = real.to(device)
         tail = kv_len - real.shape[1]  # tokens after the prompt, the new ones included
         cols = torch.arange(tail, device=real.device)
         rows = torch.arange(tail - q_len, tail, device=real.device)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clusterattn.batching import PADDED, PADDED_LAYERS, batch_key, masked_gqa, stack_caches, stack_padded
+from clusterattn.batching import batch_key, is_padded, masked_gqa, stack_caches, stack_padded
 from clusterattn.generation import _decode, _Inputs, _prepare, _record_prefill
 from clusterattn.integration import kv_bytes
 from clusterattn.replay import replay
@@ -93,12 +93,12 @@ def answer_all(
         if len(names) == 1:
             merged = caches[0]
         else:
-            merged = stack_padded(caches)[0] if key in (PADDED, PADDED_LAYERS) else stack_caches(caches)
+            merged = stack_padded(caches)[0] if is_padded(key) else stack_caches(caches)
         if not compressed and len(names) > 1:
             raise AssertionError("several full-cache presses in one grid")
         rows = len(names)
         context_manager = presses[names[0]](model) if compressed else contextlib.nullcontext()
-        gqa = masked_gqa(key in (PADDED, PADDED_LAYERS) and len(names) > 1)
+        gqa = masked_gqa(is_padded(key) and len(names) > 1)
         with context_manager, gqa:
             tokens, texts, decode_s = _decode(
                 model, tokenizer, _repeat(inputs, rows), merged, logits.repeat(rows, 1, 1),
