@@ -212,7 +212,7 @@ class PressSession:
         self._next_pos: torch.Tensor | None = None
         self._layer_real: dict[int, torch.Tensor] | None = None
         self._state: _CacheState | None = None
-        self._sliding_model = any(_sliding(module) for module in attention_modules(model).values())
+        self._sliding_model = "sliding_attention" in (getattr(text_config(model), "layer_types", None) or ())
 
     # -- model pre-hook -------------------------------------------------------------------------
     def before_forward(self, module, args, kwargs):
