@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
+import torch
 
 from clusterattn import bench
+from conftest import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Tokenizer:
+    """What the bench needs of a tokenizer when prompt ids are given."""
+
+    pad_token_id = 0
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
 
 
 def test_selection_timing_runs():
@@ -45,3 +63,43 @@ def test_throughput_batch_fits_cap(smollm2):
         bench.Case(length=256, press="clusterattn", budget=64, new_tokens=3), cap, max_batch=4
     )
     assert 1 <= row["max_batch"] <= 4 and row["decode_tokens_per_s"] > 0
+
+
+def test_case_validation():
+    with pytest.raises(ValueError, match="torch dtype"):
+        bench.Case(dtype="bfloat")
+    with pytest.raises(ValueError, match="new_tokens"):
+        bench.Case(new_tokens=1)
+
+
+def test_prompt_ids_must_cover_the_length():
+    with pytest.raises(ValueError, match=">= 64 token ids"):
+        bench.prompt_inputs(_Tokenizer(), 64, 1, "cpu", torch.arange(32))
+    inputs = bench.prompt_inputs(_Tokenizer(), 16, 3, "cpu", torch.arange(40, dtype=torch.int32))
+    assert inputs.prompt_ids.shape == (3, 16) and inputs.prompt_ids.dtype == torch.long
+    assert inputs.prompt_ids[2].tolist() == list(range(16))
+
+
+def test_measure_and_throughput_on_a_loaded_model():
+    """The device-agnostic entry points used by benchmarks/gpu_bench.py, on CPU with given ids."""
+    model, ids = tiny_model("llama"), torch.randint(1, 128, (300,))
+    case = bench.Case("tiny", 256, "snapkv", 64, new_tokens=3, repeats=1, threads=1)
+    row = bench.measure_model(model, _Tokenizer(), case, ids)
+    full = bench.measure_model(model, _Tokenizer(), bench.Case("tiny", 256, new_tokens=3, repeats=1), ids)
+    assert row["kv_bytes"] * 256 == full["kv_bytes"] * 64 and row["kept_tokens"] == 64
+    assert row["peak_device_bytes"] == 0 and row["device"] == "cpu"  # device memory: CUDA only
+    # layer-wise compression: one full layer at a time (2 layers here), below the full cache
+    assert row["peak_kv_bytes"] < full["kv_bytes"]
+    cap = bench.rss_bytes() + 2**30
+    tp = bench.throughput_model(model, _Tokenizer(), case, cap, max_batch=3, ids=ids)
+    assert tp["max_batch"] == 3 and tp["decode_tokens_per_s"] > 0 and tp["sequence_kv_bytes"] > 0
+
+
+def test_gpu_bench_report_regenerates_from_its_json():
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
+    gpu_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_bench)
+    report = json.loads((ROOT / "docs" / "bench-gpu" / "gpu_bench.json").read_text())
+    table = gpu_bench.markdown(report)
+    assert "| llama-3.1-8b | 131072 | clusterattn | 1024 |" in table
+    assert "Not measured" not in table  # every case of the recorded run succeeded

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from clusterattn.bench_selection import selection_markdown, selection_timing
 from clusterattn.generation import _decode, _Inputs, _prefill
 from clusterattn.integration import attention_modules, find_cache, kv_bytes, new_cache
 from clusterattn.presses import PRESSES
@@ -36,6 +37,14 @@ class Case:
     new_tokens: int = 32
     repeats: int = 3
     threads: int = 2
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.length < 2 or self.batch < 1 or self.new_tokens < 2 or self.repeats < 1:
+            raise ValueError(f"bench case needs length, new_tokens >= 2 and batch, repeats >= 1: {self}")
+        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ValueError(f"dtype {self.dtype!r} is not a torch dtype name (float32, bfloat16, ...)")
 
 
 def make_press(name: str, budget: int | None):
@@ -80,9 +89,16 @@ def _essay_ids(tokenizer, length: int) -> tuple[int, ...]:
     return tuple(ids[:length])
 
 
-def prompt_inputs(tokenizer, length: int, batch: int, device) -> _Inputs:
-    """A batch of ``batch`` identical essay prompts of exactly ``length`` tokens."""
-    ids = torch.tensor([_essay_ids(tokenizer, length)], device=device).repeat(batch, 1)
+def prompt_inputs(tokenizer, length: int, batch: int, device, ids: torch.Tensor | None = None) -> _Inputs:
+    """A batch of ``batch`` identical prompts of exactly ``length`` tokens: the first ``length`` of
+    ``ids`` (1-D token ids) when given, else of the essay haystack in ``tokenizer``'s tokens."""
+    if ids is None:
+        row = torch.tensor([_essay_ids(tokenizer, length)], device=device)
+    elif ids.ndim != 1 or ids.shape[0] < length:
+        raise ValueError(f"ids: need a 1-D tensor of >= {length} token ids, got shape {tuple(ids.shape)}")
+    else:
+        row = ids[None, :length].to(device=device, dtype=torch.long)
+    ids = row.repeat(batch, 1)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return _Inputs(ids, torch.ones_like(ids), None, True, pad)
 
@@ -107,27 +123,53 @@ class CachePeak:
             handle.remove()
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the accelerator's queued work (a no-op on CPU), so wall-clock timers are honest."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def measure(case: Case) -> dict:
     """Run ``case`` in this process; medians over ``case.repeats``."""
     import clusterattn as ca
 
     torch.set_num_threads(case.threads)
-    model, tokenizer = ca.load_model(case.model)
+    model, tokenizer = ca.load_model(case.model, device=case.device, dtype=getattr(torch, case.dtype))
+    return measure_model(model, tokenizer, case)
+
+
+@torch.no_grad()
+def measure_model(model, tokenizer, case: Case, ids: torch.Tensor | None = None) -> dict:
+    """Measure ``case`` on a loaded model (on CPU or CUDA alike, prompts on the model's device);
+    ``ids`` as in :func:`prompt_inputs`. Medians over ``case.repeats``.
+
+    Times are wall clock with the device synchronised. ``peak_kv_bytes`` is sampled per layer during
+    prefill; on CUDA ``peak_device_bytes`` is the allocator's peak over prefill and decode, and
+    ``device_before_bytes`` what was allocated before (the weights).
+    """
     press = make_press(case.press, case.budget)
-    inputs = prompt_inputs(tokenizer, case.length, case.batch, next(model.parameters()).device)
-    tracker = CachePeak(model)  # registered before the press: sees each full layer before the swap
+    device = next(model.parameters()).device
+    inputs = prompt_inputs(tokenizer, case.length, case.batch, device, ids)
     runs = []
     for _ in range(case.repeats):
         gc.collect()
-        base = rss_bytes()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        base, device_base = rss_bytes(), _allocated(device)
         reset_peak_rss()
-        tracker.peak = 0
+        # registered before the press (sees each full layer before the swap), removed after prefill
+        tracker = CachePeak(model)
         cache = new_cache(model)
         with press(model) if press is not None else contextlib.nullcontext() as session:
+            synchronize(device)
             start = time.perf_counter()
             logits, next_pos = _prefill(model, inputs, cache)
+            synchronize(device)
             total = time.perf_counter() - start
+            tracker.close()
             compress = session.stats.seconds if session is not None else 0.0
             kv = kv_bytes(cache)
             kept = max(session.stats.kept_tokens.values(), default=case.length) if session else case.length
@@ -138,9 +180,9 @@ def measure(case: Case) -> dict:
             "decode_ms_per_token": 1000 * decode_s / steps,
             "decode_tokens_per_s": case.batch * steps / decode_s,
             "peak_kv_bytes": tracker.peak, "peak_rss_bytes": peak_rss_bytes(), "rss_before_bytes": base,
+            "peak_device_bytes": _peak_allocated(device), "device_before_bytes": device_base,
         })  # fmt: skip
         del cache, logits
-    tracker.close()
     row = asdict(case)
     for key in runs[0]:
         row[key] = statistics.median(r[key] for r in runs)
@@ -149,22 +191,40 @@ def measure(case: Case) -> dict:
     return row
 
 
-@torch.no_grad()
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _peak_allocated(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
 def throughput(case: Case, cap_bytes: int, max_batch: int = 1024) -> dict:
-    """Largest batch of ``case.length``-token prompts whose decode fits ``cap_bytes`` of process
-    memory, and the decode tokens/s it reaches.
+    """:func:`throughput_model` on ``case.model`` loaded in this process."""
+    import clusterattn as ca
+
+    torch.set_num_threads(case.threads)
+    model, tokenizer = ca.load_model(case.model, device=case.device, dtype=getattr(torch, case.dtype))
+    return throughput_model(model, tokenizer, case, cap_bytes, max_batch)
+
+
+@torch.no_grad()
+def throughput_model(model, tokenizer, case: Case, cap_bytes: int, max_batch: int = 1024, ids=None) -> dict:
+    """Largest batch of ``case.length``-token prompts whose decode fits ``cap_bytes`` of memory
+    (process RSS on CPU, the allocator's tensors on CUDA), and the decode tokens/s it reaches.
 
     Prompts are prefilled one at a time (as serving engines schedule long prompts); since they are
     equal-length copies, one prefilled (and compressed) cache is replicated to the batch, which has
     exactly the shapes and decode work of distinct prompts. The batch is sized from the measured
-    memory left after the model, then decoded for real, and its peak RSS is reported against the cap.
+    memory left after the model, then decoded for real, and its peak is reported against the cap.
+    On CUDA one unmeasured decode comes first (then the cache is cropped back to the prompt), so the
+    timed one finds the caching allocator warm for the growing cache, as a serving engine's would be.
     """
-    import clusterattn as ca
-
-    torch.set_num_threads(case.threads)
-    model, tokenizer = ca.load_model(case.model)
     press = make_press(case.press, case.budget)
-    one = prompt_inputs(tokenizer, case.length, 1, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    one = prompt_inputs(tokenizer, case.length, 1, device, ids)
+    used = (lambda: _allocated(device)) if device.type == "cuda" else rss_bytes
+    peak = (lambda: _peak_allocated(device)) if device.type == "cuda" else peak_rss_bytes
     cache = new_cache(model)
     context = press(model) if press is not None else contextlib.nullcontext()
     with context:
@@ -174,7 +234,7 @@ def throughput(case: Case, cap_bytes: int, max_batch: int = 1024) -> dict:
         )
         seq_bytes = kv_bytes(cache) + case.new_tokens * per_token
         gc.collect()
-        base = rss_bytes() - kv_bytes(cache)
+        base = used() - kv_bytes(cache)
         batch = int(min(max_batch, (0.9 * cap_bytes - base) // seq_bytes))
         if batch < 1:
             raise ValueError(f"cap of {cap_bytes} bytes leaves no room for one sequence")
@@ -183,23 +243,21 @@ def throughput(case: Case, cap_bytes: int, max_batch: int = 1024) -> dict:
         state = getattr(cache, "_clusterattn", None)
         if state is not None:
             state.next_pos = state.next_pos.repeat(batch)
-        inputs = prompt_inputs(tokenizer, case.length, batch, one.prompt_ids.device)
+        inputs = prompt_inputs(tokenizer, case.length, batch, device, ids)
         reset_peak_rss()
-        _, _, decode_s = _decode(
-            model,
-            tokenizer,
-            inputs,
-            cache,
-            logits.repeat(batch, 1, 1),
-            next_pos.repeat(batch),
-            case.new_tokens,
-            True,
-        )
+        logits, next_pos = logits.repeat(batch, 1, 1), next_pos.repeat(batch)
+        if device.type == "cuda":  # warm the allocator for the growing cache's sizes, then crop back
+            prompt = [layer.keys.shape[2] for layer in cache.layers]
+            _decode(model, tokenizer, inputs, cache, logits, next_pos, case.new_tokens, True)
+            for layer, width in zip(cache.layers, prompt, strict=True):
+                layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
+            torch.cuda.reset_peak_memory_stats(device)
+        _, _, decode_s = _decode(model, tokenizer, inputs, cache, logits, next_pos, case.new_tokens, True)
     steps = case.new_tokens - 1
     return {
         **asdict(case), "cap_bytes": cap_bytes, "max_batch": batch, "sequence_kv_bytes": seq_bytes,
         "decode_tokens_per_s": batch * steps / decode_s, "decode_ms_per_step": 1000 * decode_s / steps,
-        "peak_rss_bytes": peak_rss_bytes(), "fits": peak_rss_bytes() <= cap_bytes,
+        "peak_bytes": peak(), "peak_rss_bytes": peak_rss_bytes(), "fits": peak() <= cap_bytes,
     }  # fmt: skip
 
 
@@ -213,66 +271,6 @@ def run_isolated(case: Case, timeout: float = 3600, cap_bytes: int | None = None
     if proc.returncode != 0:
         raise RuntimeError(f"bench case {case} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def selection_timing(
-    lengths=(4096, 8192, 16384), budgets=(128, 256, 512, 1024), kv_heads: int = 3, layers: int = 30,
-    reps: int = 21, window: int = 32, scores: dict | None = None, batch: int = 1,
-) -> list[dict]:  # fmt: skip
-    """Median seconds of ClusterAttn's DBAC step vs SnapKV's plain top-k on the same scores, for all
-    layers of one prompt, per prompt length and budget.
-
-    Both are the compress step's own calls, ``select_prefix(scores, budget - window)`` of
-    :class:`ClusterAttnPress` (DBAC, with its relative threshold) and of :class:`SnapKVPress`
-    (``topk_indices``: one ``topk`` + ``sort``), timed alternately in every repeat (the order swaps
-    each repeat) on the same ``(batch, kv_heads, prefix)`` scores, in wall and in CPU (process)
-    seconds: CPU time is less disturbed by other jobs on a shared machine. ``scores`` maps a length
-    to real window scores ``(layers, batch, kv_heads, prefix)``; default: synthetic softmax scores
-    (SmolLM2 shapes: ``batch`` rows, 3 KV heads, 30 layers). Both steps cost a fixed number of
-    tensor ops per layer whatever the size, so a larger ``batch`` shows the ratio once that fixed
-    cost is shared by more rows.
-    """
-    rows = []
-    for length in lengths:
-        synthetic = torch.softmax(torch.randn(layers, batch, kv_heads, length - window) * 3, dim=-1) * window
-        layer_scores = synthetic if scores is None else scores[length]
-        for budget in budgets:
-            presses = {
-                "dbac": PRESSES["clusterattn"](budget=budget, window_size=window),
-                "topk": PRESSES["snapkv"](budget=budget, window_size=window),
-            }
-            wall: dict[str, list[float]] = {name: [] for name in presses}
-            cpu: dict[str, list[float]] = {name: [] for name in presses}
-            for rep in range(reps):
-                for name in list(presses)[:: 1 if rep % 2 else -1]:
-                    start, start_cpu = time.perf_counter(), time.process_time()
-                    for layer in layer_scores:
-                        presses[name].select_prefix(layer, budget - window)
-                    cpu[name].append(time.process_time() - start_cpu)
-                    wall[name].append(time.perf_counter() - start)
-            row = {"length": length, "budget": budget, "batch": layer_scores.shape[1]}
-            row |= {"threads": torch.get_num_threads(), "reps": reps}
-            for name in presses:
-                row[f"{name}_s"] = statistics.median(wall[name])
-                row[f"{name}_cpu_s"] = statistics.median(cpu[name])
-            row["ratio"] = row["dbac_s"] / row["topk_s"]
-            row["cpu_ratio"] = row["dbac_cpu_s"] / row["topk_cpu_s"]
-            rows.append(row)
-    return rows
-
-
-def selection_markdown(rows: list[dict]) -> list[str]:
-    """The selection timing table (30 layers, medians): wall ms, CPU ms and both ratios."""
-    head = "| length | budget | batch | DBAC ms | top-k ms | ratio | DBAC CPU ms | top-k CPU ms | CPU ratio |"
-    lines = [head, "|" + "---|" * 9]
-    for r in rows:
-        lines.append(
-            f"| {r['length']} | {r['budget']} | {r.get('batch', 1)} | {1e3 * r['dbac_s']:.2f} "
-            f"| {1e3 * r['topk_s']:.2f} "
-            f"| {r['ratio']:.2f} | {1e3 * r['dbac_cpu_s']:.2f} | {1e3 * r['topk_cpu_s']:.2f} "
-            f"| {r['cpu_ratio']:.2f} |"
-        )
-    return lines
 
 
 def _ratio_rows(rows: list[dict]) -> list[dict]:

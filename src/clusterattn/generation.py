@@ -141,7 +141,7 @@ def _decode(model, tokenizer, inputs: _Inputs, cache, logits, next_pos, max_new_
     for step in range(max_new_tokens):
         token = logits[:, -1].argmax(-1)
         out[active, step] = token
-        done = torch.tensor([int(t) in eos for t in token], device=device)
+        done = torch.tensor([t in eos for t in token.tolist()], dtype=torch.bool, device=device)  # one copy
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         if bool(done.any()):

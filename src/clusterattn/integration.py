@@ -284,7 +284,7 @@ class PressSession:
         if isinstance(position_ids, torch.Tensor):
             self._next_pos = position_ids.expand(tokens.shape[0], -1)[:, -1] + 1
         else:
-            self._next_pos = torch.full((tokens.shape[0],), q_len, dtype=torch.long)
+            self._next_pos = torch.full((tokens.shape[0],), q_len, dtype=torch.long, device=tokens.device)
 
     # -- attention wrapper ----------------------------------------------------------------------
     def on_attention(self, module, query, key, value, scaling) -> None:
@@ -292,7 +292,7 @@ class PressSession:
         q_len, kv_len = query.shape[2], key.shape[2]
         if layer not in self.rank or q_len != kv_len or q_len < 2:
             return
-        start = time.perf_counter()
+        start = _timer(query)
         with torch.no_grad():
             idx = self.press.select(
                 query,
@@ -306,7 +306,7 @@ class PressSession:
             if idx is None:
                 return
             self._pending[layer] = (*gather_kv(key, value, idx), idx)
-        self.stats.seconds += time.perf_counter() - start
+        self.stats.seconds += _timer(query) - start
 
     # -- self_attn forward hook -----------------------------------------------------------------
     def after_attention(self, module, args, kwargs, output):
@@ -314,10 +314,18 @@ class PressSession:
         cache = find_cache(args, kwargs)
         if pending is None or cache is None:
             return output
-        start = time.perf_counter()
+        start = _timer(pending[0])
         install_compressed(cache, module.layer_idx, *pending, self._pad_mask, self._next_pos, self.stats)
-        self.stats.seconds += time.perf_counter() - start
+        self.stats.seconds += _timer(pending[0]) - start
         return output
+
+
+def _timer(tensor: torch.Tensor) -> float:
+    """``time.perf_counter()`` once ``tensor``'s device has finished its queued work (CUDA runs
+    asynchronously: without the wait, compression time would be counted as prefill)."""
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+    return time.perf_counter()
 
 
 def gather_kv(key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
