@@ -17,7 +17,7 @@ from clusterattn.batching import (
     stack_padded,
 )
 from clusterattn.eval.grid import answer_all
-from clusterattn.integration import cache_kwarg, new_cache, ragged_with_sliding
+from clusterattn.integration import cache_kwarg, new_cache
 from clusterattn.replay import replay
 from conftest import tiny_model
 from test_integration import TOK, ids_text
@@ -185,15 +185,11 @@ def test_per_layer_padded_batch_decodes_like_alone(implementation, case):
 
     def steps(cache, rows):
         out = []
-        # the question goes in one chunk, or token by token where layers of unequal length sit
-        # beside sliding layers (as generation does: integration.ragged_with_sliding)
-        chunk = 1 if ragged_with_sliding(cache) else rest.shape[1]
-        with presses[0](model), torch.no_grad():
-            for begin in range(0, rest.shape[1], chunk):
-                pos = start.repeat(rows)[:, None] + torch.arange(begin, min(begin + chunk, rest.shape[1]))
-                mask = torch.ones(rows, 1, dtype=torch.long)  # rewritten by the press from its state
-                ids = rest[:, begin : begin + chunk].repeat(rows, 1)
-                logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, **{name: cache})
+        with presses[0](model), torch.no_grad():  # the question in one chunk, as generation does
+            pos = start.repeat(rows)[:, None] + torch.arange(rest.shape[1])
+            mask = torch.ones(rows, 1, dtype=torch.long)  # rewritten by the press from its state
+            ids = rest.repeat(rows, 1)
+            logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, **{name: cache})
             out.append(logits.logits[:, -1])
             token = out[-1].argmax(-1, keepdim=True)
             for _step in range(2):

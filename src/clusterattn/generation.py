@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from clusterattn.batching import select_rows
-from clusterattn.integration import cache_kwarg, kv_bytes, new_cache, ragged_with_sliding
+from clusterattn.integration import cache_kwarg, kv_bytes, new_cache
 from clusterattn.replay import PrefillRecord, recording, replay
 
 
@@ -121,18 +121,17 @@ def _decode(model, tokenizer, inputs: _Inputs, cache, logits, next_pos, max_new_
     name, device = cache_kwarg(model), inputs.prompt_ids.device
     mask, start = inputs.prompt_mask, time.perf_counter()
     if inputs.rest is not None:
-        # Layers of unequal length (PyramidKV) get the mask fitted per layer (integration.fit_mask),
-        # except next to sliding-window layers, whose masks transformers 5.2 sizes differently.
-        chunk = 1 if ragged_with_sliding(cache) else inputs.rest.shape[1]
-        for begin in range(0, inputs.rest.shape[1], chunk):
-            rest = inputs.rest[:, begin : begin + chunk]
-            mask = torch.cat([mask, torch.ones_like(rest)], -1)
-            step_pos = next_pos[:, None] + torch.arange(rest.shape[1], device=device)
-            logits = model(
-                input_ids=rest, attention_mask=mask, position_ids=step_pos, use_cache=True,
-                logits_to_keep=1, **{name: cache},
-            ).logits  # fmt: skip
-            next_pos = next_pos + rest.shape[1]
+        # in one forward: layers of unequal length (PyramidKV) get their mask fitted per layer
+        # (integration.fit_mask), and on models with sliding layers the press builds the compressed
+        # layers' causal mask itself (PressSession.layer_mask)
+        rest = inputs.rest
+        mask = torch.cat([mask, torch.ones_like(rest)], -1)
+        step_pos = next_pos[:, None] + torch.arange(rest.shape[1], device=device)
+        logits = model(
+            input_ids=rest, attention_mask=mask, position_ids=step_pos, use_cache=True,
+            logits_to_keep=1, **{name: cache},
+        ).logits  # fmt: skip
+        next_pos = next_pos + rest.shape[1]
     eos = set() if ignore_eos else _eos_ids(model, tokenizer)
     # rows still decoding (their index in the batch); a row that emits EOS leaves the batch, and
     # its later tokens stay pad_id

@@ -89,7 +89,7 @@ def _register(implementation: str) -> str:
         )
         if own is not None:  # a batch padded per layer (batching.stack_padded): this layer's own mask
             attention_mask = own if implementation == "sdpa" else _additive(own, query.dtype)
-        elif not _sliding(module):  # full-attention layers: their own cache length (ragged_with_sliding)
+        elif not _sliding(module):  # full-attention layers: their own cache length (PyramidKV)
             attention_mask = fit_mask(attention_mask, key.shape[2])
         output = _base_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
         if session is not None:
@@ -157,16 +157,6 @@ def kv_bytes(cache: Cache) -> int:
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
     return total
-
-
-def ragged_with_sliding(cache: Cache) -> bool:
-    """True when a press left layers at different lengths in a cache that also has sliding layers:
-    transformers 5.2 sizes the full-attention masks of such models differently, so tokens after the
-    prompt go one at a time there (single-token steps need no fitted mask)."""
-    state = getattr(cache, "_clusterattn", None)
-    if state is None or len(set(state.lengths.values())) <= 1:
-        return False
-    return any("Sliding" in type(layer).__name__ for layer in cache.layers)
 
 
 @dataclass
