@@ -1,0 +1,105 @@
+"""The same answers on CUDA as on CPU: every tiny test-model family (random weights, fp32, built in
+code as the unit tests build them) x every press of the unit tests x both settings, through
+``clusterattn.generate`` (one prompt, and a left-padded batch of two where the press takes one)
+and ``clusterattn.generate_many`` (the eval grid's shared prefill). Tokens must match exactly.
+
+Run where a GPU exists, from the repository root (needs only torch, transformers and pytest)::
+
+    PYTHONPATH=src:tests python3 benchmarks/cuda_check.py --out runs/cuda-check.json
+
+Exits 1 when any case differs or fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+import clusterattn as ca
+from conftest import FAMILIES, tiny_model
+from test_integration import TOK, ids_text
+from test_presses import PRESS_FACTORIES
+
+BUDGET, NEW_TOKENS = 40, 6
+
+
+def _padded_ok(family: str, name: str) -> bool:
+    """Presses that take left-padded batches (integration.PressSession refuses the others)."""
+    return family != "gemma3" and PRESS_FACTORIES[name](BUDGET).uniform_layers
+
+
+def run_case(models: dict, family: str, name: str, query_aware: bool, batch: bool) -> dict:
+    contexts = [ids_text(150, seed=3), ids_text(120, seed=4)] if batch else ids_text(150, seed=3)
+    question = "5 6 7 8"
+    out = {}
+    for device, model in models.items():
+        press = PRESS_FACTORIES[name](BUDGET)
+        result = ca.generate(
+            model, TOK, contexts, question, press=press, max_new_tokens=NEW_TOKENS, query_aware=query_aware
+        )
+        out[device] = result.tokens.cpu()
+    return {"equal": bool(torch.equal(out["cpu"], out["device"])), "tokens": out["device"].tolist()}
+
+
+def run_many(models: dict, family: str, query_aware: bool) -> dict:
+    out = {}
+    for device, model in models.items():
+        presses = {name: factory(BUDGET) for name, factory in PRESS_FACTORIES.items()}
+        results = ca.generate_many(
+            model, TOK, ids_text(150, seed=5), "5 6 7 8", presses=presses, max_new_tokens=NEW_TOKENS,
+            query_aware=query_aware,
+        )  # fmt: skip
+        out[device] = {name: r.tokens.cpu() for name, r in results.items()}
+    differ = [name for name in out["cpu"] if not torch.equal(out["cpu"][name], out["device"][name])]
+    return {"equal": not differ, "differ": differ}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/cuda-check.json")
+    parser.add_argument("--device", default="cuda", help="compared against cpu ('cpu' checks the script)")
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device: nothing to check", file=sys.stderr)
+        return 1
+    rows = []
+    for family in FAMILIES:
+        cpu = tiny_model(family)
+        models = {"cpu": cpu, "device": tiny_model(family).to(args.device)}
+        for query_aware in (True, False):
+            cases = [(name, False) for name in PRESS_FACTORIES]
+            cases += [(name, True) for name in PRESS_FACTORIES if _padded_ok(family, name)]
+            for name, batch in cases:
+                row = {"family": family, "press": name, "query_aware": query_aware, "padded_batch": batch}
+                try:
+                    row |= run_case(models, family, name, query_aware, batch)
+                except Exception as exc:
+                    row |= {"equal": False, "error": f"{type(exc).__name__}: {exc}"}
+                    traceback.print_exc()
+                rows.append(row)
+            row = {"family": family, "press": "generate_many(all)", "query_aware": query_aware}
+            try:
+                row |= run_many(models, family, query_aware)
+            except Exception as exc:
+                row |= {"equal": False, "error": f"{type(exc).__name__}: {exc}"}
+                traceback.print_exc()
+            rows.append(row)
+    bad = [r for r in rows if not r["equal"]]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+    Path(args.out).write_text(
+        json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1)
+    )
+    print(f"{len(rows) - len(bad)} of {len(rows)} cases give the same tokens on {name} as on CPU")
+    for r in bad:
+        print("DIFFERS:", {k: v for k, v in r.items() if k != "tokens"})
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
