@@ -164,12 +164,14 @@ def measure_model(model, tokenizer, case: Case, ids: torch.Tensor | None = None)
         tracker = CachePeak(model)
         cache = new_cache(model)
         with press(model) if press is not None else contextlib.nullcontext() as session:
-            synchronize(device)
-            start = time.perf_counter()
-            logits, next_pos = _prefill(model, inputs, cache)
-            synchronize(device)
-            total = time.perf_counter() - start
-            tracker.close()
+            try:
+                synchronize(device)
+                start = time.perf_counter()
+                logits, next_pos = _prefill(model, inputs, cache)
+                synchronize(device)
+                total = time.perf_counter() - start
+            finally:  # a failed case leaves no hooks on a model that later cases reuse
+                tracker.close()
             compress = session.stats.seconds if session is not None else 0.0
             kv = kv_bytes(cache)
             kept = max(session.stats.kept_tokens.values(), default=case.length) if session else case.length
