@@ -90,14 +90,18 @@ def random_model(shape: str, inputs: Path, device: str, dtype: torch.dtype, max_
 def run(args) -> int:
     from transformers import AutoTokenizer
 
-    from clusterattn.bench import Case, measure_model, throughput_model
+    from clusterattn.bench import Case, make_press, measure_model, throughput_model
 
+    for press in args.presses:  # bad names or a missing budget fail before any model is built
+        make_press(press, args.budget)
+    ids = torch.load(Path(args.inputs) / "ids.pt").long()
+    if max(*args.lengths, args.throughput_length) > ids.numel():
+        raise ValueError(f"{args.inputs}/ids.pt holds {ids.numel()} tokens: prepare a larger --length")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.inputs)
-    ids = torch.load(Path(args.inputs) / "ids.pt").long()
     report = {"device": _device_info(args.device), "args": vars(args), "cases": [], "throughput": []}
 
     def save() -> None:
@@ -130,7 +134,7 @@ def run(args) -> int:
             budget = None if press == "full" else args.budget
             case = Case(
                 shape, length, press, budget, new_tokens=args.new_tokens, repeats=args.repeats, **common
-            )  # noqa: E501
+            )
             attempt("cases", partial(measure_model, model, tokenizer, ids=ids), case)
         measure_cap = partial(throughput_model, model, tokenizer, cap_bytes=int(cap_gb * 2**30),
                               max_batch=args.max_batch, ids=ids)  # fmt: skip
