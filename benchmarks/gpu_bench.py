@@ -173,22 +173,21 @@ def _summary(row: dict) -> str:
 def markdown(report: dict) -> str:
     """Latency / memory and throughput tables, ratios against the full cache of the same shape and
     length."""
+    from clusterattn.bench import ratio_rows
+
     gib, lines = 2**30, []
-    rows = [r for r in report["cases"] if "error" not in r]
-    full = {(r["model"], r["length"]): r for r in rows if r["press"] == "full"}
+    rows = ratio_rows([r for r in report["cases"] if "error" not in r])
     lines += [
         "| shape | length | press | budget | prefill s | compress s (share) | decode ms/tok "
         "| decode speed-up | KV GiB | peak GPU GiB (x full) |",
         "|" + "---|" * 10,
     ]
-    for r in rows:
-        ref = full.get((r["model"], r["length"]), r)
+    for r in rows:  # ratios against the full cache of the same shape and length (bench.ratio_rows)
         lines.append(
             f"| {r['model']} | {r['length']} | {r['press']} | {r['budget'] or '-'} | {r['prefill_s']:.2f} "
             f"| {r['compress_s']:.3f} ({100 * r['compress_share']:.1f} %) | {r['decode_ms_per_token']:.2f} "
-            f"| {ref['decode_ms_per_token'] / r['decode_ms_per_token']:.2f}x | {r['kv_bytes'] / gib:.3f} "
-            f"| {r['peak_device_bytes'] / gib:.1f} "
-            f"({r['peak_device_bytes'] / max(ref['peak_device_bytes'], 1):.2f}) |"
+            f"| {r.get('decode_speedup', 1):.2f}x | {r['kv_bytes'] / gib:.3f} "
+            f"| {r['peak_device_bytes'] / gib:.1f} ({r.get('peak_device_ratio', 1):.2f}) |"
         )
     lines += ["", "| shape | length | press | budget | cap GiB | largest batch | decode tok/s | peak GiB "
               "| fits |", "|" + "---|" * 9]  # fmt: skip

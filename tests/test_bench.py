@@ -49,7 +49,7 @@ def test_measure_and_report_on_smollm2(smollm2, tmp_path):
     # layer-wise: the peak is the compressed layers plus one full layer, far below the full cache
     assert pressed["peak_kv_bytes"] < full["kv_bytes"] / 2
     assert pressed["compress_s"] > 0 and full["compress_s"] == 0
-    rows = bench._ratio_rows([full, pressed])
+    rows = bench.ratio_rows([full, pressed])
     assert rows[1]["kv_ratio"] == 0.25
     assert "clusterattn" in bench.markdown(rows)
     bench.plot(rows, tmp_path / "bench.png")

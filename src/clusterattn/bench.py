@@ -21,7 +21,7 @@ import torch
 
 from clusterattn.bench_selection import selection_markdown, selection_timing
 from clusterattn.generation import _decode, _Inputs, _prefill
-from clusterattn.integration import attention_modules, find_cache, kv_bytes, new_cache
+from clusterattn.integration import attention_modules, find_cache, kv_bytes, new_cache, synchronize
 from clusterattn.presses import PRESSES
 
 
@@ -123,21 +123,18 @@ class CachePeak:
             handle.remove()
 
 
-def synchronize(device: torch.device | str) -> None:
-    """Wait for the accelerator's queued work (a no-op on CPU), so wall-clock timers are honest."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _load(case: Case):
+    """``case.model`` and its tokenizer on ``case.device`` in ``case.dtype``, with ``case.threads``."""
+    import clusterattn as ca
+
+    torch.set_num_threads(case.threads)
+    return ca.load_model(case.model, device=case.device, dtype=getattr(torch, case.dtype))
 
 
 @torch.no_grad()
 def measure(case: Case) -> dict:
     """Run ``case`` in this process; medians over ``case.repeats``."""
-    import clusterattn as ca
-
-    torch.set_num_threads(case.threads)
-    model, tokenizer = ca.load_model(case.model, device=case.device, dtype=getattr(torch, case.dtype))
-    return measure_model(model, tokenizer, case)
+    return measure_model(*_load(case), case)
 
 
 @torch.no_grad()
@@ -203,11 +200,7 @@ def _peak_allocated(device: torch.device) -> int:
 
 def throughput(case: Case, cap_bytes: int, max_batch: int = 1024) -> dict:
     """:func:`throughput_model` on ``case.model`` loaded in this process."""
-    import clusterattn as ca
-
-    torch.set_num_threads(case.threads)
-    model, tokenizer = ca.load_model(case.model, device=case.device, dtype=getattr(torch, case.dtype))
-    return throughput_model(model, tokenizer, case, cap_bytes, max_batch)
+    return throughput_model(*_load(case), case, cap_bytes, max_batch)
 
 
 @torch.no_grad()
@@ -275,7 +268,7 @@ def run_isolated(case: Case, timeout: float = 3600, cap_bytes: int | None = None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _ratio_rows(rows: list[dict]) -> list[dict]:
+def ratio_rows(rows: list[dict]) -> list[dict]:
     """Add ratios against the full-cache row of the same model, length and batch."""
     full = {(r["model"], r["length"], r["batch"]): r for r in rows if r["press"] == "full"}
     for r in rows:
@@ -286,6 +279,8 @@ def _ratio_rows(rows: list[dict]) -> list[dict]:
         r["kv_ratio"] = r["kv_bytes"] / ref["kv_bytes"]
         r["peak_kv_ratio"] = r["peak_kv_bytes"] / ref["peak_kv_bytes"]
         r["peak_rss_ratio"] = r["peak_rss_bytes"] / ref["peak_rss_bytes"]
+        if "peak_device_bytes" in ref:  # 0 on CPU, where there is no device memory
+            r["peak_device_ratio"] = r["peak_device_bytes"] / max(ref["peak_device_bytes"], 1)
     return rows
 
 
@@ -363,7 +358,7 @@ def run_bench(
         for budget in ([None] if name == "full" else budgets)
     ]  # fmt: skip
     tp_rows = [run_isolated(c, cap_bytes=cap) for c in tqdm(tp_cases, desc="throughput", unit="case")]
-    report = {"cases": _ratio_rows(rows), "throughput": tp_rows, "selection": selection_timing()}
+    report = {"cases": ratio_rows(rows), "throughput": tp_rows, "selection": selection_timing()}
     (out / "bench.json").write_text(json.dumps(report, indent=1))
     md = ["## Latency and memory", "", markdown(rows)]
     if tp_rows:

@@ -310,11 +310,17 @@ class PressSession:
         return output
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the accelerator's queued work (a no-op on CPU), so wall-clock timers are honest."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _timer(tensor: torch.Tensor) -> float:
     """``time.perf_counter()`` once ``tensor``'s device has finished its queued work (CUDA runs
     asynchronously: without the wait, compression time would be counted as prefill)."""
-    if tensor.is_cuda:
-        torch.cuda.synchronize(tensor.device)
+    synchronize(tensor.device)
     return time.perf_counter()
 
 
