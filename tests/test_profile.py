@@ -66,9 +66,23 @@ def test_grid_and_spec_validation(tmp_path):
 
 def test_choose_prefers_best_then_default_then_fewer_clusters():
     configs = [{**default_config(128), "num_block": n} for n in (2, 6, 8)]
-    assert choose(configs, torch.tensor([0.5, 0.9, 0.95]), 128)["num_block"] == 8
-    assert choose(configs, torch.tensor([0.9, 0.9, 0.9]), 128)["num_block"] == 6  # the default
-    assert choose([configs[0], configs[2]], torch.tensor([0.9, 0.9]), 128)["num_block"] == 2
+    assert choose(configs, torch.tensor([[0.5, 0.9, 0.95]]), 128)["num_block"] == 8
+    assert choose(configs, torch.tensor([[0.9, 0.9, 0.9]]), 128)["num_block"] == 6  # the default
+    assert choose([configs[0], configs[2]], torch.tensor([[0.9, 0.9]]), 128)["num_block"] == 2
+
+
+def test_dominant_rule_leaves_the_default_only_for_a_candidate_better_on_every_sample():
+    configs = [{**default_config(128), "num_block": n} for n in (2, 6, 8)]  # 6 is the default
+    carried = torch.tensor([[0.2, 0.5, 0.9], [0.6, 0.5, 0.45]])  # 8: best mean, worse on sample 2
+    assert choose(configs, carried, 128)["num_block"] == 8
+    assert choose(configs, carried, 128, rule="dominant")["num_block"] == 6
+    both = torch.tensor([[0.6, 0.5, 0.9], [0.7, 0.5, 0.55]])  # 2 and 8 beat 6 on both; 8 has the best mean
+    assert choose(configs, both, 128, rule="dominant")["num_block"] == 8
+    assert choose(configs, torch.tensor([[0.6, 0.5, 0.5]]), 128, rule="dominant")["num_block"] == 2
+    with pytest.raises(ValueError, match="default"):
+        choose([configs[0], configs[2]], both[:, [0, 2]], 128, rule="dominant")
+    with pytest.raises(ValueError, match="rule"):
+        ProfileGrid(rule="median")
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +280,11 @@ def trace_decode_answer(model, sample):
         steps=3,
         stop_at_eos=False,
     ).new_tokens
+
+
+def test_profile_label_names_the_dominant_rule():
+    from clusterattn.analysis.report import profile_objective
+
+    assert profile_objective({}) == "cosine"  # profiles from before the choice
+    assert profile_objective({"objective": "answer", "rule": "mean"}) == "answer"
+    assert profile_objective({"objective": "answer", "rule": "dominant"}) == "answer, dominant"

@@ -32,6 +32,7 @@ def _profile(args) -> int:
         alphas=args.alphas,
         window_sizes=args.window_sizes,
         objective=args.objective,
+        rule=args.rule,
     )
     if args.evaluate_only and not Path(args.out).is_file():
         raise ValueError(f"--evaluate-only needs an existing profile at {args.out}")
@@ -193,6 +194,13 @@ def add_commands(sub) -> None:
         default="cosine",
         help="rank candidates by the decode queries' restricted-attention cosine (the paper's "
         "procedure) or by the log-probability their cache gives to the full cache's answer",
+    )
+    prof.add_argument(
+        "--rule",
+        choices=["mean", "dominant"],
+        default="mean",
+        help="take the best mean over the profile samples, or leave the default only for a candidate "
+        "that beats it on every profile sample",
     )
     prof.add_argument("--steps", type=int, default=32, help="decode queries recorded per sample")
     prof.add_argument("--ignore-eos", action="store_true", help="decode all steps even past the answer")

@@ -39,6 +39,7 @@ def num_block_grid(budget: int, window_size: int, span_width: int = 16) -> list[
 
 
 OBJECTIVES = ("cosine", "answer")
+RULES = ("mean", "dominant")
 
 
 @dataclass
@@ -47,17 +48,22 @@ class ProfileGrid:
     every budget, crossed with ``alphas`` and ``window_sizes``, and how candidates are ranked:
     ``objective`` ``"cosine"`` (the restricted-attention cosine of the decode queries, the paper's
     procedure as method.md reconstructs it) or ``"answer"`` (the teacher-forced log-probability of
-    the full cache's answer, :func:`clusterattn.analysis.fidelity.answer_logprobs`)."""
+    the full cache's answer, :func:`clusterattn.analysis.fidelity.answer_logprobs`). ``rule``
+    ``"mean"`` takes the best mean over the profile samples; ``"dominant"`` leaves the default only
+    for a candidate that beats it on every profile sample (see :func:`choose`)."""
 
     budgets: list[int] = field(default_factory=lambda: [128, 256])
     num_blocks: list[int] | None = None
     alphas: list[float] = field(default_factory=lambda: [1.0])
     window_sizes: list[int] = field(default_factory=lambda: [32])
     objective: str = "cosine"
+    rule: str = "mean"
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
         if not self.budgets or not self.alphas or not self.window_sizes:
             raise ValueError("budgets, alphas and window_sizes must be non-empty")
         if self.num_blocks is not None and (not self.num_blocks or min(self.num_blocks) < 1):
@@ -121,10 +127,22 @@ def score_candidates(trace: DecodeTrace, configs: list[dict]) -> torch.Tensor:
     return out
 
 
-def choose(configs: list[dict], objective: torch.Tensor, budget: int) -> dict:
-    """The best configuration by ``objective`` (higher is better); among equal values (to 1e-6) the
-    default, then fewer clusters."""
+def choose(configs: list[dict], per_sample: torch.Tensor, budget: int, rule: str = "mean") -> dict:
+    """The best configuration by its mean over the samples of ``per_sample`` ``(samples, configs)``
+    (higher is better); among equal means (to 1e-6) the default, then fewer clusters.
+
+    ``rule="dominant"`` only considers candidates that beat the default on every sample (by more
+    than 1e-6), and keeps the default when none does: a handful of profile samples is weak evidence,
+    and a mean can be carried by one of them."""
     default = default_config(budget)
+    objective = per_sample.mean(0)
+    if rule == "dominant":
+        if default not in configs:
+            raise ValueError("rule 'dominant' needs the default configuration among the candidates")
+        beats = (per_sample > per_sample[:, configs.index(default)].unsqueeze(1) + 1e-6).all(0)
+        if not bool(beats.any()):
+            return default
+        objective = torch.where(beats, objective, float("-inf"))
     best = float(objective.max())
     tied = [c for c, v in zip(configs, objective.tolist(), strict=True) if v >= best - 1e-6]
     if default in tied:
@@ -164,13 +182,14 @@ def profile_traces(
             if logp is not None:
                 row |= {"answer_logprob": float(logp[:, j].mean()), "answer_per_sample": logp[:, j].tolist()}
             rows.append(row)
-        best = choose(configs, mean if logp is None else logp.mean(0), budget)
+        best = choose(configs, per_trace if logp is None else logp, budget, grid.rule)
         entry = {
             "config": best,
             "cosine": float(mean[configs.index(best)]),
             "default_config": default,
             "default_cosine": float(mean[configs.index(default)]),
             "objective": grid.objective,
+            "rule": grid.rule,
         }
         if logp is not None:
             entry["answer_logprob"] = float(logp[:, configs.index(best)].mean())
@@ -267,6 +286,7 @@ def profile_task(model, tokenizer, spec: ProfileSpec, grid: ProfileGrid | None =
         "format": FORMAT,
         **asdict(spec),
         "objective": grid.objective,
+        "rule": grid.rule,
         "config": first["config"],
         "budgets": entries,
         "split": {

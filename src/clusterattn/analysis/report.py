@@ -35,14 +35,16 @@ def topk_note(config: dict) -> str:
 
 
 def profile_objective(profile: dict) -> str:
-    """The profile's objective (profiles written before there was a choice used the cosine)."""
-    return profile.get("objective", "cosine")
+    """The profile's objective (profiles written before there was a choice used the cosine), with
+    ``", dominant"`` when the candidates had to beat the default on every profile sample."""
+    objective = profile.get("objective", "cosine")
+    return f"{objective}, dominant" if profile.get("rule") == "dominant" else objective
 
 
 def _objective_values(entry: dict, prefix: str, objective: str) -> str:
     """A profile entry's cosine, with the answer log-probability first when that was the objective."""
     cosine = f"{entry[prefix + 'cosine']:.4f}"
-    if objective != "answer":
+    if not objective.startswith("answer"):
         return cosine
     return f"log p {entry[prefix + 'answer_logprob']:.3f}, cosine {cosine}"
 
