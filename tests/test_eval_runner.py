@@ -87,6 +87,8 @@ def test_outputs_and_resume(patched, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "answer_all", lambda *a, **k: calls.append(1))
     run_eval(config(tmp_path), progress=False)  # everything is done: nothing runs
     assert calls == [] and len(read_predictions(tmp_path / "predictions.jsonl")) == 40
+    history = json.loads((tmp_path / "run.json").read_text())["history"]  # the first run is kept
+    assert [h["started_unix"] for h in history] == [info["started_unix"]] and history[0]["finished"]
 
 
 def test_failed_sample_is_recorded_and_retried(patched, tmp_path, monkeypatch):

@@ -162,6 +162,11 @@ def test_head_to_head_verdicts_and_task_wins():
     assert "| 256 | 20.0 | snapkv 30.0 | -10.0 | behind | 1 of 2 |" in table  # a tie counts as best
     assert "streamingllm" not in table and "full" not in table.split("\n", 1)[1]
     assert head_to_head(metrics, press="nope") == ""
+    # another configuration of the same press is not a rival, in either direction
+    variant = [_metric("clusterattn:recent_ratio=0.5", "64", t, 90.0) for t in "ab"]
+    assert "| 64 | 40.0 | snapkv 30.0 | +10.0 | best | 2 of 2 |" in head_to_head(metrics + variant)
+    table = head_to_head(metrics + variant, press="clusterattn:recent_ratio=0.5")
+    assert "| 64 | 90.0 | snapkv 30.0 | +60.0 | best | 2 of 2 |" in table
 
 
 def test_depth_tables_split_needles_by_quarter():

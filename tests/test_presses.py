@@ -9,6 +9,7 @@ import clusterattn as ca
 
 PRESS_FACTORIES = {
     "clusterattn": lambda b: ca.ClusterAttnPress(budget=b, window_size=8),
+    "clusterattn_recent": lambda b: ca.ClusterAttnPress(budget=b, window_size=8, recent_ratio=0.5),
     "clusterattn_b": lambda b: ca.ClusterAttnPress(budget=b, window_size=8, variant="B", num_block=6),
     "snapkv": lambda b: ca.SnapKVPress(budget=b, window_size=8),
     "chunkkv": lambda b: ca.ChunkKVPress(budget=b, window_size=8, chunk_size=8),
@@ -90,6 +91,9 @@ def test_pyramid_budgets_average_to_budget():
         (lambda: ca.ClusterAttnPress(budget=64, variant="C"), ValueError, "variant"),
         (lambda: ca.ClusterAttnPress(budget=64, span_before=1.5), ValueError, "span_before"),
         (lambda: ca.ClusterAttnPress(budget=64, max_clusters=0), ValueError, "max_clusters"),
+        (lambda: ca.ClusterAttnPress(budget=64, recent_ratio=1.5), ValueError, "recent_ratio"),
+        (lambda: ca.ClusterAttnPress(budget=64, recent_ratio=float("nan")), ValueError, "recent_ratio"),
+        (lambda: ca.ClusterAttnPress(budget=64, recent_ratio="0.5"), TypeError, "recent_ratio"),
         (lambda: ca.SnapKVPress(budget=64, kernel_size=4), ValueError, "kernel_size"),
         (lambda: ca.SnapKVPress(budget=64, pooling="min"), ValueError, "pooling"),
         (lambda: ca.StreamingLLMPress(budget=4), ValueError, "budget"),
@@ -111,6 +115,26 @@ def test_default_clusters_widen_past_the_cap():
         assert torch.equal(press.select_prefix(scores, b), expected)
     uncapped = ca.ClusterAttnPress(budget=1024, max_clusters=None).select_prefix(scores, 992)
     assert torch.equal(uncapped, ca.dbac(scores, 992, num_block=62, relative_theta=32.0))
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("n_sink", [0, 4])
+def test_recent_ratio_matches_reference(ratio, n_sink):
+    """``recent_ratio`` keeps the last ``round(ratio * b)`` prefix tokens outright and clusters the
+    earlier ones with the rest of the budget; a left-padded row keeps what it keeps alone."""
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.softmax(torch.randn(2, 3, 300, generator=generator) * 3, -1) * 32
+    b = 90
+    press = ca.ClusterAttnPress(budget=b + 32, recent_ratio=ratio, n_sink=n_sink)
+    kept = press.select_prefix(scores, b)
+    for row, got in zip(scores.flatten(0, 1), kept.flatten(0, 1), strict=True):  # naive, by row
+        recent = min(round(ratio * b), b - n_sink)
+        head = set()
+        if recent < b:
+            head = set(ca.dbac(row[: 300 - recent], b - recent, relative_theta=32.0, n_sink=n_sink).tolist())
+        assert got.tolist() == sorted(head | set(range(300 - recent, 300)))
+    padded = torch.cat([torch.full((2, 3, 50), float("-inf")), scores], dim=-1)
+    assert torch.equal(press.select_prefix(padded, b), kept + 50)
 
 
 def test_from_profile(tmp_path):

@@ -21,7 +21,9 @@ def head_to_head(metrics: list[dict], press: str = "clusterattn", margin: float 
     the best other press's (same tasks), the gap (positive: ``press`` leads), the verdict (best,
     within ``margin`` points, or behind) and on how many tasks ``press`` scores at least as high as
     every other press, out of the tasks where some press scores above 0. Presses missing a task are
-    left out of that budget's comparison; an empty string when ``press`` has no rows."""
+    left out of that budget's comparison; an empty string when ``press`` has no rows. Other
+    configurations of the same press (``clusterattn:recent_ratio=0.5`` for ``clusterattn``, and the
+    reverse) are not rivals: the verdict is the method's against the other methods."""
     parts = []
     for (model, length, setting), rows in runs(metrics):
         if not any(r["press"] == press for r in rows):
@@ -37,7 +39,7 @@ def head_to_head(metrics: list[dict], press: str = "clusterattn", margin: float 
         ]
         for budget in budgets:
             ours = average.get((press, budget), math.nan)
-            rivals = {p: v for (p, b), v in average.items() if b == budget and p != press}
+            rivals = {p: v for (p, b), v in average.items() if b == budget and _method(p) != _method(press)}
             rivals = {p: v for p, v in rivals.items() if not math.isnan(v)}
             if math.isnan(ours) or not rivals:
                 continue
@@ -54,6 +56,13 @@ def head_to_head(metrics: list[dict], press: str = "clusterattn", margin: float 
         if len(lines) > 4:  # some budget had a complete comparison
             parts.append("\n".join(lines))
     return "\n\n".join(parts) + ("\n" if parts else "")
+
+
+def _method(label: str) -> str:
+    """The press a label configures: ``clusterattn`` for ``clusterattn:recent_ratio=0.5``;
+    ``kvpress:snapkv`` for ``kvpress:snapkv:window_size=32``."""
+    parts = label.split(":")
+    return ":".join(parts[:2]) if parts[0] == "kvpress" else parts[0]
 
 
 def depth_tables(rows: list[dict]) -> str:

@@ -167,7 +167,8 @@ def _mean(values) -> float:
 def write_report(out: str | Path, doc: str | Path | None = None) -> list[Path]:
     """Rebuild metrics, tables and figures in ``out`` from its ``predictions.jsonl`` (the latest row
     of every sample, :func:`latest_rows`): ``metrics.csv``, ``tables.md`` (averages, the
-    head-to-head verdict of ClusterAttn, per-task scores, needle scores by depth) and the PNGs."""
+    head-to-head verdict of each ClusterAttn configuration in the run, per-task scores, needle
+    scores by depth) and the PNGs."""
     from clusterattn.eval.compare import depth_tables, head_to_head
     from clusterattn.eval.plots import needle_heatmaps, score_vs_budget
     from clusterattn.eval.runner import read_predictions
@@ -178,7 +179,8 @@ def write_report(out: str | Path, doc: str | Path | None = None) -> list[Path]:
         raise ValueError(f"no predictions in {out / 'predictions.jsonl'}")
     metrics_path = write_metrics(rows, out / "metrics.csv")
     metrics = read_metrics(metrics_path)
-    headline = average_tables(metrics) + "\n" + head_to_head(metrics)
+    ours = sorted({r["press"] for r in metrics if r["press"].split(":")[0] == "clusterattn"}, key=len)
+    headline = average_tables(metrics) + "".join("\n" + head_to_head(metrics, press) for press in ours)
     depth = depth_tables(rows)
     (out / "tables.md").write_text(
         "# Scores per task\n\n"

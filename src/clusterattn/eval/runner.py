@@ -6,7 +6,8 @@ Outputs in ``out``:
   as answers come; a line with ``error`` set records a failed sample (the run goes on).
 - ``metrics.csv``: mean score (0-100) per cell, columns ``model, task, length, press, budget,
   setting, n, failed, score``.
-- ``run.json``: git commit, package versions, seed, arguments, machine, timings.
+- ``run.json``: git commit, package versions, seed, arguments, machine, timings; earlier
+  invocations on the same directory under ``history``.
 
 A finished cell is skipped on restart (``--retry-failed`` reruns failed samples). Our presses share
 one recorded prefill per prompt (:func:`clusterattn.eval.grid.answer_all`); kvpress presses run in
@@ -356,4 +357,17 @@ def _write_run_json(config: EvalConfig, out: Path, started: float, finished: flo
         "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started)),
         "finished": None if finished is None else time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(finished)),
     }  # fmt: skip
+    info["started_unix"] = started
+    info["history"] = _earlier_runs(out / "run.json", started)
     (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _earlier_runs(path: Path, started: float) -> list[dict]:
+    """The invocations recorded in ``path`` before the one that started at ``started``, oldest
+    first: a resumed or extended run keeps how every earlier row was produced."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    history = previous.pop("history", [])
+    return history if previous.get("started_unix") == started else [*history, previous]

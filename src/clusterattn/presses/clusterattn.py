@@ -41,6 +41,12 @@ class ClusterAttnPress(WindowPress):
         n_sink: first real tokens always kept (default 0).
         variant: DBAC variant ``"A"`` (centre expansion) or ``"B"`` (prompt blocks).
         expand: neighbouring blocks per centre block (variant B).
+        recent_ratio: share of the prefix budget ``B - w`` given to the most recent prefix tokens
+            (those just before the window), kept whatever their scores; DBAC fits its clusters on
+            the earlier tokens with the rest. Default 0.0 (pure ClusterAttn). For query-agnostic
+            use (the question comes after compression, so the window cannot point at what it
+            will need), where recency carries much of the signal: see ``docs/benchmarks.md``.
+            1.0 keeps the last ``B`` prompt tokens (StreamingLLM without sinks).
     """
 
     num_block: int | None = None
@@ -53,6 +59,7 @@ class ClusterAttnPress(WindowPress):
     n_sink: int = 0
     variant: str = "A"
     expand: int = 1
+    recent_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,13 +76,38 @@ class ClusterAttnPress(WindowPress):
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_choice("variant", self.variant, VARIANTS)
+        ratio = self.recent_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise TypeError(f"recent_ratio must be a float, got {type(ratio).__name__}")
+        if not 0.0 <= ratio <= 1.0:  # also rejects NaN
+            raise ValueError(f"recent_ratio must be in [0, 1], got {ratio}")
 
     def prefix_scores(self, query, key, scaling, *, layer, pad_mask):
         return window_scores(
             query, key, scaling, self.window_size, aggregation=self.aggregation, pad_mask=pad_mask
         )
 
+    def recent_tokens(self, budget: int) -> int:
+        """Most recent prefix tokens kept outright out of a prefix budget of ``budget``:
+        ``round(recent_ratio * budget)``, leaving room for the ``n_sink`` sinks."""
+        return min(round(self.recent_ratio * budget), budget - self.n_sink)
+
     def select_prefix(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        """``(batch, kv_heads, budget)`` sorted prefix indices from ``scores``
+        ``(batch, kv_heads, n)``: DBAC's clusters on ``scores[..., : n - r]`` with ``budget - r``
+        tokens, then the ``r = recent_tokens(budget)`` last positions. Left padding sits at the start
+        of a row, so the last positions are real whenever the row has ``r`` real prefix tokens (and
+        when it has fewer, every real token is kept anyway)."""
+        recent = self.recent_tokens(budget)
+        if recent == 0:
+            return self._clusters(scores, budget)
+        n = scores.shape[-1]
+        tail = torch.arange(n - recent, n, device=scores.device).expand(*scores.shape[:-1], -1)
+        if recent == budget:
+            return tail
+        return torch.cat([self._clusters(scores[..., : n - recent], budget - recent), tail], dim=-1)
+
+    def _clusters(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
         # theta relative to the uniform mass over each row's real (finite-scored) prefix tokens
         relative = self.alpha * self.window_size if self.theta is None else None
         return dbac(
