@@ -179,7 +179,7 @@ def write_report(out: str | Path, doc: str | Path | None = None) -> list[Path]:
         raise ValueError(f"no predictions in {out / 'predictions.jsonl'}")
     metrics_path = write_metrics(rows, out / "metrics.csv")
     metrics = read_metrics(metrics_path)
-    ours = sorted({r["press"] for r in metrics if r["press"].split(":")[0] == "clusterattn"}, key=len)
+    ours = sorted({r["press"] for r in metrics if r["press"].split(":")[0] == "clusterattn"})
     headline = average_tables(metrics) + "".join("\n" + head_to_head(metrics, press) for press in ours)
     depth = depth_tables(rows)
     (out / "tables.md").write_text(
