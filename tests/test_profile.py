@@ -288,3 +288,7 @@ def test_profile_label_names_the_dominant_rule():
     assert profile_objective({}) == "cosine"  # profiles from before the choice
     assert profile_objective({"objective": "answer", "rule": "mean"}) == "answer"
     assert profile_objective({"objective": "answer", "rule": "dominant"}) == "answer, dominant"
+    assert (
+        profile_objective({"objective": "answer", "rule": "dominant", "seed": 1})
+        == "answer, dominant, seed 1"
+    )

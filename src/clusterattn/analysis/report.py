@@ -36,9 +36,14 @@ def topk_note(config: dict) -> str:
 
 def profile_objective(profile: dict) -> str:
     """The profile's objective (profiles written before there was a choice used the cosine), with
-    ``", dominant"`` when the candidates had to beat the default on every profile sample."""
-    objective = profile.get("objective", "cosine")
-    return f"{objective}, dominant" if profile.get("rule") == "dominant" else objective
+    ``", dominant"`` when the candidates had to beat the default on every profile sample and
+    ``", seed N"`` when its samples are not the default seed 0's."""
+    label = [profile.get("objective", "cosine")]
+    if profile.get("rule") == "dominant":
+        label.append("dominant")
+    if profile.get("seed", 0):
+        label.append(f"seed {profile['seed']}")
+    return ", ".join(label)
 
 
 def _objective_values(entry: dict, prefix: str, objective: str) -> str:
