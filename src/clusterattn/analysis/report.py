@@ -220,7 +220,9 @@ def write_report(doc: str | Path, out_dir: str | Path, profiles: list[str | Path
         "",
     ]
     if loaded:
-        fig = figures.profile_figure(loaded, out_dir / "profile_cosine.png")
+        # the cosine curves with the cosine objective's choices: other objectives share the curves
+        cosine = [p for p in loaded if profile_objective(p) == "cosine"] or loaded
+        fig = figures.profile_figure(cosine, out_dir / "profile_cosine.png")
         parts += [profile_section(loaded), "", f"![profile cosine]({rel(fig)})", ""]
     budgets = sorted(summary["methods"], key=int)
     tasks = sorted(summary["by_task"])
