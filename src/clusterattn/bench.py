@@ -21,8 +21,9 @@ import torch
 
 from clusterattn.bench_selection import selection_markdown, selection_timing
 from clusterattn.generation import _decode, _Inputs, _prefill
-from clusterattn.integration import attention_modules, find_cache, kv_bytes, new_cache, synchronize
+from clusterattn.integration import attention_modules, find_cache, kv_bytes, new_cache
 from clusterattn.presses import PRESSES
+from clusterattn.timing import synchronize
 
 
 @dataclass

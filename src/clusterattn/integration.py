@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -30,6 +29,9 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from clusterattn.capture import QueryCapture
+from clusterattn.timing import timer
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -282,7 +284,7 @@ class PressSession:
         q_len, kv_len = query.shape[2], key.shape[2]
         if layer not in self.rank or q_len != kv_len or q_len < 2:
             return
-        start = _timer(query)
+        start = timer(query)
         with torch.no_grad():
             idx = self.press.select(
                 query,
@@ -296,7 +298,7 @@ class PressSession:
             if idx is None:
                 return
             self._pending[layer] = (*gather_kv(key, value, idx), idx)
-        self.stats.seconds += _timer(query) - start
+        self.stats.seconds += timer(query) - start
 
     # -- self_attn forward hook -----------------------------------------------------------------
     def after_attention(self, module, args, kwargs, output):
@@ -304,24 +306,10 @@ class PressSession:
         cache = find_cache(args, kwargs)
         if pending is None or cache is None:
             return output
-        start = _timer(pending[0])
+        start = timer(pending[0])
         install_compressed(cache, module.layer_idx, *pending, self._pad_mask, self._next_pos, self.stats)
-        self.stats.seconds += _timer(pending[0]) - start
+        self.stats.seconds += timer(pending[0]) - start
         return output
-
-
-def synchronize(device: torch.device | str) -> None:
-    """Wait for the accelerator's queued work (a no-op on CPU), so wall-clock timers are honest."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timer(tensor: torch.Tensor) -> float:
-    """``time.perf_counter()`` once ``tensor``'s device has finished its queued work (CUDA runs
-    asynchronously: without the wait, compression time would be counted as prefill)."""
-    synchronize(tensor.device)
-    return time.perf_counter()
 
 
 def gather_kv(key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,51 +355,41 @@ def _plain_attention(model, nesting: str) -> str:
 
 
 @contextlib.contextmanager
-def apply_press(model, press) -> Iterator[PressSession]:
-    """Install ``press`` on ``model`` for the duration of the block; see the module docstring."""
-    implementation = _plain_attention(model, "presses do not nest")
-    config = text_config(model)
-    session = PressSession(model, press)
-    if not session.layers:
-        raise ValueError(
-            "this model has no full-attention layer to compress (every layer uses a sliding window: "
-            f"sliding_window={getattr(config, 'sliding_window', None)})"
-        )
+def _attached(model, session, implementation: str, hooks=()) -> Iterator:
+    """Route ``model``'s attention through the wrapper of ``implementation`` with ``session`` on
+    every attention module for the duration of the block; then restore the model's own attention
+    and remove ``hooks`` (handles registered by the caller)."""
     modules = attention_modules(model)
-    handles = [model.register_forward_pre_hook(session.before_forward, with_kwargs=True)]
     for module in modules.values():
         module._clusterattn_session = session
-        handles.append(module.register_forward_hook(session.after_attention, with_kwargs=True))
-    model.set_attn_implementation(_register(implementation))
     try:
+        model.set_attn_implementation(_register(implementation))
         yield session
     finally:
         model.set_attn_implementation(implementation)
-        for handle in handles:
+        for handle in hooks:
             handle.remove()
         for module in modules.values():
             del module._clusterattn_session
 
 
-class QueryCapture:
-    """Post-RoPE queries of every compressible layer on every forward call (see :func:`capturing_queries`).
-
-    ``calls[rank]`` lists ``(batch, q_heads, q_len, head_dim)`` tensors in call order (the prefill
-    first, then one per decode step) for the ``rank``-th compressible layer ``layers[rank]``;
-    ``scaling[rank]`` is that layer's attention scale.
-    """
-
-    def __init__(self, layers: list[int]) -> None:
-        self.layers = layers
-        self.rank = {layer: i for i, layer in enumerate(layers)}
-        self.calls: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
-        self.scaling: dict[int, float] = {}
-
-    def on_attention(self, module, query, key, value, scaling) -> None:
-        rank = self.rank.get(module.layer_idx)
-        if rank is not None:
-            self.calls[rank].append(query.detach().clone())
-            self.scaling[rank] = float(scaling)
+@contextlib.contextmanager
+def apply_press(model, press) -> Iterator[PressSession]:
+    """Install ``press`` on ``model`` for the duration of the block; see the module docstring."""
+    implementation = _plain_attention(model, "presses do not nest")
+    session = PressSession(model, press)
+    if not session.layers:
+        raise ValueError(
+            "this model has no full-attention layer to compress (every layer uses a sliding window: "
+            f"sliding_window={getattr(text_config(model), 'sliding_window', None)})"
+        )
+    hooks = [model.register_forward_pre_hook(session.before_forward, with_kwargs=True)]
+    hooks += [
+        module.register_forward_hook(session.after_attention, with_kwargs=True)
+        for module in attention_modules(model).values()
+    ]
+    with _attached(model, session, implementation, hooks):
+        yield session
 
 
 @contextlib.contextmanager
@@ -423,14 +401,5 @@ def capturing_queries(model) -> Iterator[QueryCapture]:
     For analysis: the attention that decode queries pay to the prompt.
     """
     implementation = _plain_attention(model, "queries are captured on the full cache")
-    capture = QueryCapture(compressible_layers(model))
-    modules = attention_modules(model)
-    for module in modules.values():
-        module._clusterattn_session = capture
-    model.set_attn_implementation(_register(implementation))
-    try:
+    with _attached(model, QueryCapture(compressible_layers(model)), implementation) as capture:
         yield capture
-    finally:
-        model.set_attn_implementation(implementation)
-        for module in modules.values():
-            del module._clusterattn_session
