@@ -238,3 +238,13 @@ def test_peer_job_file_is_removed_only_after_the_worker_succeeds(patched, tmp_pa
     else:
         run_eval(cfg, progress=False)
         assert not job.exists()
+
+
+def test_run_json_names_the_commit_the_run_started_on(patched, tmp_path, monkeypatch):
+    commits = iter(["aaa", "bbb-dirty"])  # the tree changes while the run goes on
+    monkeypatch.setattr(runner, "_git_commit", lambda: next(commits))
+    run_eval(
+        config(tmp_path, tasks=["vt"], presses=["full"], settings=["query_aware"], samples=1), progress=False
+    )
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["finished"] and info["git_commit"] == "aaa"

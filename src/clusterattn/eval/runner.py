@@ -233,8 +233,8 @@ def run_eval(config: EvalConfig, *, progress: bool = True) -> Path:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     pred_path = out / "predictions.jsonl"
-    started = time.time()
-    _write_run_json(config, out, started, finished=None)
+    started, commit = time.time(), _git_commit()  # the code that runs: the tree may change meanwhile
+    _write_run_json(config, out, started, None, commit)
     for model_name in config.models:
         model, tokenizer = ca.load_model(model_name)
         cells = [(length, task) for length in config.lengths for task in config.tasks]
@@ -249,7 +249,7 @@ def run_eval(config: EvalConfig, *, progress: bool = True) -> Path:
         bar.close()
         del model
     metrics = write_metrics(read_predictions(pred_path), out / "metrics.csv")
-    _write_run_json(config, out, started, finished=time.time())
+    _write_run_json(config, out, started, time.time(), commit)
     return metrics
 
 
@@ -341,7 +341,9 @@ def _git_commit() -> str | None:
         return None
 
 
-def _write_run_json(config: EvalConfig, out: Path, started: float, finished: float | None) -> None:
+def _write_run_json(
+    config: EvalConfig, out: Path, started: float, finished: float | None, commit: str | None
+) -> None:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
@@ -352,7 +354,7 @@ def _write_run_json(config: EvalConfig, out: Path, started: float, finished: flo
             versions[package] = None
     arguments = {k: v for k, v in asdict(config).items() if k != "peer_python"}
     info = {
-        "git_commit": _git_commit(), "versions": versions, "seed": config.seed, "arguments": arguments,
+        "git_commit": commit, "versions": versions, "seed": config.seed, "arguments": arguments,
         "command": sys.argv, "python": platform.python_version(), "machine": platform.platform(),
         "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started)),
         "finished": None if finished is None else time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(finished)),
