@@ -233,8 +233,8 @@ def run_eval(config: EvalConfig, *, progress: bool = True) -> Path:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     pred_path = out / "predictions.jsonl"
-    started, commit = time.time(), _git_commit()  # the code that runs: the tree may change meanwhile
-    _write_run_json(config, out, started, None, commit)
+    info = _run_info(config, time.time())
+    _write_run_json(out, info, None)
     for model_name in config.models:
         model, tokenizer = ca.load_model(model_name)
         cells = [(length, task) for length in config.lengths for task in config.tasks]
@@ -249,7 +249,7 @@ def run_eval(config: EvalConfig, *, progress: bool = True) -> Path:
         bar.close()
         del model
     metrics = write_metrics(read_predictions(pred_path), out / "metrics.csv")
-    _write_run_json(config, out, started, time.time(), commit)
+    _write_run_json(out, info, time.time())
     return metrics
 
 
@@ -341,9 +341,9 @@ def _git_commit() -> str | None:
         return None
 
 
-def _write_run_json(
-    config: EvalConfig, out: Path, started: float, finished: float | None, commit: str | None
-) -> None:
+def _run_info(config: EvalConfig, started: float) -> dict:
+    """What ``run.json`` records of the invocation that starts at ``started``, taken once at the
+    start: the code and packages that run (the tree may change while a long run goes on)."""
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
@@ -353,15 +353,20 @@ def _write_run_json(
         except PackageNotFoundError:
             versions[package] = None
     arguments = {k: v for k, v in asdict(config).items() if k != "peer_python"}
-    info = {
-        "git_commit": commit, "versions": versions, "seed": config.seed, "arguments": arguments,
+    return {
+        "git_commit": _git_commit(), "versions": versions, "seed": config.seed, "arguments": arguments,
         "command": sys.argv, "python": platform.python_version(), "machine": platform.platform(),
         "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started)),
-        "finished": None if finished is None else time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(finished)),
+        "finished": None, "started_unix": started,
     }  # fmt: skip
-    info["started_unix"] = started
-    info["history"] = _earlier_runs(out / "run.json", started)
-    (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _write_run_json(out: Path, info: dict, finished: float | None) -> None:
+    """``out/run.json``: ``info`` (:func:`_run_info`), when it ``finished`` (None: still running) and
+    the earlier invocations on ``out``."""
+    stamp = None if finished is None else time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(finished))
+    record = {**info, "finished": stamp, "history": _earlier_runs(out / "run.json", info["started_unix"])}
+    (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _earlier_runs(path: Path, started: float) -> list[dict]:
