@@ -34,11 +34,16 @@ def topk_note(config: dict) -> str:
     return " = top-k" if (config["budget"] - config["window_size"]) // config["num_block"] <= 1 else ""
 
 
+def objective_of(profile: dict) -> str:
+    """The objective a profile maximised (profiles written before there was a choice used the cosine)."""
+    return profile.get("objective", "cosine")
+
+
 def profile_objective(profile: dict) -> str:
-    """The profile's objective (profiles written before there was a choice used the cosine), with
-    ``", dominant"`` when the candidates had to beat the default on every profile sample and
-    ``", seed N"`` when its samples are not the default seed 0's."""
-    label = [profile.get("objective", "cosine")]
+    """The profile's label: its :func:`objective_of`, with ``", dominant"`` when the candidates had
+    to beat the default on every profile sample and ``", seed N"`` when its samples are not the
+    default seed 0's."""
+    label = [objective_of(profile)]
     if profile.get("rule") == "dominant":
         label.append("dominant")
     if profile.get("seed", 0):
@@ -221,7 +226,7 @@ def write_report(doc: str | Path, out_dir: str | Path, profiles: list[str | Path
     ]
     if loaded:
         # the cosine curves with the cosine objective's choices: other objectives share the curves
-        cosine = [p for p in loaded if profile_objective(p) == "cosine"] or loaded
+        cosine = [p for p in loaded if objective_of(p) == "cosine"] or loaded
         fig = figures.profile_figure(cosine, out_dir / "profile_cosine.png")
         parts += [profile_section(loaded), "", f"![profile cosine]({rel(fig)})", ""]
     budgets = sorted(summary["methods"], key=int)
