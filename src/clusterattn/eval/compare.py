@@ -37,9 +37,10 @@ def head_to_head(metrics: list[dict], press: str = "clusterattn", margin: float 
             "count; tasks where every press scores 0 are left out) |",
             "|---|---|---|---|---|---|",
         ]
+        method = method_of(press)  # other configurations of the same press are not rivals
         for budget in budgets:
             ours = average.get((press, budget), math.nan)
-            rivals = {p: v for (p, b), v in average.items() if b == budget and _method(p) != _method(press)}
+            rivals = {p: v for (p, b), v in average.items() if b == budget and method_of(p) != method}
             rivals = {p: v for p, v in rivals.items() if not math.isnan(v)}
             if math.isnan(ours) or not rivals:
                 continue
@@ -58,7 +59,7 @@ def head_to_head(metrics: list[dict], press: str = "clusterattn", margin: float 
     return "\n\n".join(parts) + ("\n" if parts else "")
 
 
-def _method(label: str) -> str:
+def method_of(label: str) -> str:
     """The press a label configures: ``clusterattn`` for ``clusterattn:recent_ratio=0.5``;
     ``kvpress:snapkv`` for ``kvpress:snapkv:window_size=32``."""
     parts = label.split(":")

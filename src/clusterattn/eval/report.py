@@ -169,7 +169,7 @@ def write_report(out: str | Path, doc: str | Path | None = None) -> list[Path]:
     of every sample, :func:`latest_rows`): ``metrics.csv``, ``tables.md`` (averages, the
     head-to-head verdict of each ClusterAttn configuration in the run, per-task scores, needle
     scores by depth) and the PNGs."""
-    from clusterattn.eval.compare import _method, depth_tables, head_to_head
+    from clusterattn.eval.compare import depth_tables, head_to_head, method_of
     from clusterattn.eval.plots import needle_heatmaps, score_vs_budget
     from clusterattn.eval.runner import read_predictions
 
@@ -179,7 +179,7 @@ def write_report(out: str | Path, doc: str | Path | None = None) -> list[Path]:
         raise ValueError(f"no predictions in {out / 'predictions.jsonl'}")
     metrics_path = write_metrics(rows, out / "metrics.csv")
     metrics = read_metrics(metrics_path)
-    ours = sorted({r["press"] for r in metrics if _method(r["press"]) == "clusterattn"})
+    ours = sorted({r["press"] for r in metrics if method_of(r["press"]) == "clusterattn"})
     headline = average_tables(metrics) + "".join("\n" + head_to_head(metrics, press) for press in ours)
     depth = depth_tables(rows)
     (out / "tables.md").write_text(
