@@ -11,31 +11,46 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+from clusterattn.eval.bootstrap import gap_interval, paired_differences
 from clusterattn.eval.report import _fmt, budget_sort_key, press_order, runs, task_averages
 
 DEPTH_QUARTERS = ("0-25 %", "25-50 %", "50-75 %", "75-100 %")
 
 
-def head_to_head(metrics: list[dict], press: str = "clusterattn", margin: float = 3.0) -> str:
+def head_to_head(
+    metrics: list[dict],
+    press: str = "clusterattn",
+    margin: float = 3.0,
+    predictions: list[dict] | None = None,
+) -> str:
     """Markdown: per (model, length, setting) and budget, ``press``'s task-averaged score against
     the best other press's (same tasks), the gap (positive: ``press`` leads), the verdict (best,
     within ``margin`` points, or behind) and on how many tasks ``press`` scores at least as high as
     every other press, out of the tasks where some press scores above 0. Presses missing a task are
     left out of that budget's comparison; an empty string when ``press`` has no rows. Other
     configurations of the same press (``clusterattn:recent_ratio=0.5`` for ``clusterattn``, and the
-    reverse) are not rivals: the verdict is the method's against the other methods."""
+    reverse) are not rivals: the verdict is the method's against the other methods.
+
+    With ``predictions`` (the run's latest rows, :func:`~clusterattn.eval.report.latest_rows`), a
+    column gives the gap's 95 % paired bootstrap interval (:mod:`clusterattn.eval.bootstrap`) against
+    that best other press: how large a gap the samples alone can make."""
     parts = []
     for (model, length, setting), rows in runs(metrics):
         if not any(r["press"] == press for r in rows):
             continue
         tasks, budgets, by, average = task_averages(rows)
+        run_rows = None
+        if predictions is not None:
+            run = (model, length, setting)
+            run_rows = [r for r in predictions if (r["model"], r["length"], r["setting"]) == run]
+        interval_head = " 95 % interval of the gap |" if run_rows is not None else ""
         lines = [
             f"**{model}, {length} tokens, {setting.replace('_', '-')}: {press} against the best other "
             f"press** ({len(tasks)} tasks)",
             "",
-            f"| budget | {press} | best other | gap | verdict | tasks where {press} is best (ties "
-            "count; tasks where every press scores 0 are left out) |",
-            "|---|---|---|---|---|---|",
+            f"| budget | {press} | best other | gap |{interval_head} verdict | tasks where {press} is "
+            "best (ties count; tasks where every press scores 0 are left out) |",
+            "|---|---|---|---|" + ("---|" if run_rows is not None else "") + "---|---|",
         ]
         method = method_of(press)  # other configurations of the same press are not rivals
         for budget in budgets:
@@ -50,13 +65,25 @@ def head_to_head(metrics: list[dict], press: str = "clusterattn", margin: float 
             top = {t: max(by[p, budget, t] for p in rivals) for t in tasks}
             scored = [t for t in tasks if max(by[press, budget, t], top[t]) > 0]
             wins = sum(by[press, budget, t] >= top[t] for t in scored)
+            interval = ""
+            if run_rows is not None:
+                differences = paired_differences(run_rows, press, best, budget)
+                interval = " - |"
+                if differences:
+                    low, high = gap_interval(differences)
+                    interval = f" {_signed(low)} to {_signed(high)} |"
             lines.append(
-                f"| {budget} | {_fmt(ours)} | {best} {_fmt(rivals[best])} | {gap:+.1f} | {verdict} "
-                f"| {wins} of {len(scored)} |"
+                f"| {budget} | {_fmt(ours)} | {best} {_fmt(rivals[best])} | {gap:+.1f} |{interval} "
+                f"{verdict} | {wins} of {len(scored)} |"
             )
         if len(lines) > 4:  # some budget had a complete comparison
             parts.append("\n".join(lines))
     return "\n\n".join(parts) + ("\n" if parts else "")
+
+
+def _signed(value: float) -> str:
+    """``value`` with its sign and one decimal; a value that rounds to zero prints ``+0.0``."""
+    return f"{round(value, 1) + 0.0:+.1f}"
 
 
 def method_of(label: str) -> str:

@@ -180,7 +180,9 @@ def write_report(out: str | Path, doc: str | Path | None = None) -> list[Path]:
     metrics_path = write_metrics(rows, out / "metrics.csv")
     metrics = read_metrics(metrics_path)
     ours = sorted({r["press"] for r in metrics if method_of(r["press"]) == "clusterattn"})
-    headline = average_tables(metrics) + "".join("\n" + head_to_head(metrics, press) for press in ours)
+    headline = average_tables(metrics) + "".join(
+        "\n" + head_to_head(metrics, press, predictions=rows) for press in ours
+    )
     depth = depth_tables(rows)
     (out / "tables.md").write_text(
         "# Scores per task\n\n"
