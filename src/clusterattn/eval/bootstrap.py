@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from clusterattn.eval.report import scored
+
 RESAMPLES = 2000
 SEED = 0
 
@@ -22,9 +24,7 @@ def paired_differences(rows: list[dict], press: str, rival: str, budget: str) ->
     failed samples are left out."""
     scores: dict[tuple, dict[int, float]] = {}
     for row in rows:
-        if row.get("error") is not None or row.get("score") is None:
-            continue
-        if row["press"] in (press, rival) and row["budget"] == budget:
+        if scored(row) and row["press"] in (press, rival) and row["budget"] == budget:
             scores.setdefault((row["press"], row["task"]), {})[row["index"]] = float(row["score"])
     out = {}
     for task in sorted({t for _, t in scores}):

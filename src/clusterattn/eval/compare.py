@@ -12,7 +12,7 @@ import math
 from collections import defaultdict
 
 from clusterattn.eval.bootstrap import gap_interval, paired_differences
-from clusterattn.eval.report import _fmt, budget_sort_key, press_order, runs, task_averages
+from clusterattn.eval.report import _fmt, budget_sort_key, press_order, runs, scored, task_averages
 
 DEPTH_QUARTERS = ("0-25 %", "25-50 %", "50-75 %", "75-100 %")
 
@@ -100,7 +100,7 @@ def depth_tables(rows: list[dict]) -> str:
     :func:`~clusterattn.eval.report.latest_rows`); rows without a depth are ignored."""
     cells: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        if row.get("depth") is None or row.get("error") is not None or row.get("score") is None:
+        if row.get("depth") is None or not scored(row):
             continue
         quarter = min(int(row["depth"] * 4), 3)
         key = (row["model"], row["length"], row["setting"], row["budget"])

@@ -28,6 +28,11 @@ def _cell_key(row: dict) -> tuple:
     return (row["model"], row["task"], row["length"], row["press"], row["budget"], row["setting"])
 
 
+def scored(row: dict) -> bool:
+    """Whether a prediction row counts in a score: it did not fail and it has a score."""
+    return row.get("error") is None and row.get("score") is not None
+
+
 def latest_rows(rows: list[dict]) -> list[dict]:
     """One prediction per (model, task, length, press, budget, setting, sample index): the last one
     written, so a retried or rerun sample replaces its earlier row everywhere it is counted."""
@@ -42,7 +47,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         cells[_cell_key(row)].append(row)
     out = []
     for key, cell in sorted(cells.items(), key=lambda kv: (*kv[0][:4], budget_sort_key(kv[0][4]), kv[0][5])):
-        scores = [r["score"] for r in cell if r.get("error") is None and r.get("score") is not None]
+        scores = [r["score"] for r in cell if scored(r)]
         mean = 100.0 * sum(scores) / len(scores) if scores else float("nan")
         out.append(
             dict(zip(COLUMNS, (*key, len(scores), len(cell) - len(scores), round(mean, 2)), strict=True))
