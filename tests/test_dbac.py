@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 
@@ -10,9 +11,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from clusterattn import dbac_compiled
 from clusterattn.dbac import dbac, default_num_block, topk_indices
 
 dbac_module = importlib.import_module("clusterattn.dbac")  # the package exports the function as `dbac`
+BACKENDS = pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "tensor"])
+
+
+@contextlib.contextmanager
+def backend(compiled: bool):
+    """Run DBAC on the compiled (numba) path or on the tensor path only."""
+    previous = dbac_compiled.set_enabled(compiled)
+    try:
+        yield
+    finally:
+        dbac_compiled.set_enabled(previous)
 
 
 def naive_dbac(scores: list[float], budget, num_block, theta, span_before, n_sink=0, variant="A", expand=1):
@@ -54,22 +67,24 @@ def naive_dbac(scores: list[float], budget, num_block, theta, span_before, n_sin
     n_sink=st.integers(0, 3),
     rows=st.integers(1, 3),
     seed=st.integers(0, 2**16),
+    compiled=st.booleans(),
 )
 def test_dbac_matches_naive_reference(
-    n, budget_share, num_block, theta_q, span_before, variant, n_sink, rows, seed
+    n, budget_share, num_block, theta_q, span_before, variant, n_sink, rows, seed, compiled
 ):
     budget = max(n_sink, 1, min(n, round(n * budget_share)))
     scores = torch.rand(rows, 2, n, generator=torch.Generator().manual_seed(seed))
     theta = None if theta_q is None else float(scores.quantile(theta_q))
-    fast = dbac(
-        scores,
-        budget,
-        num_block=num_block,
-        theta=theta,
-        span_before=span_before,
-        n_sink=n_sink,
-        variant=variant,
-    )
+    with backend(compiled):
+        fast = dbac(
+            scores,
+            budget,
+            num_block=num_block,
+            theta=theta,
+            span_before=span_before,
+            n_sink=n_sink,
+            variant=variant,
+        )
     assert fast.shape == (rows, 2, budget)
     for r in range(rows):
         for h in range(2):
@@ -168,7 +183,8 @@ def test_float64_scores_rank_like_float32():
 
 
 def old_dbac_a(scores, budget, num_block, theta=None, span_before=0.0, n_sink=0):
-    """Frozen copy of variant A as it was before the int32 fast path (int64 keys over every token)."""
+    """Frozen copy of variant A as it was before the int32 fast path (int64 keys over every token),
+    except that equal block peaks now go to the later block (:func:`later_block_top`)."""
     n = scores.shape[-1]
     lead, padded = 0, not bool(torch.isfinite(scores[..., 0]).all())
     if padded:
@@ -181,7 +197,8 @@ def old_dbac_a(scores, budget, num_block, theta=None, span_before=0.0, n_sink=0)
     centres = torch.arange(n_blocks) * blk + arg
     if theta is not None:
         peaks = peaks.masked_fill(peaks < theta, float("-inf"))
-    top_peaks, top_blocks = peaks.topk(min(num_block, n_blocks), dim=-1)
+    top_blocks = later_block_top(peaks, min(num_block, n_blocks))
+    top_peaks = peaks.gather(-1, top_blocks)
     before = min(blk - 1, int(round(span_before * blk)))
     start = (centres.gather(-1, top_blocks) - before).clamp_min(0)
     length = n - lead
@@ -194,6 +211,15 @@ def old_dbac_a(scores, budget, num_block, theta=None, span_before=0.0, n_sink=0)
     sinks = finite & (finite.long().cumsum(dim=-1) <= n_sink) if n_sink else None
     kept = old_rank(scores, budget, sinks, clusters)
     return ((kept + lead) % n).sort(dim=-1).values if padded else kept
+
+
+def later_block_top(peaks, k):
+    """Indices of the ``k`` highest float ``peaks``, equal peaks to the later block (the one change
+    to the frozen copy: a stable descending sort of the reversed row, on the int64 order key)."""
+    bits = peaks.float().contiguous().view(torch.int32).to(torch.int64)
+    key = torch.where(bits >= 0, bits, -bits - 2**31 - 1)
+    order = key.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    return peaks.shape[-1] - 1 - order
 
 
 def old_rank(scores, budget, *tiers):
@@ -236,9 +262,10 @@ def _scores(kind: str, shape: tuple, seed: int) -> torch.Tensor:
     n_sink=st.sampled_from([0, 0, 2]),
     kind=st.sampled_from(["softmax", "ties", "bf16", "rand", "padded", "signed"]),
     seed=st.integers(0, 2**16),
+    compiled=st.booleans(),
 )
 def test_dbac_matches_old_implementation(
-    n, budget_share, span_width, theta_mode, span_before, n_sink, kind, seed
+    n, budget_share, span_width, theta_mode, span_before, n_sink, kind, seed, compiled
 ):
     """Identical indices to the pre-fast-path implementation, ties and padding included."""
     scores = _scores(kind, (2, 3, n), seed)
@@ -255,19 +282,79 @@ def test_dbac_matches_old_implementation(
     expected = old_dbac_a(scores, budget, **kwargs)
     if theta_mode == "relative":  # the same threshold, found by dbac itself (a float when unpadded)
         kwargs = {**kwargs, "theta": None, "relative_theta": 32.0}
-    assert torch.equal(dbac(scores, budget, **kwargs), expected)
+    with backend(compiled):
+        assert torch.equal(dbac(scores, budget, **kwargs), expected)
     assert torch.equal(topk_indices(scores, budget), old_rank(scores, budget))
 
 
+@BACKENDS
 @pytest.mark.parametrize(("length", "budget"), [(4096, 128), (8192, 512), (16384, 1024)])
-def test_dbac_matches_old_implementation_at_benchmark_shapes(length, budget):
+def test_dbac_matches_old_implementation_at_benchmark_shapes(length, budget, compiled):
     """SmolLM2 shapes (batch 1, 3 KV heads, window 32) with the press's relative threshold."""
     scores = _scores("softmax", (1, 3, length - 32), length)
     theta = 32 / torch.isfinite(scores[:, :1]).sum(dim=-1, keepdim=True)
     for num_block in (max(1, (budget - 32) // 16), 1, budget - 32):
         kwargs = {"num_block": num_block, "theta": theta}
         expected = old_dbac_a(scores, budget - 32, **kwargs)
-        assert torch.equal(dbac(scores, budget - 32, **kwargs), expected)
-        assert torch.equal(dbac(scores, budget - 32, num_block=num_block, relative_theta=32.0), expected)
+        with backend(compiled):
+            assert torch.equal(dbac(scores, budget - 32, **kwargs), expected)
+            assert torch.equal(dbac(scores, budget - 32, num_block=num_block, relative_theta=32.0), expected)
     assert dbac_module._plain(scores) is not None  # the int32 fast path is the one exercised
     assert dbac_module._plain(_scores("padded", (2, 3, 50), 0)) is None
+
+
+def test_compiled_path_runs_where_it_applies(monkeypatch):
+    """Plain CPU float32/bf16 scores take the compiled key; everything else returns None (tensor path)."""
+    assert dbac_compiled.available()  # numba is pinned in every environment that runs these tests
+    plain = _scores("softmax", (2, 3, 200), 0)
+    args = (30, 3, dbac_module._theta_int(0.5), 0)
+    with backend(True):
+        assert dbac_compiled.enabled()
+        assert dbac_compiled.plain_key(plain, *args) is not None
+        assert dbac_compiled.plain_key(plain.bfloat16(), *args) is not None
+        for kind in ("padded", "signed"):
+            assert dbac_compiled.plain_key(_scores(kind, (2, 3, 200), 0), *args) is None
+        assert dbac_compiled.plain_key(plain.double(), *args) is None
+        assert dbac_compiled.plain_key(plain.clone().requires_grad_(), *args) is None
+        nan = plain.clone()
+        nan[1, 2, 7] = float("nan")
+        assert dbac_compiled.plain_key(nan, *args) is None
+        assert dbac_compiled.plain_key(plain[:0], *args) is None
+        calls = []
+        monkeypatch.setattr(dbac_module, "_dbac_plain", lambda *a: calls.append(a))
+        dbac(plain, 30, relative_theta=32.0)  # compiled: the tensor plain path is not reached
+        assert not calls
+    with backend(False):
+        assert not dbac_compiled.enabled()
+        assert dbac_compiled.plain_key(plain, *args) is None
+    with pytest.raises(TypeError, match="bool"):
+        dbac_compiled.set_enabled(1)
+
+
+@BACKENDS
+def test_non_contiguous_and_batched_rows_match(compiled):
+    """A transposed (non-contiguous) view and extra leading dimensions select what each row alone does."""
+    scores = _scores("softmax", (3, 2, 4, 300), 5).transpose(1, 2)
+    with backend(compiled):
+        whole = dbac(scores, 40, relative_theta=32.0)
+        for index in ((0, 0), (2, 3), (1, 1)):
+            alone = dbac(scores[index].contiguous(), 40, relative_theta=32.0)
+            assert torch.equal(whole[index], alone)
+
+
+@BACKENDS
+def test_equal_block_peaks_go_to_the_later_block(compiled):
+    """Three blocks share the top peak and two clusters fit: the later two win, on every path (plain,
+    padded, with a threshold) and whatever ``topk`` would do with the tie on a device."""
+    scores = torch.full((64,), 0.1)
+    scores[torch.arange(64) % 8 == 2] = 0.2
+    for block in (1, 3, 5):
+        scores[block * 8 + 2] = 0.9
+    expected = list(range(26, 34)) + list(range(42, 50))  # spans of 8 from the arg-max at 26 and 42
+    padded = torch.cat([torch.full((5,), float("-inf")), scores])
+    with backend(compiled):
+        assert dbac(scores, 16, num_block=2).tolist() == expected
+        assert dbac(scores, 16, num_block=2, theta=0.5).tolist() == expected
+        assert dbac(scores.bfloat16(), 16, num_block=2).tolist() == expected
+        assert dbac(padded, 16, num_block=2).tolist() == [i + 5 for i in expected]
+    assert naive_dbac(scores.tolist(), 16, 2, None, 0.0) == expected

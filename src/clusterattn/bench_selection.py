@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from clusterattn import dbac_compiled
 from clusterattn.presses import PRESSES
 
 __all__ = ["selection_markdown", "selection_timing"]
@@ -22,52 +23,68 @@ def selection_timing(
 
     Both are the compress step's own calls, ``select_prefix(scores, budget - window)`` of
     :class:`ClusterAttnPress` (DBAC, with its relative threshold) and of :class:`SnapKVPress`
-    (``topk_indices``: one ``topk`` + ``sort``), timed alternately in every repeat (the order swaps
+    (``topk_indices``: one ``topk`` + ``sort``), timed in turn in every repeat (the order rotates
     each repeat) on the same ``(batch, kv_heads, prefix)`` scores, in wall and in CPU (process)
-    seconds: CPU time is less disturbed by other jobs on a shared machine. ``scores`` maps a length
-    to real window scores ``(layers, batch, kv_heads, prefix)``; default: synthetic softmax scores
-    (SmolLM2 shapes: ``batch`` rows, 3 KV heads, 30 layers). Both steps cost a fixed number of
-    tensor ops per layer whatever the size, so a larger ``batch`` shows the ratio once that fixed
-    cost is shared by more rows.
+    seconds: CPU time is less disturbed by other jobs on a shared machine. DBAC is timed twice: as
+    it runs by default (``dbac``: the compiled path of :mod:`clusterattn.dbac_compiled` where numba
+    is installed) and on the tensor path alone (``dbac_tensor``); ``ratio`` is the default's.
+    ``scores`` maps a length to real window scores ``(layers, batch, kv_heads, prefix)``; default:
+    synthetic softmax scores (SmolLM2 shapes: ``batch`` rows, 3 KV heads, 30 layers). The tensor
+    path costs a fixed number of tensor ops per layer whatever the size, so a larger ``batch``
+    shows its ratio once that fixed cost is shared by more rows.
     """
     rows = []
     for length in lengths:
         synthetic = torch.softmax(torch.randn(layers, batch, kv_heads, length - window) * 3, dim=-1) * window
         layer_scores = synthetic if scores is None else scores[length]
         for budget in budgets:
-            presses = {
-                "dbac": PRESSES["clusterattn"](budget=budget, window_size=window),
-                "topk": PRESSES["snapkv"](budget=budget, window_size=window),
+            clusterattn = PRESSES["clusterattn"](budget=budget, window_size=window)
+            steps = {  # name: (press, compiled path on)
+                "dbac": (clusterattn, dbac_compiled.enabled()),
+                "dbac_tensor": (clusterattn, False),
+                "topk": (PRESSES["snapkv"](budget=budget, window_size=window), False),
             }
-            wall: dict[str, list[float]] = {name: [] for name in presses}
-            cpu: dict[str, list[float]] = {name: [] for name in presses}
+            wall: dict[str, list[float]] = {name: [] for name in steps}
+            cpu: dict[str, list[float]] = {name: [] for name in steps}
             for rep in range(reps):
-                for name in list(presses)[:: 1 if rep % 2 else -1]:
+                names = list(steps)
+                for name in names[rep % 3 :] + names[: rep % 3]:
+                    press, compiled = steps[name]
+                    previous = dbac_compiled.set_enabled(compiled)
                     start, start_cpu = time.perf_counter(), time.process_time()
                     for layer in layer_scores:
-                        presses[name].select_prefix(layer, budget - window)
+                        press.select_prefix(layer, budget - window)
                     cpu[name].append(time.process_time() - start_cpu)
                     wall[name].append(time.perf_counter() - start)
+                    dbac_compiled.set_enabled(previous)
             row = {"length": length, "budget": budget, "batch": layer_scores.shape[1]}
-            row |= {"threads": torch.get_num_threads(), "reps": reps}
-            for name in presses:
+            row |= {"threads": torch.get_num_threads(), "reps": reps, "compiled": dbac_compiled.enabled()}
+            for name in steps:
                 row[f"{name}_s"] = statistics.median(wall[name])
                 row[f"{name}_cpu_s"] = statistics.median(cpu[name])
             row["ratio"] = row["dbac_s"] / row["topk_s"]
             row["cpu_ratio"] = row["dbac_cpu_s"] / row["topk_cpu_s"]
+            row["tensor_cpu_ratio"] = row["dbac_tensor_cpu_s"] / row["topk_cpu_s"]
             rows.append(row)
     return rows
 
 
 def selection_markdown(rows: list[dict]) -> list[str]:
-    """The selection timing table (30 layers, medians): wall ms, CPU ms and both ratios."""
-    head = "| length | budget | batch | DBAC ms | top-k ms | ratio | DBAC CPU ms | top-k CPU ms | CPU ratio |"
-    lines = [head, "|" + "---|" * 9]
+    """The selection timing table (30 layers, medians): wall ms, CPU ms and the ratios to top-k, of
+    DBAC as it runs by default and, in the last two columns, on the tensor path alone."""
+    head = (
+        "| length | budget | batch | DBAC ms | top-k ms | ratio | DBAC CPU ms | top-k CPU ms | CPU ratio "
+        "| tensor-path CPU ms | tensor-path CPU ratio |"
+    )
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
+        tensor = r.get("dbac_tensor_cpu_s")  # absent in rows from before the compiled path
+        tensor_ms = "-" if tensor is None else f"{1e3 * tensor:.2f}"
+        tensor_ratio = "-" if tensor is None else f"{tensor / r['topk_cpu_s']:.2f}"
         lines.append(
             f"| {r['length']} | {r['budget']} | {r.get('batch', 1)} | {1e3 * r['dbac_s']:.2f} "
             f"| {1e3 * r['topk_s']:.2f} "
             f"| {r['ratio']:.2f} | {1e3 * r['dbac_cpu_s']:.2f} | {1e3 * r['topk_cpu_s']:.2f} "
-            f"| {r['cpu_ratio']:.2f} |"
+            f"| {r['cpu_ratio']:.2f} | {tensor_ms} | {tensor_ratio} |"
         )
     return lines

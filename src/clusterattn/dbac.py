@@ -11,7 +11,8 @@ Variant ``"A"`` (centre expansion, the default; reconstructed from the paper's d
 1. ``blksize = max(1, budget // num_block)``; block max-pool of the scores (kernel = stride =
    ``blksize``) gives one density peak and its arg-max position per block.
 2. Blocks whose peak is below ``theta`` cannot seed a cluster (noise).
-3. The ``num_block`` highest surviving peaks are the cluster centres.
+3. The ``num_block`` highest surviving peaks are the cluster centres (equal peaks: the later block
+   first).
 4. Each centre ``c`` claims the span ``[c - before, c - before + blksize)`` with
    ``before = round(span_before * blksize)``, shifted to fit inside ``[0, n)``.
 5. Union of the spans; rank tokens by (in a cluster, score) and keep the top ``budget``: over-full
@@ -32,6 +33,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from clusterattn import dbac_compiled
 
 VARIANTS = ("A", "B")
 
@@ -125,7 +128,8 @@ def _spans_variant_a(scores: torch.Tensor, budget: int, num_block: int, theta, s
     centres = torch.arange(n_blocks, device=scores.device) * blk + arg
     if theta is not None:
         peaks = peaks.masked_fill(peaks < theta, float("-inf"))
-    top_peaks, top_blocks = peaks.topk(min(num_block, n_blocks), dim=-1)
+    top_blocks = _top_blocks(_order_key(peaks), min(num_block, n_blocks))
+    top_peaks = peaks.gather(-1, top_blocks)
     before = min(blk - 1, int(round(span_before * blk)))
     start = (centres.gather(-1, top_blocks) - before).clamp_min(0)
     if isinstance(length, torch.Tensor):  # per-row real lengths (left-padded rows)
@@ -138,6 +142,16 @@ def _spans_variant_a(scores: torch.Tensor, budget: int, num_block: int, theta, s
     )  # noise centres write to a spare slot
     mask = torch.zeros((*scores.shape[:-1], n + 1), dtype=torch.bool, device=scores.device)
     return mask.scatter_(-1, span.flatten(-2), True)[..., :n]
+
+
+def _top_blocks(peaks: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``(..., k)`` of the ``k`` highest int32 ``peaks`` ``(..., n_blocks)`` (an order key of
+    the block peaks), in no particular order. Equal peaks go to the later block: the top-k runs on
+    the unique int64 code ``peak * 2**32 + block``, as the compiled path ranks them, so the choice
+    does not depend on how ``topk`` breaks ties on a device."""
+    n_blocks = peaks.shape[-1]
+    code = peaks.to(torch.int64).mul_(1 << 32).add_(_offsets(n_blocks, peaks.device))
+    return code.topk(k, dim=-1, sorted=False).indices
 
 
 _FINITE_BITS = 0x7F800000  # float32 bit patterns below this with the sign bit clear: +0.0 .. max finite
@@ -192,7 +206,8 @@ def _dbac_plain(scores, bits, budget: int, num_block: int, theta, span_before: f
             peaks.masked_fill_(peaks < _theta_bits(theta, bits.device), int_min)
         else:  # a tensor: the float comparison itself, on a free bit view (a peak is never padding)
             peaks.masked_fill_(peaks.view(torch.float32) < theta, int_min)
-    top_peaks, top_blocks = peaks.topk(min(num_block, n_blocks), dim=-1, sorted=False)
+    top_blocks = _top_blocks(peaks, min(num_block, n_blocks))
+    top_peaks = peaks.gather(-1, top_blocks)
     offsets = _offsets(blk, bits.device)
     cells = torch.add(offsets, top_blocks.unsqueeze(-1), alpha=blk)  # (..., k, blk) top blocks' tokens
     if n % blk:
@@ -208,6 +223,24 @@ def _dbac_plain(scores, bits, budget: int, num_block: int, theta, span_before: f
         src.view(*top_peaks.shape, blk).masked_fill_((top_peaks == _INT32_MIN).unsqueeze(-1), _INT32_MIN)
         return _select(key.scatter_reduce_(-1, span, src, "amax"), budget)
     return _select(key.scatter_(-1, span, src), budget)
+
+
+def _compiled_key(scores, budget: int, num_block: int, theta, span_before: float) -> torch.Tensor | None:
+    """The plain path's int32 key from :func:`clusterattn.dbac_compiled.plain_key`, or None where it
+    does not apply (a tensor threshold included: those stay on the tensor path)."""
+    if isinstance(theta, torch.Tensor):
+        return None
+    blk = max(1, budget // num_block)
+    before = min(blk - 1, int(round(span_before * blk)))
+    return dbac_compiled.plain_key(scores, budget, num_block, _theta_int(theta), before)
+
+
+@functools.lru_cache(maxsize=256)
+def _theta_int(theta: float | None) -> int:
+    """``float32(theta)``'s bits as a Python int, ``-2**31`` (nothing below it) for None or NaN."""
+    if theta is None or theta != theta:
+        return _INT32_MIN
+    return torch.tensor(float(theta), dtype=torch.float32).view(torch.int32).item()
 
 
 @functools.lru_cache(maxsize=256)
@@ -301,10 +334,13 @@ def dbac(
             raise ValueError("give theta or relative_theta, not both")
         if not relative_theta >= 0:
             raise ValueError(f"relative_theta must be >= 0, got {relative_theta}")
-    if variant == "A" and n_sink == 0 and (plain := _plain(scores)) is not None:
-        if relative_theta is not None:  # every score finite: m = n in every row
-            theta = _relative_theta(relative_theta, n)
-        return _dbac_plain(*plain, budget, num_block, theta, span_before)
+    if variant == "A" and n_sink == 0:
+        # plain scores have every score finite: m = n in every row
+        plain_theta = theta if relative_theta is None else _relative_theta(relative_theta, n)
+        if (key := _compiled_key(scores, budget, num_block, plain_theta, span_before)) is not None:
+            return _select(key, budget)
+        if (plain := _plain(scores)) is not None:
+            return _dbac_plain(*plain, budget, num_block, plain_theta, span_before)
     if relative_theta is not None:
         finite = torch.isfinite(scores).sum(dim=-1, keepdim=True).clamp_min_(1)
         theta = relative_theta / finite
