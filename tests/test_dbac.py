@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -358,3 +360,37 @@ def test_equal_block_peaks_go_to_the_later_block(compiled):
         assert dbac(scores.bfloat16(), 16, num_block=2).tolist() == expected
         assert dbac(padded, 16, num_block=2).tolist() == [i + 5 for i in expected]
     assert naive_dbac(scores.tolist(), 16, 2, None, 0.0) == expected
+
+
+def test_compiled_path_falls_back_to_the_tensor_path(monkeypatch):
+    """numba missing: the tensor path, silently; numba present but unusable (import or compile
+    error): the tensor path with one warning. The selections are the same either way."""
+    scores = _scores("softmax", (2, 3, 300), 1)
+    expected = dbac(scores, 40, relative_theta=32.0)
+    state = dbac_compiled._STATE
+
+    monkeypatch.setitem(state, "kernels", None)
+    monkeypatch.setitem(sys.modules, "clusterattn._dbac_numba", None)  # import fails
+    assert not dbac_compiled.available() and not dbac_compiled.enabled()
+    assert torch.equal(dbac(scores, 40, relative_theta=32.0), expected)
+
+    def broken_import(name):
+        raise RuntimeError("no locator available")
+
+    monkeypatch.setitem(state, "kernels", None)
+    monkeypatch.setattr(dbac_compiled.importlib, "import_module", broken_import)
+    with pytest.warns(RuntimeWarning, match="no locator available"):
+        assert not dbac_compiled.available()
+    assert torch.equal(dbac(scores, 40, relative_theta=32.0), expected)
+
+    class CompileError(Exception):
+        pass
+
+    def cluster_key(*args):
+        raise CompileError("untyped")
+
+    fake = types.SimpleNamespace(cluster_key=cluster_key, NumbaError=CompileError)
+    monkeypatch.setitem(state, "kernels", fake)
+    with pytest.warns(RuntimeWarning, match="untyped"):
+        assert torch.equal(dbac(scores, 40, relative_theta=32.0), expected)
+    assert state["kernels"] is False  # given up for the rest of the process

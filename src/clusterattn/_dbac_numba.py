@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.core.errors import NumbaError
+
+__all__ = ["NumbaError", "cluster_key"]
 
 _INT32_MIN = -(2**31)
 _FINITE_BITS = np.uint32(0x7F800000)  # bits of +inf: plain scores' bits, as uint32, lie below it

@@ -1,22 +1,25 @@
 """Compiled CPU path of DBAC's plain case (variant A, no sinks, finite non-negative scores).
 
-:func:`clusterattn.dbac.dbac` costs a fixed number of small tensor ops per call whatever the size
-(block peaks, threshold, spans, key, scatter: about 20 of them, each a few microseconds on CPU), so
-on one prompt's ``(1, kv_heads, n)`` scores it spent twice as long as a plain top-k. This module
-computes the same int32 ranking key in one compiled call (numba): block peaks with the threshold
-and the plain-score check fused in, the top blocks (a partition of ``(peak, block)`` codes), then
-the key with the spans written in place. The final top-``budget`` stays torch's own ``topk`` on
-that key, so the kept indices are identical to the tensor path's, ties included (tests compare
-both paths).
+The tensor path of :func:`clusterattn.dbac.dbac` costs a fixed number of small tensor ops per call
+whatever the size (block peaks, threshold, spans, key, scatter: about 20 of them, each a few
+microseconds on CPU), so on one prompt's ``(1, kv_heads, n)`` scores it spent twice as long as a
+plain top-k. This module computes the same int32 ranking key in one compiled call (numba): block
+peaks with the threshold and the plain-score check fused in, the top blocks (a partition of
+``(peak, block)`` codes), then the key with the spans written in place. The final top-``budget``
+stays torch's own ``topk`` on that key, so the kept indices are identical to the tensor path's,
+ties included (tests compare both paths).
 
 Used automatically on CPU tensors when numba is installed; ``CLUSTERATTN_COMPILED=0`` in the
-environment or :func:`set_enabled` (``False``) falls back to the tensor path. On other devices the
+environment or :func:`set_enabled` (``False``) falls back to the tensor path. On other devices,
+without numba, or when numba cannot compile or cache the kernel here (one ``RuntimeWarning``), the
 tensor path runs.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -27,15 +30,27 @@ _STATE = {"enabled": os.environ.get("CLUSTERATTN_COMPILED", "1") != "0", "kernel
 
 
 def _kernels():
-    """The numba kernels module, imported on first use; None when numba is not installed."""
+    """The numba kernels module, imported on first use; None when numba is not installed, or when
+    it is but cannot be used here (then with a warning, once)."""
     if _STATE["kernels"] is None:
         try:
-            from clusterattn import _dbac_numba
-        except ImportError:
+            _STATE["kernels"] = importlib.import_module("clusterattn._dbac_numba")
+        except ImportError:  # numba is not installed: the tensor path, as on other devices
             _STATE["kernels"] = False
-        else:
-            _STATE["kernels"] = _dbac_numba
+        except Exception as error:  # e.g. numba finds no writable cache location
+            _give_up(error)
     return _STATE["kernels"] or None
+
+
+def _give_up(error: Exception) -> None:
+    """Fall back to the tensor path for the rest of the process, saying why."""
+    _STATE["kernels"] = False
+    warnings.warn(
+        f"clusterattn: compiled DBAC unavailable ({type(error).__name__}: {error}); using the tensor "
+        "path (the same selections, slower on CPU)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def available() -> bool:
@@ -82,6 +97,11 @@ def plain_key(
     bits = scores.float().contiguous().numpy().view(np.int32)
     key = np.empty(bits.shape, dtype=np.int32)
     blk = max(1, budget // num_block)
-    if not kernels.cluster_key(bits.reshape(-1, n), blk, theta_bits, num_block, before, key.reshape(-1, n)):
+    try:
+        plain = kernels.cluster_key(
+            bits.reshape(-1, n), blk, theta_bits, num_block, before, key.reshape(-1, n)
+        )
+    except kernels.NumbaError as error:  # this numba / numpy could not compile it
+        _give_up(error)
         return None
-    return torch.from_numpy(key)
+    return torch.from_numpy(key) if plain else None
