@@ -394,3 +394,17 @@ def test_compiled_path_falls_back_to_the_tensor_path(monkeypatch):
     with pytest.warns(RuntimeWarning, match="untyped"):
         assert torch.equal(dbac(scores, 40, relative_theta=32.0), expected)
     assert state["kernels"] is False  # given up for the rest of the process
+
+
+def test_warm_up_loads_the_kernel_before_the_first_compression(monkeypatch):
+    """A session warms its press up when it starts; ClusterAttn's warm-up loads the kernel once."""
+    from clusterattn.presses import PRESSES
+
+    assert dbac_compiled.warm_up() is True
+    with backend(False):
+        assert dbac_compiled.warm_up() is False  # disabled: nothing to load
+    calls = []
+    monkeypatch.setattr(dbac_compiled, "warm_up", lambda: calls.append(1) or True)
+    PRESSES["clusterattn"](budget=64).warm_up()
+    PRESSES["snapkv"](budget=64).warm_up()  # the default warm-up does nothing
+    assert calls == [1]

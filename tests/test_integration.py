@@ -255,3 +255,19 @@ def test_fit_mask_drops_or_prepends_visible_prompt_columns():
     additive = torch.zeros(1, 1, 4, 9).masked_fill(~causal, float("-inf"))
     assert torch.equal(ca.integration.fit_mask(additive, 12).isinf(), ~longer)
     assert ca.integration.fit_mask(None, 5) is None and ca.integration.fit_mask(causal, 9) is causal
+
+
+def test_a_session_warms_its_press_up_before_compressing(llama, monkeypatch):
+    """The press's warm-up (ClusterAttn: loading its compiled kernel) runs when the session starts,
+    before any compression, so the first prompt's compression time does not include it."""
+    events = []
+    press = ca.ClusterAttnPress(budget=40, window_size=8)
+    monkeypatch.setattr(type(press), "warm_up", lambda self: events.append("warm_up"))
+    select = type(press).select_prefix
+    monkeypatch.setattr(
+        type(press), "select_prefix", lambda self, *a: events.append("select") or select(self, *a)
+    )
+    with press(llama):
+        assert events == ["warm_up"]
+        llama(torch.tensor([[int(t) for t in ids_text(60, seed=5).split()]]))
+    assert events[0] == "warm_up" and events.count("warm_up") == 1 and "select" in events

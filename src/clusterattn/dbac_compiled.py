@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 import torch
 
-__all__ = ["available", "enabled", "plain_key", "set_enabled"]
+__all__ = ["available", "enabled", "plain_key", "set_enabled", "warm_up"]
 
 _STATE = {"enabled": os.environ.get("CLUSTERATTN_COMPILED", "1") != "0", "kernels": None}
 
@@ -105,3 +105,12 @@ def plain_key(
         _give_up(error)
         return None
     return torch.from_numpy(key) if plain else None
+
+
+def warm_up() -> bool:
+    """Import numba and load (or compile, the first time on a machine) the kernel now, so that the
+    first compression does not pay for it (about 0.5 s from numba's cache). Returns whether the
+    compiled path is on."""
+    if enabled():
+        plain_key(torch.ones(1, 2), 1, 1, -(2**31), 0)
+    return enabled()

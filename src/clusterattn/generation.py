@@ -272,5 +272,8 @@ def _record_prefill(model, inputs: _Inputs) -> tuple[PrefillRecord, float]:
 
 
 class _NoPress:
+    def warm_up(self) -> None:
+        pass
+
     def select(self, *args, **kwargs):
         return None

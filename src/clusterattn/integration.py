@@ -383,6 +383,7 @@ def apply_press(model, press) -> Iterator[PressSession]:
             "this model has no full-attention layer to compress (every layer uses a sliding window: "
             f"sliding_window={getattr(text_config(model), 'sliding_window', None)})"
         )
+    press.warm_up()  # e.g. load a compiled kernel now, not inside the first timed compression
     hooks = [model.register_forward_pre_hook(session.before_forward, with_kwargs=True)]
     hooks += [
         module.register_forward_hook(session.after_attention, with_kwargs=True)

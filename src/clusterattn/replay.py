@@ -29,6 +29,9 @@ class _Recorder:
         self.queries: dict[int, torch.Tensor] = {}
         self.scaling: dict[int, float] = {}
 
+    def warm_up(self) -> None:
+        """Nothing to load (a session calls it on every press when it starts)."""
+
     def select(self, query, key, scaling, *, layer, n_layers, pad_mask):
         self.queries[layer] = query.detach().clone()
         self.scaling[layer] = scaling
@@ -69,6 +72,7 @@ def replay(record: PrefillRecord, press) -> tuple[Cache, CompressionStats]:
     if hasattr(cache, "_clusterattn"):
         del cache._clusterattn
     stats = CompressionStats(prompt_tokens=record.cache.layers[record.layers[0]].keys.shape[2])
+    press.warm_up()  # outside the timed compression, as in a live session
     start = time.perf_counter()
     with torch.no_grad():
         for rank, layer_idx in enumerate(record.layers):

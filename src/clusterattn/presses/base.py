@@ -121,6 +121,10 @@ class BasePress:
     def select_indices(self, query, key, scaling, budget, *, layer, pad_mask):  # pragma: no cover
         raise NotImplementedError
 
+    def warm_up(self) -> None:
+        """Load whatever the press compiles, before the first compression (a session calls it
+        when it starts, outside the timed compression). Default: nothing."""
+
     def __call__(self, model):
         """Context manager: compress the prompt cache inside ``model(...)`` / ``model.generate``.
 
