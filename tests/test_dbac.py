@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import os
+import subprocess
 import sys
 import types
 
@@ -362,12 +364,22 @@ def test_equal_block_peaks_go_to_the_later_block(compiled):
     assert naive_dbac(scores.tolist(), 16, 2, None, 0.0) == expected
 
 
+def test_compiled_path_is_opt_in():
+    """Off unless asked for (it costs about 100 MB of resident memory for numba's LLVM)."""
+    code = "from clusterattn import dbac_compiled as c; print(c.enabled())"
+    for env, expected in (({}, "False"), ({"CLUSTERATTN_COMPILED": "1"}, "True")):
+        environ = {k: v for k, v in os.environ.items() if k != "CLUSTERATTN_COMPILED"} | env
+        out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True)
+        assert out.stdout.strip() == expected, out.stderr
+
+
 def test_compiled_path_falls_back_to_the_tensor_path(monkeypatch):
     """numba missing: the tensor path, silently; numba present but unusable (import or compile
     error): the tensor path with one warning. The selections are the same either way."""
     scores = _scores("softmax", (2, 3, 300), 1)
     expected = dbac(scores, 40, relative_theta=32.0)
     state = dbac_compiled._STATE
+    monkeypatch.setitem(state, "enabled", True)
 
     monkeypatch.setitem(state, "kernels", None)
     monkeypatch.setitem(sys.modules, "clusterattn._dbac_numba", None)  # import fails
@@ -400,9 +412,10 @@ def test_warm_up_loads_the_kernel_before_the_first_compression(monkeypatch):
     """A session warms its press up when it starts; ClusterAttn's warm-up loads the kernel once."""
     from clusterattn.presses import PRESSES
 
-    assert dbac_compiled.warm_up() is True
+    with backend(True):
+        assert dbac_compiled.warm_up() is True
     with backend(False):
-        assert dbac_compiled.warm_up() is False  # disabled: nothing to load
+        assert dbac_compiled.warm_up() is False  # disabled (the default): nothing to load
     calls = []
     monkeypatch.setattr(dbac_compiled, "warm_up", lambda: calls.append(1) or True)
     PRESSES["clusterattn"](budget=64).warm_up()
