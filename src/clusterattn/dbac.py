@@ -149,8 +149,7 @@ def _top_blocks(peaks: torch.Tensor, k: int) -> torch.Tensor:
     the block peaks), in no particular order. Equal peaks go to the later block: the top-k runs on
     the unique int64 code ``peak * 2**32 + block``, as the compiled path ranks them, so the choice
     does not depend on how ``topk`` breaks ties on a device."""
-    n_blocks = peaks.shape[-1]
-    code = peaks.to(torch.int64).mul_(1 << 32).add_(_offsets(n_blocks, peaks.device))
+    code = torch.add(_offsets(peaks.shape[-1], peaks.device), peaks, alpha=1 << 32)  # int64, one op
     return code.topk(k, dim=-1, sorted=False).indices
 
 
