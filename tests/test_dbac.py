@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -374,8 +375,9 @@ def test_compiled_path_is_opt_in():
 
 
 def test_compiled_path_falls_back_to_the_tensor_path(monkeypatch):
-    """numba missing: the tensor path, silently; numba present but unusable (import or compile
-    error): the tensor path with one warning. The selections are the same either way."""
+    """numba missing: the tensor path, with one warning if the compiled path was asked for; numba
+    present but unusable (import or compile error): the tensor path with one warning. The
+    selections are the same either way."""
     scores = _scores("softmax", (2, 3, 300), 1)
     expected = dbac(scores, 40, relative_theta=32.0)
     state = dbac_compiled._STATE
@@ -383,8 +385,15 @@ def test_compiled_path_falls_back_to_the_tensor_path(monkeypatch):
 
     monkeypatch.setitem(state, "kernels", None)
     monkeypatch.setitem(sys.modules, "clusterattn._dbac_numba", None)  # import fails
-    assert not dbac_compiled.available() and not dbac_compiled.enabled()
+    with pytest.warns(RuntimeWarning, match="compiled DBAC unavailable"):  # it was asked for
+        assert not dbac_compiled.available() and not dbac_compiled.enabled()
     assert torch.equal(dbac(scores, 40, relative_theta=32.0), expected)
+    monkeypatch.setitem(state, "kernels", None)
+    monkeypatch.setitem(state, "enabled", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not asked for: no warning
+        assert not dbac_compiled.available()
+    monkeypatch.setitem(state, "enabled", True)
 
     def broken_import(name):
         raise RuntimeError("no locator available")

@@ -33,12 +33,14 @@ _STATE = {"enabled": os.environ.get("CLUSTERATTN_COMPILED", "0") == "1", "kernel
 
 
 def _kernels():
-    """The numba kernels module, imported on first use; None when numba is not installed, or when
-    it is but cannot be used here (then with a warning, once)."""
+    """The numba kernels module, imported on first use; None when numba is not installed (with a
+    warning, once, if the compiled path was asked for) or cannot be used here (with a warning)."""
     if _STATE["kernels"] is None:
         try:
             _STATE["kernels"] = importlib.import_module("clusterattn._dbac_numba")
-        except ImportError:  # numba is not installed: the tensor path, as on other devices
+        except ImportError as error:  # numba is not installed: the tensor path, as on other devices
+            if _STATE["enabled"]:  # asked for: say why it is not there
+                _give_up(error)
             _STATE["kernels"] = False
         except Exception as error:  # e.g. numba finds no writable cache location
             _give_up(error)
