@@ -312,7 +312,7 @@ def test_compiled_path_runs_where_it_applies(monkeypatch):
     """Plain CPU float32/bf16 scores take the compiled key; everything else returns None (tensor path)."""
     assert dbac_compiled.available()  # numba is pinned in every environment that runs these tests
     plain = _scores("softmax", (2, 3, 200), 0)
-    args = (30, 3, dbac_module._theta_int(0.5), 0)
+    args = (10, 3, dbac_module._theta_int(0.5), 0)  # spans of 10: a budget of 30 in 3 clusters
     with backend(True):
         assert dbac_compiled.enabled()
         assert dbac_compiled.plain_key(plain, *args) is not None

@@ -117,9 +117,16 @@ def sink_mask(scores: torch.Tensor, n_sink: int) -> torch.Tensor | None:
     return finite & (finite.long().cumsum(dim=-1) <= n_sink)
 
 
+def _span_geometry(budget: int, num_block: int, span_before: float) -> tuple[int, int]:
+    """``(blk, before)``: the span (and block) width ``max(1, budget // num_block)`` and the tokens
+    of each span placed before its centre, ``round(span_before * blk)``, at most ``blk - 1``."""
+    blk = max(1, budget // num_block)
+    return blk, min(blk - 1, int(round(span_before * blk)))
+
+
 def _spans_variant_a(scores: torch.Tensor, budget: int, num_block: int, theta, span_before: float, length):
     n = scores.shape[-1]
-    blk = max(1, budget // num_block)
+    blk, before = _span_geometry(budget, num_block, span_before)
     n_blocks = math.ceil(n / blk)
     padded = scores.float()
     if n_blocks * blk != n:
@@ -130,7 +137,6 @@ def _spans_variant_a(scores: torch.Tensor, budget: int, num_block: int, theta, s
         peaks = peaks.masked_fill(peaks < theta, float("-inf"))
     top_blocks = _top_blocks(_order_key(peaks), min(num_block, n_blocks))
     top_peaks = peaks.gather(-1, top_blocks)
-    before = min(blk - 1, int(round(span_before * blk)))
     start = (centres.gather(-1, top_blocks) - before).clamp_min(0)
     if isinstance(length, torch.Tensor):  # per-row real lengths (left-padded rows)
         start = torch.minimum(start, (length - blk).clamp_min(0))
@@ -193,7 +199,7 @@ def _dbac_plain(scores, bits, budget: int, num_block: int, theta, span_before: f
     which orders tokens exactly like the int64 ``(in cluster, score)`` key of :func:`rank_and_select`.
     """
     n = scores.shape[-1]
-    blk = max(1, budget // num_block)
+    blk, before = _span_geometry(budget, num_block, span_before)
     n_blocks = math.ceil(n / blk)
     int_min = _int32_min(bits.device)
     # the short last block is padded with INT32_MIN, below every plain score's bits
@@ -212,7 +218,6 @@ def _dbac_plain(scores, bits, budget: int, num_block: int, theta, span_before: f
     if n % blk:
         cells = cells.clamp_max_(n - 1)  # the short last block repeats its last token
     arg = bits.gather(-1, cells.flatten(-2)).view(cells.shape).argmax(dim=-1, keepdim=True)
-    before = min(blk - 1, int(round(span_before * blk)))
     start = cells.gather(-1, arg)  # (..., k, 1) centres: first arg-max of each top block
     start = start.sub_(before).clamp_(0, n - blk) if before else start.clamp_max_(n - blk)
     span = (start + offsets).flatten(-2)  # (..., k * blk)
@@ -230,9 +235,8 @@ def _compiled_key(scores, budget: int, num_block: int, theta, span_before: float
     it returns at once."""
     if not dbac_compiled.enabled() or isinstance(theta, torch.Tensor):
         return None
-    blk = max(1, budget // num_block)
-    before = min(blk - 1, int(round(span_before * blk)))
-    return dbac_compiled.plain_key(scores, budget, num_block, _theta_int(theta), before)
+    blk, before = _span_geometry(budget, num_block, span_before)
+    return dbac_compiled.plain_key(scores, blk, num_block, _theta_int(theta), before)
 
 
 @functools.lru_cache(maxsize=256)
@@ -240,7 +244,7 @@ def _theta_int(theta: float | None) -> int:
     """``float32(theta)``'s bits as a Python int, ``-2**31`` (nothing below it) for None or NaN."""
     if theta is None or theta != theta:
         return _INT32_MIN
-    return torch.tensor(float(theta), dtype=torch.float32).view(torch.int32).item()
+    return _theta_bits(float(theta), torch.device("cpu")).item()
 
 
 @functools.lru_cache(maxsize=256)

@@ -77,15 +77,16 @@ def set_enabled(flag: bool) -> bool:
 
 
 def plain_key(
-    scores: torch.Tensor, budget: int, num_block: int, theta_bits: int, before: int
+    scores: torch.Tensor, blk: int, num_block: int, theta_bits: int, before: int
 ) -> torch.Tensor | None:
     """DBAC variant A's int32 ranking key ``(..., n)`` for ``scores`` ``(..., n)``, or None where
     the compiled path does not apply (disabled, numba missing, not a CPU tensor, float64, a tensor
     that needs grad, or any score that is not plain: negative, ``-0.0``, inf or NaN).
 
-    ``theta_bits``: the int32 bits of the float32 threshold (``-2**31`` admits every block);
-    ``before``: tokens of each span placed before its centre. The key is ``bits - 2**31`` outside
-    the clusters and ``bits`` inside, exactly the tensor path's (``dbac._dbac_plain``)."""
+    ``blk``: the block and span width; ``theta_bits``: the int32 bits of the float32 threshold
+    (``-2**31`` admits every block); ``before``: tokens of each span placed before its centre.
+    The key is ``bits - 2**31`` outside the clusters and ``bits`` inside, exactly the tensor path's
+    (``dbac._dbac_plain``)."""
     if (
         not _STATE["enabled"]
         or not scores.is_cpu
@@ -101,7 +102,6 @@ def plain_key(
     # numpy views and a numpy key: a torch view or allocation costs several times as much here
     bits = scores.float().contiguous().numpy().view(np.int32)
     key = np.empty(bits.shape, dtype=np.int32)
-    blk = max(1, budget // num_block)
     try:
         plain = kernels.cluster_key(
             bits.reshape(-1, n), blk, theta_bits, num_block, before, key.reshape(-1, n)
