@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,12 +29,37 @@ class _Tokenizer:
 def test_selection_timing_runs():
     rows = bench.selection_timing(lengths=(512,), budgets=(128, 256), layers=2, reps=2, batch=2)
     assert [(r["length"], r["budget"], r["batch"]) for r in rows] == [(512, 128, 2), (512, 256, 2)]
-    # numba is pinned in the test environments: the opt-in compiled path is timed beside the default
+    # the C kernel is built in the test environments: it is timed beside the tensor path
     assert all(r["ratio"] > 0 and r["cpu_ratio"] > 0 and r["compiled_cpu_ratio"] > 0 for r in rows)
     table = bench.selection_markdown(rows)
     assert len(table) == 2 + len(rows) and "CPU ratio" in table[0] and "compiled CPU" in table[0]
     old = {k: v for k, v in rows[0].items() if not k.startswith("dbac_compiled")}
-    assert bench.selection_markdown([old])[2].endswith("| - | - |")  # no numba, or an older row
+    assert bench.selection_markdown([old])[2].endswith("| - | - |")  # kernel not built, or an older row
+
+
+def test_cases_run_with_a_fixed_mmap_threshold(monkeypatch):
+    """Each case's process gets MALLOC_MMAP_THRESHOLD_ (reproducible peak RSS); 0 leaves glibc's
+    dynamic default; the row says which; a bad value fails before any process starts."""
+    seen = []
+
+    def fake_run(cmd, **kwargs):
+        seen.append(kwargs["env"])
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"peak_rss_bytes": 1}\n', stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    case = bench.Case("smollm2-135m", 512, "full", None)
+    assert bench.run_isolated(case)["malloc_mmap_threshold"] == "131072"
+    assert seen[-1]["MALLOC_MMAP_THRESHOLD_"] == "131072"
+    assert bench.run_isolated(case, mmap_threshold=0)["malloc_mmap_threshold"] == "glibc default"
+    assert "MALLOC_MMAP_THRESHOLD_" not in seen[-1]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="mmap_threshold"):
+            bench.run_isolated(case, mmap_threshold=bad)
+        with pytest.raises(ValueError, match="mmap_threshold"):
+            bench.run_bench(models=["smollm2-135m"], lengths=[512], presses=["full"], budgets=[64],
+                            mmap_threshold=bad)  # fmt: skip
+    assert len(seen) == 2
 
 
 def test_bad_press_name():

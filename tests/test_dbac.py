@@ -8,9 +8,9 @@ import math
 import os
 import subprocess
 import sys
-import types
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -25,7 +25,7 @@ BACKENDS = pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "
 
 @contextlib.contextmanager
 def backend(compiled: bool):
-    """Run DBAC on the compiled (numba) path or on the tensor path only."""
+    """Run DBAC on the compiled (C) path or on the tensor path only."""
     previous = dbac_compiled.set_enabled(compiled)
     try:
         yield
@@ -310,7 +310,7 @@ def test_dbac_matches_old_implementation_at_benchmark_shapes(length, budget, com
 
 def test_compiled_path_runs_where_it_applies(monkeypatch):
     """Plain CPU float32/bf16 scores take the compiled key; everything else returns None (tensor path)."""
-    assert dbac_compiled.available()  # numba is pinned in every environment that runs these tests
+    assert dbac_compiled.available(), "the C kernel was not built: reinstall with a C compiler"
     plain = _scores("softmax", (2, 3, 200), 0)
     args = (10, 3, dbac_module._theta_int(0.5), 0)  # spans of 10: a budget of 30 in 3 clusters
     with backend(True):
@@ -365,56 +365,69 @@ def test_equal_block_peaks_go_to_the_later_block(compiled):
     assert naive_dbac(scores.tolist(), 16, 2, None, 0.0) == expected
 
 
-def test_compiled_path_is_opt_in():
-    """Off unless asked for (it costs about 100 MB of resident memory for numba's LLVM)."""
+def test_compiled_path_is_on_unless_turned_off():
+    """On by default where the kernel was built (it costs no dependency and no memory to speak of);
+    ``CLUSTERATTN_COMPILED=0`` turns it off."""
     code = "from clusterattn import dbac_compiled as c; print(c.enabled())"
-    for env, expected in (({}, "False"), ({"CLUSTERATTN_COMPILED": "1"}, "True")):
+    for env, expected in (
+        ({}, "True"),
+        ({"CLUSTERATTN_COMPILED": "0"}, "False"),
+        ({"CLUSTERATTN_COMPILED": "1"}, "True"),
+    ):
         environ = {k: v for k, v in os.environ.items() if k != "CLUSTERATTN_COMPILED"} | env
         out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True)
         assert out.stdout.strip() == expected, out.stderr
 
 
+def test_kernel_checks_its_arguments():
+    """The C kernel refuses sizes that do not match its buffers, and impossible geometry."""
+    kernel = importlib.import_module("clusterattn._dbac_c")
+    bits = np.zeros((2, 10), dtype=np.int32)
+    key = np.empty_like(bits)
+    assert kernel.cluster_key(bits, key, 2, 10, 5, -(2**31), 2, 0) is True
+    with pytest.raises(ValueError, match="20 int32"):
+        kernel.cluster_key(bits, key[:1], 2, 10, 5, -(2**31), 2, 0)
+    with pytest.raises(ValueError, match="20 int32"):
+        kernel.cluster_key(bits.astype(np.int64), key, 2, 10, 5, -(2**31), 2, 0)
+    for blk, num_block, before in ((11, 1, 0), (0, 1, 0), (5, 0, 0), (5, 2, 5), (5, 2, -1)):
+        with pytest.raises(ValueError, match="need"):
+            kernel.cluster_key(bits, key, 2, 10, blk, -(2**31), num_block, before)
+    with pytest.raises(TypeError):
+        kernel.cluster_key(bits, bits.copy().tobytes(), 2, 10, 5, -(2**31), 2, 0)  # read-only key
+    assert kernel.cluster_key(-np.ones((1, 10), dtype=np.int32), key[:1], 1, 10, 5, 0, 1, 0) is False
+
+
 def test_compiled_path_falls_back_to_the_tensor_path(monkeypatch):
-    """numba missing: the tensor path, with one warning if the compiled path was asked for; numba
-    present but unusable (import or compile error): the tensor path with one warning. The
+    """Kernel not built: the tensor path, with one warning if ``CLUSTERATTN_COMPILED=1`` (or
+    ``set_enabled(True)``) asked for it; a broken build: the tensor path with one warning. The
     selections are the same either way."""
     scores = _scores("softmax", (2, 3, 300), 1)
     expected = dbac(scores, 40, relative_theta=32.0)
     state = dbac_compiled._STATE
     monkeypatch.setitem(state, "enabled", True)
+    monkeypatch.setitem(state, "requested", True)
 
-    monkeypatch.setitem(state, "kernels", None)
-    monkeypatch.setitem(sys.modules, "clusterattn._dbac_numba", None)  # import fails
+    monkeypatch.setitem(state, "kernel", None)
+    monkeypatch.setitem(sys.modules, "clusterattn._dbac_c", None)  # import fails: not built
     with pytest.warns(RuntimeWarning, match="compiled DBAC unavailable"):  # it was asked for
         assert not dbac_compiled.available() and not dbac_compiled.enabled()
     assert torch.equal(dbac(scores, 40, relative_theta=32.0), expected)
-    monkeypatch.setitem(state, "kernels", None)
-    monkeypatch.setitem(state, "enabled", False)
+    monkeypatch.setitem(state, "kernel", None)
+    monkeypatch.setitem(state, "requested", False)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # not asked for: no warning
-        assert not dbac_compiled.available()
-    monkeypatch.setitem(state, "enabled", True)
-
-    def broken_import(name):
-        raise RuntimeError("no locator available")
-
-    monkeypatch.setitem(state, "kernels", None)
-    monkeypatch.setattr(dbac_compiled.importlib, "import_module", broken_import)
-    with pytest.warns(RuntimeWarning, match="no locator available"):
+        warnings.simplefilter("error")  # on by default only: no warning
         assert not dbac_compiled.available()
     assert torch.equal(dbac(scores, 40, relative_theta=32.0), expected)
 
-    class CompileError(Exception):
-        pass
+    def broken_import(name):
+        raise OSError("undefined symbol: PyInit__dbac_c")
 
-    def cluster_key(*args):
-        raise CompileError("untyped")
-
-    fake = types.SimpleNamespace(cluster_key=cluster_key, NumbaError=CompileError)
-    monkeypatch.setitem(state, "kernels", fake)
-    with pytest.warns(RuntimeWarning, match="untyped"):
-        assert torch.equal(dbac(scores, 40, relative_theta=32.0), expected)
-    assert state["kernels"] is False  # given up for the rest of the process
+    monkeypatch.setitem(state, "kernel", None)
+    monkeypatch.setattr(dbac_compiled.importlib, "import_module", broken_import)
+    with pytest.warns(RuntimeWarning, match="undefined symbol"):
+        assert not dbac_compiled.available()
+    assert state["kernel"] is False  # given up for the rest of the process
+    assert torch.equal(dbac(scores, 40, relative_theta=32.0), expected)
 
 
 def test_warm_up_loads_the_kernel_before_the_first_compression(monkeypatch):
@@ -424,7 +437,7 @@ def test_warm_up_loads_the_kernel_before_the_first_compression(monkeypatch):
     with backend(True):
         assert dbac_compiled.warm_up() is True
     with backend(False):
-        assert dbac_compiled.warm_up() is False  # disabled (the default): nothing to load
+        assert dbac_compiled.warm_up() is False  # turned off: nothing to load
     calls = []
     monkeypatch.setattr(dbac_compiled, "warm_up", lambda: calls.append(1) or True)
     PRESSES["clusterattn"](budget=64).warm_up()

@@ -1,14 +1,20 @@
 """Speed and memory measurement (``clusterattn bench``): prefill, compression overhead, decode
 latency, KV bytes, peak memory and throughput under a memory cap, full cache and presses side by
 side in one run. Each configuration runs in a fresh process (``python -m clusterattn.bench CASE``)
-so peak memory is its own.
+so peak memory is its own, with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``, default
+128 KiB, glibc's own starting value): by default glibc raises that threshold as large blocks are
+freed and then keeps freed prefill activations in its heap, so the peak RSS of one configuration
+swung by up to 0.5 GB between identical runs at 16k. Fixed, freed blocks go back to the system and
+the peak is the memory the configuration needs; every case, full cache included, runs the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -257,16 +263,34 @@ def throughput_model(model, tokenizer, case: Case, cap_bytes: int, max_batch: in
     }  # fmt: skip
 
 
-def run_isolated(case: Case, timeout: float = 3600, cap_bytes: int | None = None) -> dict:
-    """``measure(case)`` (or ``throughput`` with a cap) in a fresh Python process."""
+MMAP_THRESHOLD = 128 * 1024
+"""Default fixed glibc mmap threshold (bytes) of the bench's case processes (0: glibc's dynamic one)."""
+
+
+def _check_mmap_threshold(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"mmap_threshold must be an int >= 0 (bytes; 0: glibc's default), got {value!r}")
+
+
+def run_isolated(
+    case: Case, timeout: float = 3600, cap_bytes: int | None = None, mmap_threshold: int = MMAP_THRESHOLD
+) -> dict:
+    """``measure(case)`` (or ``throughput`` with a cap) in a fresh Python process, with glibc's mmap
+    threshold fixed at ``mmap_threshold`` bytes (0: the environment's setting, glibc's dynamic
+    threshold unless ``MALLOC_MMAP_THRESHOLD_`` is set). The row records the value used."""
+    _check_mmap_threshold(mmap_threshold)
+    env = dict(os.environ)
+    if mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     job = {"case": asdict(case), "cap_bytes": cap_bytes}
     proc = subprocess.run(
         [sys.executable, "-m", "clusterattn.bench", json.dumps(job)],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True, text=True, timeout=timeout, env=env,
     )  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"bench case {case} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    return row | {"malloc_mmap_threshold": env.get("MALLOC_MMAP_THRESHOLD_", "glibc default")}
 
 
 def ratio_rows(rows: list[dict]) -> list[dict]:
@@ -337,13 +361,15 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def run_bench(
     *, models, lengths, presses, budgets, batches=(1,), new_tokens=32, repeats=3, threads=2,
-    throughput_lengths=(), cap_gb=8.0, out_dir="runs/bench",
+    throughput_lengths=(), cap_gb=8.0, out_dir="runs/bench", mmap_threshold=MMAP_THRESHOLD,
 ) -> dict:  # fmt: skip
-    """The whole grid, each case in a fresh process; writes bench.json, bench.md and bench.png."""
+    """The whole grid, each case in a fresh process (``mmap_threshold``: see :func:`run_isolated`);
+    writes bench.json, bench.md and bench.png."""
     from tqdm import tqdm
 
     for name in presses:
         make_press(name, budgets[0] if budgets else None)  # bad names fail before any model loads
+    _check_mmap_threshold(mmap_threshold)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cases = [
@@ -351,17 +377,19 @@ def run_bench(
         for model in models for length in lengths for batch in batches for name in presses
         for budget in ([None] if name == "full" else budgets)
     ]  # fmt: skip
-    rows = [run_isolated(case) for case in tqdm(cases, desc="bench cases", unit="case")]
+    isolated = functools.partial(run_isolated, mmap_threshold=mmap_threshold)
+    rows = [isolated(case) for case in tqdm(cases, desc="bench cases", unit="case")]
     cap = int(cap_gb * 2**30)
     tp_cases = [
         Case(model, length, name, None if name == "full" else budget, 1, 16, 1, threads)
         for model in models for length in throughput_lengths for name in presses
         for budget in ([None] if name == "full" else budgets)
     ]  # fmt: skip
-    tp_rows = [run_isolated(c, cap_bytes=cap) for c in tqdm(tp_cases, desc="throughput", unit="case")]
+    tp_rows = [isolated(c, cap_bytes=cap) for c in tqdm(tp_cases, desc="throughput", unit="case")]
     report = {"cases": ratio_rows(rows), "throughput": tp_rows, "selection": selection_timing()}
     (out / "bench.json").write_text(json.dumps(report, indent=1))
-    md = ["## Latency and memory", "", markdown(rows)]
+    malloc = f"MALLOC_MMAP_THRESHOLD_={mmap_threshold}" if mmap_threshold else "glibc's default malloc"
+    md = ["## Latency and memory", "", f"Each case in a fresh process, {malloc}.", "", markdown(rows)]
     if tp_rows:
         md += ["## Throughput under a memory cap", "", "| model | length | press | budget | cap GB | batch "
                "| tokens/s | peak RSS GB | fits |", "|" + "---|" * 9]  # fmt: skip

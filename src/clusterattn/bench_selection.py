@@ -26,8 +26,9 @@ def selection_timing(
     (``topk_indices``: one ``topk`` + ``sort``), timed in turn in every repeat (the order rotates
     each repeat) on the same ``(batch, kv_heads, prefix)`` scores, in wall and in CPU (process)
     seconds: CPU time is less disturbed by other jobs on a shared machine. DBAC is timed twice: on
-    the tensor path (``dbac``, the default) and on the opt-in compiled path of
-    :mod:`clusterattn.dbac_compiled` (``dbac_compiled``, when numba is installed).
+    the tensor path (``dbac``, what runs on GPU or without the C kernel) and on the compiled path
+    of :mod:`clusterattn.dbac_compiled` (``dbac_compiled``, the CPU default where the kernel was
+    built).
     ``scores`` maps a length to real window scores ``(layers, batch, kv_heads, prefix)``; default:
     synthetic softmax scores (SmolLM2 shapes: ``batch`` rows, 3 KV heads, 30 layers). The tensor
     path costs a fixed number of tensor ops per layer whatever the size, so a larger ``batch``
@@ -74,14 +75,14 @@ def selection_timing(
 
 def selection_markdown(rows: list[dict]) -> list[str]:
     """The selection timing table (30 layers, medians): wall ms, CPU ms and the ratios to top-k, of
-    DBAC on the default tensor path and, in the last two columns, on the opt-in compiled path."""
+    DBAC on the tensor path and, in the last two columns, on the compiled path (the CPU default)."""
     head = (
-        "| length | budget | batch | DBAC ms | top-k ms | ratio | DBAC CPU ms | top-k CPU ms | CPU ratio "
-        "| compiled CPU ms | compiled CPU ratio |"
+        "| length | budget | batch | DBAC tensor ms | top-k ms | ratio | DBAC tensor CPU ms | top-k CPU ms "
+        "| CPU ratio | compiled CPU ms | compiled CPU ratio |"
     )
     lines = [head, "|" + "---|" * 11]
     for r in rows:
-        compiled = r.get("dbac_compiled_cpu_s")  # absent without numba, and in older rows
+        compiled = r.get("dbac_compiled_cpu_s")  # absent without the C kernel, and in older rows
         compiled_ms = "-" if compiled is None else f"{1e3 * compiled:.2f}"
         compiled_ratio = "-" if compiled is None else f"{compiled / r['topk_cpu_s']:.2f}"
         lines.append(

@@ -81,6 +81,7 @@ def _bench(args) -> int:
         models=args.models, lengths=args.lengths, presses=args.presses, budgets=args.budgets,
         batches=args.batches, new_tokens=args.new_tokens, repeats=args.repeats, threads=args.bench_threads,
         throughput_lengths=args.throughput_lengths, cap_gb=args.cap_gb, out_dir=args.out,
+        mmap_threshold=args.mmap_threshold,
     )  # fmt: skip
     print((Path(args.out) / "bench.md").read_text())
     return 0
@@ -208,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--throughput-lengths", type=int, nargs="*", default=[4096])
     bench.add_argument("--cap-gb", type=float, default=8.0)
     bench.add_argument("--out", default="runs/bench")
+    bench.add_argument(
+        "--mmap-threshold", type=int, default=128 * 1024,
+        help="glibc MALLOC_MMAP_THRESHOLD_ (bytes) of every case's process, so that freed memory goes "
+        "back to the system and peak RSS is reproducible; 0: glibc's dynamic default",
+    )  # fmt: skip
     bench.set_defaults(func=_bench)
     _add_eval(sub)
     add_analysis_commands(sub)  # profile, analyze

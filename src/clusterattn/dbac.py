@@ -231,8 +231,8 @@ def _dbac_plain(scores, bits, budget: int, num_block: int, theta, span_before: f
 
 def _compiled_key(scores, budget: int, num_block: int, theta, span_before: float) -> torch.Tensor | None:
     """The plain path's int32 key from :func:`clusterattn.dbac_compiled.plain_key`, or None where it
-    does not apply (a tensor threshold included: those stay on the tensor path). Off (the default),
-    it returns at once."""
+    does not apply (a tensor threshold included: those stay on the tensor path). Turned off, it
+    returns at once."""
     if not dbac_compiled.enabled() or isinstance(theta, torch.Tensor):
         return None
     blk, before = _span_geometry(budget, num_block, span_before)
