@@ -38,8 +38,9 @@ def test_selection_timing_runs():
 
 
 def test_cases_run_with_a_fixed_mmap_threshold(monkeypatch):
-    """Each case's process gets MALLOC_MMAP_THRESHOLD_ (reproducible peak RSS); 0 leaves glibc's
-    dynamic default; the row says which; a bad value fails before any process starts."""
+    """With a threshold, each case's process gets MALLOC_MMAP_THRESHOLD_ (reproducible peak RSS);
+    0, the default, leaves the environment's setting; the row says which; a bad value fails before
+    any process starts."""
     seen = []
 
     def fake_run(cmd, **kwargs):
@@ -49,9 +50,9 @@ def test_cases_run_with_a_fixed_mmap_threshold(monkeypatch):
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     case = bench.Case("smollm2-135m", 512, "full", None)
-    assert bench.run_isolated(case)["malloc_mmap_threshold"] == "131072"
+    assert bench.run_isolated(case, mmap_threshold=131072)["malloc_mmap_threshold"] == "131072"
     assert seen[-1]["MALLOC_MMAP_THRESHOLD_"] == "131072"
-    assert bench.run_isolated(case, mmap_threshold=0)["malloc_mmap_threshold"] == "glibc default"
+    assert bench.run_isolated(case)["malloc_mmap_threshold"] == "glibc default"
     assert "MALLOC_MMAP_THRESHOLD_" not in seen[-1]
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="mmap_threshold"):

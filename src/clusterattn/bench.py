@@ -1,11 +1,13 @@
 """Speed and memory measurement (``clusterattn bench``): prefill, compression overhead, decode
 latency, KV bytes, peak memory and throughput under a memory cap, full cache and presses side by
 side in one run. Each configuration runs in a fresh process (``python -m clusterattn.bench CASE``)
-so peak memory is its own, with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``, default
-128 KiB, glibc's own starting value): by default glibc raises that threshold as large blocks are
-freed and then keeps freed prefill activations in its heap, so the peak RSS of one configuration
-swung by up to 0.5 GB between identical runs at 16k. Fixed, freed blocks go back to the system and
-the peak is the memory the configuration needs; every case, full cache included, runs the same way.
+so peak memory is its own. ``mmap_threshold`` (``--mmap-threshold``) fixes glibc's mmap threshold
+(``MALLOC_MMAP_THRESHOLD_``) in those processes. By default glibc raises that threshold as large
+blocks are freed and then keeps freed prefill activations in its heap, so one configuration's peak
+RSS swung by up to 0.5 GB between identical runs at 16k; fixed at 128 KiB (glibc's starting value),
+freed blocks go back to the system and the peak is reproducible, but every large allocation then
+faults in fresh pages (the compression step took 2.4x as long at 4k). Off by default: timings are
+those of a default process.
 """
 
 from __future__ import annotations
@@ -263,8 +265,9 @@ def throughput_model(model, tokenizer, case: Case, cap_bytes: int, max_batch: in
     }  # fmt: skip
 
 
-MMAP_THRESHOLD = 128 * 1024
-"""Default fixed glibc mmap threshold (bytes) of the bench's case processes (0: glibc's dynamic one)."""
+MMAP_THRESHOLD = 0
+"""Default glibc mmap threshold (bytes) of the bench's case processes: 0, the environment's setting
+(glibc's dynamic threshold). 131072 makes peak RSS reproducible at some cost in time."""
 
 
 def _check_mmap_threshold(value) -> None:
@@ -388,7 +391,9 @@ def run_bench(
     tp_rows = [isolated(c, cap_bytes=cap) for c in tqdm(tp_cases, desc="throughput", unit="case")]
     report = {"cases": ratio_rows(rows), "throughput": tp_rows, "selection": selection_timing()}
     (out / "bench.json").write_text(json.dumps(report, indent=1))
-    malloc = f"MALLOC_MMAP_THRESHOLD_={mmap_threshold}" if mmap_threshold else "glibc's default malloc"
+    malloc = (
+        f"MALLOC_MMAP_THRESHOLD_={mmap_threshold}" if mmap_threshold else "malloc as the environment sets it"
+    )
     md = ["## Latency and memory", "", f"Each case in a fresh process, {malloc}.", "", markdown(rows)]
     if tp_rows:
         md += ["## Throughput under a memory cap", "", "| model | length | press | budget | cap GB | batch "

@@ -210,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--cap-gb", type=float, default=8.0)
     bench.add_argument("--out", default="runs/bench")
     bench.add_argument(
-        "--mmap-threshold", type=int, default=128 * 1024,
-        help="glibc MALLOC_MMAP_THRESHOLD_ (bytes) of every case's process, so that freed memory goes "
-        "back to the system and peak RSS is reproducible; 0: glibc's dynamic default",
+        "--mmap-threshold", type=int, default=0,
+        help="fix glibc's MALLOC_MMAP_THRESHOLD_ (bytes, e.g. 131072) in every case's process: freed "
+        "memory goes back to the system and peak RSS is reproducible, but large allocations get "
+        "slower; 0 (default): the environment's setting",
     )  # fmt: skip
     bench.set_defaults(func=_bench)
     _add_eval(sub)
