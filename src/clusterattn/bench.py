@@ -272,7 +272,9 @@ MMAP_THRESHOLD = 0
 
 def _check_mmap_threshold(value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"mmap_threshold must be an int >= 0 (bytes; 0: glibc's default), got {value!r}")
+        raise ValueError(
+            f"mmap_threshold must be an int >= 0 (bytes; 0: the environment's setting), got {value!r}"
+        )
 
 
 def run_isolated(
@@ -391,10 +393,10 @@ def run_bench(
     tp_rows = [isolated(c, cap_bytes=cap) for c in tqdm(tp_cases, desc="throughput", unit="case")]
     report = {"cases": ratio_rows(rows), "throughput": tp_rows, "selection": selection_timing()}
     (out / "bench.json").write_text(json.dumps(report, indent=1))
-    malloc = (
-        f"MALLOC_MMAP_THRESHOLD_={mmap_threshold}" if mmap_threshold else "malloc as the environment sets it"
-    )
-    md = ["## Latency and memory", "", f"Each case in a fresh process, {malloc}.", "", markdown(rows)]
+    # the setting each case ran with, as run_isolated recorded it (the environment's, unless fixed here)
+    malloc = ", ".join(sorted({str(r["malloc_mmap_threshold"]) for r in rows + tp_rows}))
+    md = ["## Latency and memory", "", f"Each case in a fresh process, MALLOC_MMAP_THRESHOLD_: {malloc}.", ""]
+    md.append(markdown(rows))
     if tp_rows:
         md += ["## Throughput under a memory cap", "", "| model | length | press | budget | cap GB | batch "
                "| tokens/s | peak RSS GB | fits |", "|" + "---|" * 9]  # fmt: skip
