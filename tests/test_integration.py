@@ -257,6 +257,19 @@ def test_fit_mask_drops_or_prepends_visible_prompt_columns():
     assert ca.integration.fit_mask(None, 5) is None and ca.integration.fit_mask(causal, 9) is causal
 
 
+def test_gather_kv_matches_a_naive_per_head_gather():
+    torch.manual_seed(0)
+    key = torch.randn(2, 40, 3, 8).transpose(1, 2)  # a non-contiguous view, as some caches hold
+    value = torch.randn(2, 3, 40, 5)
+    idx = torch.stack([torch.randperm(40)[:11].sort().values for _ in range(6)]).view(2, 3, 11)
+    keys, values = ca.integration.gather_kv(key, value, idx)
+    for b in range(2):
+        for h in range(3):
+            assert torch.equal(keys[b, h], key[b, h, idx[b, h]])
+            assert torch.equal(values[b, h], value[b, h, idx[b, h]])
+    assert keys.shape == (2, 3, 11, 8) and values.shape == (2, 3, 11, 5)
+
+
 def test_a_session_warms_its_press_up_before_compressing(llama, monkeypatch):
     """The press's warm-up (ClusterAttn: loading its compiled kernel) runs when the session starts,
     before any compression, so the first prompt's compression time does not include it."""

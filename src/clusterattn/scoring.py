@@ -56,6 +56,34 @@ def _attention_probs(
     return probs.view(batch, q_heads, n, seq)
 
 
+def _column_sums(
+    scaled: torch.Tensor, keys_t: torch.Tensor, start: int, pad_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """``sum_i softmax(l_i)`` over the causal attention rows of queries ``start .. start + n``.
+
+    ``scaled``: ``(batch, kv_heads, group, n, dim)`` queries already multiplied by the scale;
+    ``keys_t``: ``(batch, kv_heads, dim, seq)``. Returns ``(batch, kv_heads, group, start + n)``:
+    only keys up to the last query exist in a causal row. The probabilities are never
+    materialised: the one ``n x (start + n)`` logits block per head becomes
+    ``exp(logit - row max)`` in place and the column sums are a vector-matrix product with the
+    rows' ``1 / row sum`` weights, so the block is allocated once and read twice.
+    """
+    batch, kv_heads, group, n, dim = scaled.shape
+    stop = start + n
+    q = scaled.reshape(batch, kv_heads, group * n, dim)
+    logits = torch.matmul(q, keys_t[..., :stop]).view(batch, kv_heads, group, n, stop)
+    # causal: only the block's own n x n corner holds future keys (keys after it are not built)
+    future = torch.ones(n, n, dtype=torch.bool, device=scaled.device).triu_(1)
+    logits[..., start:stop].masked_fill_(future, float("-inf"))
+    if pad_mask is not None:
+        logits.masked_fill_(~pad_mask[:, None, None, None, :stop], float("-inf"))
+    row_max = logits.amax(dim=-1, keepdim=True)
+    row_max.masked_fill_(torch.isinf(row_max), 0.0)  # a query that sees only pads: all zeros
+    logits.sub_(row_max).exp_()
+    weight = logits.sum(dim=-1, keepdim=True).reciprocal_().nan_to_num_(posinf=0.0)
+    return torch.matmul(weight.transpose(-1, -2), logits).squeeze(-2)
+
+
 def window_scores(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -68,7 +96,8 @@ def window_scores(
     """Observation-window scores (SnapKV / ClusterAttn feature aggregation).
 
     ``A = softmax(Q_w K^T * scaling)`` for the last ``window_size`` queries, with the causal mask
-    inside the window, summed over the window rows and aggregated over each GQA group.
+    inside the window, summed over the window rows and aggregated over each GQA group. Only one
+    ``window_size x seq`` block per query head is ever allocated (see :func:`_column_sums`).
 
     Args:
         query: ``(batch, q_heads, q_len, head_dim)``; only its last ``window_size`` rows are used.
@@ -84,10 +113,13 @@ def window_scores(
     seq = key.shape[2]
     if not 0 < window_size < seq:
         raise ValueError(f"window_size must be in (0, {seq}), got {window_size}")
-    positions = torch.arange(seq - window_size, seq, device=key.device)
-    probs = _attention_probs(query[:, :, -window_size:], key, scaling, positions, pad_mask)
-    summed = probs[..., : seq - window_size].sum(dim=2)  # (batch, q_heads, prefix)
-    scores = _group_reduce(summed, key.shape[1], aggregation)
+    batch, q_heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    window = query[:, :, -window_size:].float() * scaling  # (batch, q_heads, w, dim), small
+    scaled = window.view(batch, kv_heads, q_heads // kv_heads, window_size, dim)
+    summed = _column_sums(scaled, key.float().transpose(-1, -2), seq - window_size, pad_mask)
+    prefix = summed[..., : seq - window_size].reshape(batch, q_heads, seq - window_size)
+    scores = _group_reduce(prefix, kv_heads, aggregation)
     if pad_mask is not None:
         scores = scores.masked_fill(~pad_mask[:, None, : seq - window_size], float("-inf"))
     return scores
@@ -105,10 +137,9 @@ def accumulated_scores(
     """H2O heavy-hitter scores: attention received from *every* prompt query, summed.
 
     Computed in query chunks of ``chunk_size`` so at most ``chunk_size x seq`` scores per head exist
-    at once. ``query`` must cover the whole prompt (``q_len == seq``). A chunk's probabilities are
-    never materialised: its logits become ``exp(logit - row max)`` in place, and the column sums
-    ``sum_i softmax(l_i)_j`` are one vector-matrix product with the rows' ``1 / row sum`` weights
-    (a 4-5x saving over softmax + sum on CPU at 2k-4k tokens).
+    at once. ``query`` must cover the whole prompt (``q_len == seq``). Each chunk goes through
+    :func:`_column_sums`, which never materialises probabilities (a 4-5x saving over softmax + sum
+    on CPU at 2k-4k tokens).
 
     Returns:
         ``(batch, kv_heads, seq)`` fp32 scores; pads score ``-inf``.
@@ -123,19 +154,7 @@ def accumulated_scores(
     total = torch.zeros(batch, kv_heads, group, seq, dtype=torch.float32, device=key.device)
     for start in range(0, seq, chunk_size):  # chunks bound memory; the work inside is vectorised
         stop = min(start + chunk_size, seq)
-        n = stop - start
-        q = scaled[:, :, :, start:stop].reshape(batch, kv_heads, group * n, dim)
-        logits = torch.matmul(q, keys_t[..., :stop]).view(batch, kv_heads, group, n, stop)
-        # causal: only the chunk's own n x n corner holds future keys (keys after it are not built)
-        future = torch.ones(n, n, dtype=torch.bool, device=key.device).triu_(1)
-        logits[..., start:stop].masked_fill_(future, float("-inf"))
-        if pad_mask is not None:
-            logits.masked_fill_(~pad_mask[:, None, None, None, :stop], float("-inf"))
-        row_max = logits.amax(dim=-1, keepdim=True)
-        row_max.masked_fill_(torch.isinf(row_max), 0.0)  # a query that sees only pads: all zeros
-        logits.sub_(row_max).exp_()
-        weight = logits.sum(dim=-1, keepdim=True).reciprocal_().nan_to_num_(posinf=0.0)
-        total[..., :stop] += torch.matmul(weight.transpose(-1, -2), logits).squeeze(-2)
+        total[..., :stop] += _column_sums(scaled[:, :, :, start:stop], keys_t, start, pad_mask)
     scores = _group_reduce(total.view(batch, q_heads, seq), kv_heads, aggregation)
     if pad_mask is not None:
         scores = scores.masked_fill(~pad_mask[:, None, :], float("-inf"))
