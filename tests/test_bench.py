@@ -63,6 +63,36 @@ def test_cases_run_with_a_fixed_mmap_threshold(monkeypatch):
     assert len(seen) == 2
 
 
+def test_peak_rss_is_measured_again_with_a_fixed_mmap_threshold(monkeypatch, tmp_path):
+    """Each case runs timed under the environment's malloc, then once more (one repeat) with the
+    threshold fixed; both peaks land in bench.json and the table, times only from the first."""
+    calls = []
+
+    def fake_run_isolated(case, timeout=3600, cap_bytes=None, mmap_threshold=0):
+        calls.append((case.press, case.repeats, mmap_threshold))
+        peak = {"full": 1000, "clusterattn": 800}[case.press] * (1 if mmap_threshold else 2) * 2**20
+        row = {**bench.asdict(case), "prefill_s": 1.0 + mmap_threshold, "compress_s": 0.01,
+               "compress_share": 0.01, "decode_ms_per_token": 10.0, "decode_tokens_per_s": 100.0,
+               "kv_bytes": 2**20, "peak_kv_bytes": 2**20, "peak_rss_bytes": peak}  # fmt: skip
+        return row | {"malloc_mmap_threshold": str(mmap_threshold) if mmap_threshold else "glibc default"}
+
+    monkeypatch.setattr(bench, "run_isolated", fake_run_isolated)
+    monkeypatch.setattr(bench, "selection_timing", lambda: [])
+    report = bench.run_bench(models=["smollm2-135m"], lengths=[512], presses=["full", "clusterattn"],
+                             budgets=[64], repeats=3, out_dir=tmp_path)  # fmt: skip
+    assert calls == [("full", 3, 0), ("clusterattn", 3, 0), ("full", 1, 131072), ("clusterattn", 1, 131072)]
+    pressed = report["cases"][1]
+    assert pressed["prefill_s"] == 1.0 and pressed["peak_rss_ratio"] == 0.8
+    assert pressed["peak_rss_fixed_mmap_bytes"] == 800 * 2**20 and pressed["peak_rss_fixed_mmap_ratio"] == 0.8
+    table = (tmp_path / "bench.md").read_text()
+    assert "peak RSS MB, fixed mmap (x full)" in table and "| 1600 (0.80) | 800 (0.80) | 1.00x |" in table
+    assert "MALLOC_MMAP_THRESHOLD_=131072" in table
+    calls.clear()
+    report = bench.run_bench(models=["smollm2-135m"], lengths=[512], presses=["full"], budgets=[64],
+                             out_dir=tmp_path, rss_mmap_threshold=0)  # fmt: skip
+    assert calls == [("full", 3, 0)] and "fixed mmap" not in (tmp_path / "bench.md").read_text()
+
+
 def test_bad_press_name():
     with pytest.raises(ValueError, match="unknown"):
         bench.make_press("snapkw", 64)

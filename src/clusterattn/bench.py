@@ -1,13 +1,16 @@
 """Speed and memory measurement (``clusterattn bench``): prefill, compression overhead, decode
 latency, KV bytes, peak memory and throughput under a memory cap, full cache and presses side by
 side in one run. Each configuration runs in a fresh process (``python -m clusterattn.bench CASE``)
-so peak memory is its own. ``mmap_threshold`` (``--mmap-threshold``) fixes glibc's mmap threshold
-(``MALLOC_MMAP_THRESHOLD_``) in those processes. By default glibc raises that threshold as large
-blocks are freed and then keeps freed prefill activations in its heap, so one configuration's peak
-RSS swung by up to 0.5 GB between identical runs at 16k; fixed at 128 KiB (glibc's starting value),
+so peak memory is its own.
+
+glibc's malloc by default raises its mmap threshold as large blocks are freed and then keeps freed
+prefill activations in its heap, so one configuration's peak RSS swung by up to 0.5 GB between
+identical runs at 16k. Fixed at 128 KiB (glibc's starting value, ``MALLOC_MMAP_THRESHOLD_``),
 freed blocks go back to the system and the peak is reproducible, but every large allocation then
-faults in fresh pages (the compression step took 2.4x as long at 4k). Off by default: timings are
-those of a default process.
+faults in fresh pages, which slows the full cache's decode most (its growing cache holds the
+largest blocks). So each case runs twice: timed under the environment's malloc
+(``mmap_threshold``, default 0), and once more with the threshold fixed (``rss_mmap_threshold``,
+default 131072) for its peak RSS. Tables show both peaks.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from clusterattn.bench_selection import selection_markdown, selection_timing
+from clusterattn.bench_report import markdown, plot, ratio_rows, write_report  # noqa: F401 (re-exported)
+from clusterattn.bench_selection import selection_markdown, selection_timing  # noqa: F401 (re-exported)
 from clusterattn.generation import _decode, _Inputs, _prefill
 from clusterattn.integration import attention_modules, find_cache, kv_bytes, new_cache
 from clusterattn.presses import PRESSES
@@ -266,8 +270,12 @@ def throughput_model(model, tokenizer, case: Case, cap_bytes: int, max_batch: in
 
 
 MMAP_THRESHOLD = 0
-"""Default glibc mmap threshold (bytes) of the bench's case processes: 0, the environment's setting
-(glibc's dynamic threshold). 131072 makes peak RSS reproducible at some cost in time."""
+"""Default glibc mmap threshold (bytes) of the bench's timed case processes: 0, the environment's
+setting (glibc's dynamic threshold). 131072 makes peak RSS reproducible at some cost in time."""
+
+RSS_MMAP_THRESHOLD = 131072
+"""Default glibc mmap threshold (bytes) of the extra peak-RSS process of each case: glibc's starting
+value, so that freed blocks go back to the system (0: no extra process)."""
 
 
 def _check_mmap_threshold(value) -> None:
@@ -298,83 +306,26 @@ def run_isolated(
     return row | {"malloc_mmap_threshold": env.get("MALLOC_MMAP_THRESHOLD_", "glibc default")}
 
 
-def ratio_rows(rows: list[dict]) -> list[dict]:
-    """Add ratios against the full-cache row of the same model, length and batch."""
-    full = {(r["model"], r["length"], r["batch"]): r for r in rows if r["press"] == "full"}
-    for r in rows:
-        ref = full.get((r["model"], r["length"], r["batch"]))
-        if ref is None:
-            continue
-        r["decode_speedup"] = ref["decode_ms_per_token"] / r["decode_ms_per_token"]
-        r["kv_ratio"] = r["kv_bytes"] / ref["kv_bytes"]
-        r["peak_kv_ratio"] = r["peak_kv_bytes"] / ref["peak_kv_bytes"]
-        r["peak_rss_ratio"] = r["peak_rss_bytes"] / ref["peak_rss_bytes"]
-        if "peak_device_bytes" in ref:  # 0 on CPU, where there is no device memory
-            r["peak_device_ratio"] = r["peak_device_bytes"] / max(ref["peak_device_bytes"], 1)
-    return rows
-
-
-def markdown(rows: list[dict]) -> str:
-    """The side-by-side table: one row per configuration, ratios against the full cache."""
-    mb = 2**20
-    head = (
-        "| model | length | batch | press | budget | prefill s | compress s (share) | decode ms/tok | tok/s "
-        "| KV MB (x full) | peak KV MB (x full) | peak RSS MB (x full) | decode speed-up |"
-    )
-    lines = [head, "|" + "---|" * 13]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['length']} | {r['batch']} | {r['press']} | {r['budget'] or '-'} "
-            f"| {r['prefill_s']:.2f} | {r['compress_s']:.3f} ({100 * r['compress_share']:.1f} %) "
-            f"| {r['decode_ms_per_token']:.1f} | {r['decode_tokens_per_s']:.1f} "
-            f"| {r['kv_bytes'] / mb:.1f} ({r.get('kv_ratio', 1):.3f}) "
-            f"| {r['peak_kv_bytes'] / mb:.1f} ({r.get('peak_kv_ratio', 1):.2f}) "
-            f"| {r['peak_rss_bytes'] / mb:.0f} ({r.get('peak_rss_ratio', 1):.2f}) "
-            f"| {r.get('decode_speedup', 1):.2f}x |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    """Decode latency and KV memory against context length, one line per press and budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        if r["batch"] == 1:
-            label = r["press"] if r["budget"] is None else f"{r['press']} B={r['budget']}"
-            groups.setdefault(f"{r['model']}: {label}", []).append(r)
-    for label, group in groups.items():
-        group.sort(key=lambda r: r["length"])
-        lengths = [r["length"] for r in group]
-        left.plot(lengths, [r["decode_ms_per_token"] for r in group], marker="o", label=label)
-        right.plot(lengths, [r["kv_bytes"] / 2**20 for r in group], marker="o", label=label)
-    for ax, title in ((left, "decode latency (ms / token)"), (right, "prompt KV cache (MB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    left.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def run_bench(
     *, models, lengths, presses, budgets, batches=(1,), new_tokens=32, repeats=3, threads=2,
     throughput_lengths=(), cap_gb=8.0, out_dir="runs/bench", mmap_threshold=MMAP_THRESHOLD,
+    rss_mmap_threshold=RSS_MMAP_THRESHOLD,
 ) -> dict:  # fmt: skip
     """The whole grid, each case in a fresh process (``mmap_threshold``: see :func:`run_isolated`);
-    writes bench.json, bench.md and bench.png."""
+    writes bench.json, bench.md and bench.png.
+
+    With ``rss_mmap_threshold`` > 0, each case runs once more (one repeat) in a fresh process with
+    glibc's mmap threshold fixed there, and that process's peak RSS is recorded beside the timed
+    process's (``peak_rss_fixed_mmap_bytes``): reproducible peak memory, while every time comes from
+    the process with ``mmap_threshold`` (by default the environment's malloc, where a fixed
+    threshold would slow the full cache's decode most, its growing cache being the largest blocks).
+    """
     from tqdm import tqdm
 
     for name in presses:
         make_press(name, budgets[0] if budgets else None)  # bad names fail before any model loads
     _check_mmap_threshold(mmap_threshold)
+    _check_mmap_threshold(rss_mmap_threshold)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cases = [
@@ -384,6 +335,13 @@ def run_bench(
     ]  # fmt: skip
     isolated = functools.partial(run_isolated, mmap_threshold=mmap_threshold)
     rows = [isolated(case) for case in tqdm(cases, desc="bench cases", unit="case")]
+    if rss_mmap_threshold:
+        for row, case in zip(
+            rows, tqdm(cases, desc="peak RSS, fixed mmap threshold", unit="case"), strict=True
+        ):
+            fixed = run_isolated(replace(case, repeats=1), mmap_threshold=rss_mmap_threshold)
+            row["peak_rss_fixed_mmap_bytes"] = fixed["peak_rss_bytes"]
+            row["rss_fixed_mmap_threshold"] = fixed["malloc_mmap_threshold"]
     cap = int(cap_gb * 2**30)
     tp_cases = [
         Case(model, length, name, None if name == "full" else budget, 1, 16, 1, threads)
@@ -393,23 +351,7 @@ def run_bench(
     tp_rows = [isolated(c, cap_bytes=cap) for c in tqdm(tp_cases, desc="throughput", unit="case")]
     report = {"cases": ratio_rows(rows), "throughput": tp_rows, "selection": selection_timing()}
     (out / "bench.json").write_text(json.dumps(report, indent=1))
-    # the setting each case ran with, as run_isolated recorded it (the environment's, unless fixed here)
-    malloc = ", ".join(sorted({str(r["malloc_mmap_threshold"]) for r in rows + tp_rows}))
-    md = ["## Latency and memory", "", f"Each case in a fresh process, MALLOC_MMAP_THRESHOLD_: {malloc}.", ""]
-    md.append(markdown(rows))
-    if tp_rows:
-        md += ["## Throughput under a memory cap", "", "| model | length | press | budget | cap GB | batch "
-               "| tokens/s | peak RSS GB | fits |", "|" + "---|" * 9]  # fmt: skip
-        for r in tp_rows:
-            md.append(
-                f"| {r['model']} | {r['length']} | {r['press']} | {r['budget'] or '-'} | {cap_gb:g} "
-                f"| {r['max_batch']} | {r['decode_tokens_per_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} "
-                f"| {r['fits']} |"
-            )
-    md += ["", "## Selection step: DBAC vs plain top-k (30 layers, same scores)", ""]
-    md += selection_markdown(report["selection"])
-    (out / "bench.md").write_text("\n".join(md) + "\n")
-    plot(rows, out / "bench.png")
+    write_report(report, out, cap_gb)
     return report
 
 

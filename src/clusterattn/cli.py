@@ -81,7 +81,7 @@ def _bench(args) -> int:
         models=args.models, lengths=args.lengths, presses=args.presses, budgets=args.budgets,
         batches=args.batches, new_tokens=args.new_tokens, repeats=args.repeats, threads=args.bench_threads,
         throughput_lengths=args.throughput_lengths, cap_gb=args.cap_gb, out_dir=args.out,
-        mmap_threshold=args.mmap_threshold,
+        mmap_threshold=args.mmap_threshold, rss_mmap_threshold=args.rss_mmap_threshold,
     )  # fmt: skip
     print((Path(args.out) / "bench.md").read_text())
     return 0
@@ -211,9 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", default="runs/bench")
     bench.add_argument(
         "--mmap-threshold", type=int, default=0,
-        help="fix glibc's MALLOC_MMAP_THRESHOLD_ (bytes, e.g. 131072) in every case's process: freed "
-        "memory goes back to the system and peak RSS is reproducible, but large allocations get "
-        "slower; 0 (default): the environment's setting",
+        help="fix glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in every timed case's process; 0 (default): "
+        "the environment's setting",
+    )  # fmt: skip
+    bench.add_argument(
+        "--rss-mmap-threshold", type=int, default=131072,
+        help="run each case once more with MALLOC_MMAP_THRESHOLD_ fixed at this many bytes and report "
+        "that process's peak RSS too: freed memory goes back to the system, so the peak is "
+        "reproducible (default: 131072, glibc's starting value; 0: skip this second process)",
     )  # fmt: skip
     bench.set_defaults(func=_bench)
     _add_eval(sub)

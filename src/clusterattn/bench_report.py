@@ -1,0 +1,118 @@
+"""The report of ``clusterattn bench``: ratios against the full cache, the Markdown tables and the
+plot, all from the rows that :mod:`clusterattn.bench` measured (so a ``bench.json`` can be re-rendered
+without measuring again)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clusterattn.bench_selection import selection_markdown
+
+
+def ratio_rows(rows: list[dict]) -> list[dict]:
+    """Add ratios against the full-cache row of the same model, length and batch."""
+    full = {(r["model"], r["length"], r["batch"]): r for r in rows if r["press"] == "full"}
+    for r in rows:
+        ref = full.get((r["model"], r["length"], r["batch"]))
+        if ref is None:
+            continue
+        r["decode_speedup"] = ref["decode_ms_per_token"] / r["decode_ms_per_token"]
+        r["kv_ratio"] = r["kv_bytes"] / ref["kv_bytes"]
+        r["peak_kv_ratio"] = r["peak_kv_bytes"] / ref["peak_kv_bytes"]
+        r["peak_rss_ratio"] = r["peak_rss_bytes"] / ref["peak_rss_bytes"]
+        if "peak_rss_fixed_mmap_bytes" in r and "peak_rss_fixed_mmap_bytes" in ref:
+            r["peak_rss_fixed_mmap_ratio"] = r["peak_rss_fixed_mmap_bytes"] / ref["peak_rss_fixed_mmap_bytes"]
+        if "peak_device_bytes" in ref:  # 0 on CPU, where there is no device memory
+            r["peak_device_ratio"] = r["peak_device_bytes"] / max(ref["peak_device_bytes"], 1)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """The side-by-side table: one row per configuration, ratios against the full cache. A "peak RSS,
+    fixed mmap" column appears when the rows carry that second measurement."""
+    mb = 2**20
+    fixed = any("peak_rss_fixed_mmap_bytes" in r for r in rows)
+    head = (
+        "| model | length | batch | press | budget | prefill s | compress s (share) | decode ms/tok | tok/s "
+        "| KV MB (x full) | peak KV MB (x full) | peak RSS MB (x full) |"
+        + (" peak RSS MB, fixed mmap (x full) |" if fixed else "")
+        + " decode speed-up |"
+    )
+    lines = [head, "|" + "---|" * (14 if fixed else 13)]
+    for r in rows:
+        extra = ""
+        if fixed:
+            value = r.get("peak_rss_fixed_mmap_bytes")
+            extra = (
+                "- |"
+                if value is None
+                else f" {value / mb:.0f} ({r.get('peak_rss_fixed_mmap_ratio', 1):.2f}) |"
+            )
+        lines.append(
+            f"| {r['model']} | {r['length']} | {r['batch']} | {r['press']} | {r['budget'] or '-'} "
+            f"| {r['prefill_s']:.2f} | {r['compress_s']:.3f} ({100 * r['compress_share']:.1f} %) "
+            f"| {r['decode_ms_per_token']:.1f} | {r['decode_tokens_per_s']:.1f} "
+            f"| {r['kv_bytes'] / mb:.1f} ({r.get('kv_ratio', 1):.3f}) "
+            f"| {r['peak_kv_bytes'] / mb:.1f} ({r.get('peak_kv_ratio', 1):.2f}) "
+            f"| {r['peak_rss_bytes'] / mb:.0f} ({r.get('peak_rss_ratio', 1):.2f}) |{extra}"
+            f" {r.get('decode_speedup', 1):.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Decode latency and KV memory against context length, one line per press and budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["batch"] == 1:
+            label = r["press"] if r["budget"] is None else f"{r['press']} B={r['budget']}"
+            groups.setdefault(f"{r['model']}: {label}", []).append(r)
+    for label, group in groups.items():
+        group.sort(key=lambda r: r["length"])
+        lengths = [r["length"] for r in group]
+        left.plot(lengths, [r["decode_ms_per_token"] for r in group], marker="o", label=label)
+        right.plot(lengths, [r["kv_bytes"] / 2**20 for r in group], marker="o", label=label)
+    for ax, title in ((left, "decode latency (ms / token)"), (right, "prompt KV cache (MB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict, out: Path, cap_gb: float) -> None:
+    """``bench.md`` and ``bench.png`` in ``out`` from a ``bench.json`` report."""
+    rows, tp_rows = report["cases"], report["throughput"]
+    # the setting each case ran with, as run_isolated recorded it (the environment's, unless fixed)
+    malloc = ", ".join(sorted({str(r["malloc_mmap_threshold"]) for r in rows + tp_rows}))
+    md = ["## Latency and memory", "", f"Each case in a fresh process, MALLOC_MMAP_THRESHOLD_: {malloc}."]
+    fixed = sorted({str(r["rss_fixed_mmap_threshold"]) for r in rows if "rss_fixed_mmap_threshold" in r})
+    if fixed:
+        md.append(
+            f"Peak RSS, fixed mmap: the same case once more (one repeat) in another fresh process with "
+            f"MALLOC_MMAP_THRESHOLD_={', '.join(fixed)}, where glibc returns freed blocks to the system "
+            f"and the peak is reproducible; every time in the table comes from the first process."
+        )
+    md += ["", markdown(rows)]
+    if tp_rows:
+        md += ["## Throughput under a memory cap", "", "| model | length | press | budget | cap GB | batch "
+               "| tokens/s | peak RSS GB | fits |", "|" + "---|" * 9]  # fmt: skip
+        for r in tp_rows:
+            md.append(
+                f"| {r['model']} | {r['length']} | {r['press']} | {r['budget'] or '-'} | {cap_gb:g} "
+                f"| {r['max_batch']} | {r['decode_tokens_per_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} "
+                f"| {r['fits']} |"
+            )
+    md += ["", "## Selection step: DBAC vs plain top-k (30 layers, same scores)", ""]
+    md += selection_markdown(report["selection"])
+    (out / "bench.md").write_text("\n".join(md) + "\n")
+    plot(rows, out / "bench.png")
