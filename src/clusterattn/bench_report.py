@@ -44,7 +44,7 @@ def markdown(rows: list[dict]) -> str:
         if fixed:
             value = r.get("peak_rss_fixed_mmap_bytes")
             extra = (
-                "- |"
+                " - |"
                 if value is None
                 else f" {value / mb:.0f} ({r.get('peak_rss_fixed_mmap_ratio', 1):.2f}) |"
             )
