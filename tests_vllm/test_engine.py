@@ -73,3 +73,22 @@ def test_evicted_blocks_return_to_the_pool(plugin_run):
         expected += -(-len(case[2]) // block) - -(-kept // block)
     assert result["freed_blocks"] == expected
     assert result["free_blocks_end"] == result["num_blocks"] - 1  # all back but the null block
+
+
+def test_compiled_mode_evicts_exactly_like_eager(cases, model_dir, hf_model, tmp_path):
+    """vLLM's default mode compiles the model (``enforce_eager=False``); attention stays outside
+    the compiled graph, so the plugin's hooks still run: same tokens as the transformers path, and
+    every evicted block back in the pool."""
+    model, tokenizer = hf_model
+    job = {
+        "engine": {"model": str(model_dir), **ENGINE, "enforce_eager": False},
+        "prompts": [case[2] for case in cases],
+        "presses": list(PRESSES),
+        "max_tokens": MAX_TOKENS,
+    }
+    result = run_engine(job, press_env="none", tmp_path=tmp_path)
+    for (context, question, _), spec, tokens in zip(cases, PRESSES, result["tokens"], strict=True):
+        ref = ca.generate(model, tokenizer, context, question, press=PRESSES[spec], max_new_tokens=MAX_TOKENS)
+        assert tokens == ref.tokens[0].tolist(), (spec, tokenizer.decode(tokens), ref.text)
+    assert result["freed_blocks"] > 0
+    assert result["free_blocks_end"] == result["num_blocks"] - 1
