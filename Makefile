@@ -71,7 +71,7 @@ test-peers: .venv-peers/.installed
 test: lint pytest pytest-tf52 test-peers test-vllm
 
 # Regenerates docs/serving.md: the full cache vs the plugin side by side in one engine (decode speed,
-# three rounds), stock vLLM's own engine, and concurrency; about an hour on 2 cores (five engines).
+# three rounds), stock vLLM's own engine, and concurrency; about 70 min on 2 cores (five engines).
 serving-bench: .venv-vllm/.installed
 	.venv-vllm/bin/python benchmarks/serving_bench.py --out docs/serving
 
