@@ -30,11 +30,11 @@ import json
 import os
 import platform
 import random
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 LENGTHS = (2048, 4000)  # 4k: leaves room for 64 new tokens inside max_model_len=4096
 BATCHES = (1, 8)
@@ -101,7 +101,7 @@ def run_child(job: dict) -> dict:
             for start, end in zip(steps, steps[1:], strict=False)
             if start[2] == batch and start[1] == batch  # pure decode, whole batch
         ]
-        return batch / statistics.median(times) if times else float("nan")
+        return batch / median(times) if times else float("nan")
 
     generate(_prompts(8, 512, seed=1), None, 8)  # warm-up
     result: dict = {"rates": {}, "num_blocks": scheduler.kv_cache_manager.block_pool.num_gpu_blocks}
@@ -124,14 +124,10 @@ def run_child(job: dict) -> dict:
     return result
 
 
-def _median(values) -> float:
-    return statistics.median(values)
-
-
 def ratio(rates: dict, name: str, base: str, key: str, base_key: str | None = None) -> float:
     """Median over rounds of ``name``'s rate (at ``key``) over ``base``'s (at ``base_key``, default
     the same) in the same round."""
-    return _median(round_ratios(rates, name, base, key, base_key))
+    return median(round_ratios(rates, name, base, key, base_key))
 
 
 def round_ratios(rates: dict, name: str, base: str, key: str, base_key: str | None = None) -> list[float]:
@@ -148,12 +144,12 @@ def _table(results: dict, kv_gib: str, lengths: tuple[int, ...] = LENGTHS) -> st
     ]
     keys = [f"{n}x{b}" for n in lengths for b in BATCHES]
     full_conc = conc[FULL]["max_running"]
-    stock_cells = " | ".join(f"{_median(stock[FULL][k]):.1f}" for k in keys)
+    stock_cells = " | ".join(f"{median(stock[FULL][k]):.1f}" for k in keys)
     lines.append(f"| full, stock vLLM (plugin not loaded) | {stock_cells} | {full_conc} |")
-    side_cells = " | ".join(f"{_median(side[FULL][k]):.1f}" for k in keys)
+    side_cells = " | ".join(f"{median(side[FULL][k]):.1f}" for k in keys)
     lines.append(f"| full (plugin loaded, no press) | {side_cells} | - |")
     for name in PRESSES:
-        cells = " | ".join(f"{_median(side[name][k]):.1f} ({ratio(side, name, FULL, k):.2f}x)" for k in keys)
+        cells = " | ".join(f"{median(side[name][k]):.1f} ({ratio(side, name, FULL, k):.2f}x)" for k in keys)
         c = conc[name]
         bound = ">= " if c["max_running"] == c["probe"] else ""
         lines.append(
@@ -205,12 +201,12 @@ def _reference(results: dict, lengths: tuple[int, ...]) -> list[str]:
     ]
     for budget in REFERENCE_LENGTHS:
         name = f"reference B={budget}"
-        top = _median(stock[name][f"{budget}x8"])
-        cells = [f"{_median(stock[name][f'{budget}x1']):.1f}", f"{top:.1f}"]
+        top = median(stock[name][f"{budget}x8"])
+        cells = [f"{median(stock[name][f'{budget}x1']):.1f}", f"{top:.1f}"]
         for n in lengths:
             cells.append(f"{ratio(stock, name, FULL, f'{budget}x8', f'{n}x8'):.2f}x")
             plugin = side.get(f"ClusterAttn B={budget}", {}).get(f"{n}x8")
-            cells.append(f"{_median(plugin) / top:.2f}" if plugin else "-")
+            cells.append(f"{median(plugin) / top:.2f}" if plugin else "-")
         lines.append(f"| {budget} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
