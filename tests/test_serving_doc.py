@@ -75,7 +75,20 @@ def test_document_reports_side_by_side_ratios_targets_and_reference(bench, resul
     assert "eager mode" in doc and "median of 3 rounds" in doc and "182 blocks of 128 tokens" in doc
     # reference at B=256: 150 / 60 = 2.50x the 2k full cache; the plugin reaches 120 / 150 = 0.80 of it
     assert "| 256 | 30.0 | 150.0 | 2.50x | 0.80 | 3.75x | 0.80 |" in doc
+    # one verdict per length: at 2k both references stay below the target, at 4k both pass it
+    assert "- At 2048 tokens, reference / full is 2.50x at B=256 and 2.33x at B=512: below the 2.6x" in doc
+    assert "- At 4000 tokens, reference / full is 3.75x at B=256 and 3.50x at B=512: at or above" in doc
     compiled = bench._document(
         bench._table(results, "1", lengths), results, {**META, "mode": "compiled"}, lengths
     )
     assert "compiled mode" in compiled
+
+
+def test_reference_verdict_names_a_split_length(bench, results):
+    stock = results["stock"]["rates"]
+    stock["reference B=256"]["256x8"] = [160.0] * 3  # 2k: 2.67x at B=256, 2.33x at B=512
+    lines = bench._reference_verdicts(results, (2048,))
+    assert lines == [
+        "- At 2048 tokens, reference / full is 2.67x at B=256 and 2.33x at B=512: the target is within "
+        "reach of a B-token cache at some budgets only."
+    ]
