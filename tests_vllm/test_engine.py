@@ -62,16 +62,18 @@ def test_eviction_on_is_token_identical_to_transformers(hf_model, plugin_run):
         assert tokens == ref.tokens[0].tolist(), (spec, tokenizer.decode(tokens), ref.text)
 
 
+def freed_blocks(jobs, block: int = 128) -> int:
+    """Blocks eviction hands back: a prompt's blocks less the blocks of the B tokens it keeps."""
+    return sum(
+        -(-len(case[2]) // block) - -(-PRESSES[spec].budget // block)
+        for case, spec in jobs
+        if spec is not False
+    )
+
+
 def test_evicted_blocks_return_to_the_pool(plugin_run):
     jobs, result = plugin_run
-    block = 128
-    expected = 0
-    for (case, spec), _ in zip(jobs, result["tokens"], strict=True):
-        if spec is False:
-            continue
-        kept = PRESSES[spec].budget
-        expected += -(-len(case[2]) // block) - -(-kept // block)
-    assert result["freed_blocks"] == expected
+    assert result["freed_blocks"] == freed_blocks(jobs)
     assert result["free_blocks_end"] == result["num_blocks"] - 1  # all back but the null block
 
 
@@ -90,5 +92,5 @@ def test_compiled_mode_evicts_exactly_like_eager(cases, model_dir, hf_model, tmp
     for (context, question, _), spec, tokens in zip(cases, PRESSES, result["tokens"], strict=True):
         ref = ca.generate(model, tokenizer, context, question, press=PRESSES[spec], max_new_tokens=MAX_TOKENS)
         assert tokens == ref.tokens[0].tolist(), (spec, tokenizer.decode(tokens), ref.text)
-    assert result["freed_blocks"] > 0
+    assert result["freed_blocks"] == freed_blocks(list(zip(cases, PRESSES, strict=True)))
     assert result["free_blocks_end"] == result["num_blocks"] - 1
