@@ -196,3 +196,16 @@ def test_report_counts_only_the_latest_row_of_a_rerun_sample(tmp_path, monkeypat
     write_report(tmp_path)
     assert len(seen) == 2 and rows[0] not in seen
     assert "| clusterattn | - | - | 100.0 | - |" in (tmp_path / "tables.md").read_text()
+
+
+def test_plot_styles_tell_every_press_apart():
+    from clusterattn.eval.plots import _styles
+
+    presses = ["chunkkv", "clusterattn", "clusterattn:recent_ratio=0.75", "clusterattn:recent_ratio=0.875"]
+    presses += ["h2o", "kvpress:snapkv", "pyramidkv", "snapkv", "streamingllm"]
+    styles = _styles(presses)
+    looks = {(s["color"], s["linestyle"]) for s in styles.values()}
+    assert len(looks) == len(presses)  # no two lines drawn alike
+    reds = {"tab:red", "darkred", "lightcoral", "maroon"}
+    assert {p for p, s in styles.items() if s["color"] in reds} == {p for p in presses if "clusterattn" in p}
+    assert styles["kvpress:snapkv"]["linestyle"] == "--"

@@ -22,10 +22,29 @@ def _pyplot():
     return plt
 
 
-def _style(press: str) -> dict:
-    if press == "clusterattn" or press.startswith("clusterattn:"):
-        return {"linewidth": 2.6, "color": "tab:red", "marker": "o"}
-    return {"linewidth": 1.2, "linestyle": "--" if press.startswith("kvpress:") else "-", "marker": "."}
+_OURS = ("tab:red", "darkred", "lightcoral", "maroon")  # ClusterAttn and its configurations
+_OTHERS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
+_OTHERS += ("tab:olive", "tab:cyan", "black")
+
+
+def _styles(presses: list[str]) -> dict[str, dict]:
+    """A line style per press: ClusterAttn thick and in reds (each configuration its own shade and
+    dash), every other press thin in a colour that is never red (kvpress's dashed)."""
+    ours = [p for p in presses if p == "clusterattn" or p.startswith("clusterattn:")]
+    others = [p for p in presses if p not in ours]
+    styles = {}
+    for i, press in enumerate(ours):
+        dash = ("-", "--", "-.", ":")[i % 4]
+        styles[press] = {"linewidth": 2.6, "color": _OURS[i % len(_OURS)], "linestyle": dash, "marker": "o"}
+    for i, press in enumerate(others):
+        dash = "--" if press.startswith("kvpress:") else "-"
+        styles[press] = {
+            "linewidth": 1.2,
+            "color": _OTHERS[i % len(_OTHERS)],
+            "linestyle": dash,
+            "marker": ".",
+        }
+    return styles
 
 
 def score_vs_budget(metrics: list[dict], out: Path) -> list[Path]:
@@ -40,11 +59,12 @@ def score_vs_budget(metrics: list[dict], out: Path) -> list[Path]:
         fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False, sharey=True)
         by = {(r["press"], r["budget"], r["task"]): r["score"] for r in rows}
         presses = sorted({r["press"] for r in rows if r["budget"] != "full"})
+        styles = _styles(presses)
         budgets = sorted({int(r["budget"]) for r in rows if r["budget"].isdigit()})
         for ax, panel in zip(axes.flat, panels, strict=False):
             for press in presses:
                 ys = [_panel_value(by, press, str(b), panel, tasks) for b in budgets]
-                ax.plot(budgets, ys, label=press, **_style(press))
+                ax.plot(budgets, ys, label=press, **styles[press])
             full = _panel_value(by, "full", "full", panel, tasks)
             if not math.isnan(full):
                 ax.axhline(full, color="black", linestyle=":", linewidth=1.2, label="full cache")
