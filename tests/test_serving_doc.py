@@ -87,7 +87,7 @@ def test_document_reports_side_by_side_ratios_targets_and_reference(bench, resul
 def test_reference_verdict_names_a_split_length(bench, results):
     stock = results["stock"]["rates"]
     stock["reference B=256"]["256x8"] = [160.0] * 3  # 2k: 2.67x at B=256, 2.33x at B=512
-    lines = bench._reference_verdicts(results, (2048,))
+    lines = bench._reference_verdicts(bench.reference_speedups(stock, (2048,)))
     assert lines == [
         "- At 2048 tokens, reference / full is 2.67x at B=256 and 2.33x at B=512: the target is within "
         "reach of a B-token cache at some budgets only."

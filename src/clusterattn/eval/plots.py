@@ -23,8 +23,10 @@ def _pyplot():
 
 
 _OURS = ("tab:red", "darkred", "lightcoral", "maroon")  # ClusterAttn and its configurations
-_OTHERS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
-_OTHERS += ("tab:olive", "tab:cyan", "black")
+_OTHERS = (
+    "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive",
+    "tab:cyan", "black",
+)  # fmt: skip
 
 
 def _styles(presses: list[str]) -> dict[str, dict]:
