@@ -17,7 +17,7 @@ from clusterattn.analysis.metrics import (
     kept_mask,
     restricted_cosine,
 )
-from clusterattn.analysis.report import write_report
+from clusterattn.analysis.report import layer_statement, run_of, write_report
 from clusterattn.analysis.trace import trace_decode
 from clusterattn.integration import capturing_queries
 from conftest import tiny_model
@@ -232,6 +232,37 @@ def test_oracle_and_analysis_summary(tiny_trace, tmp_path):
     doc = write_report(tmp_path / "analysis.md", tmp_path, [], "`test`")
     text = doc.read_text()
     assert "Fitting rate" in text and "DBAC (profiled num_block)" in text and "B=40: dbac" in text
+    assert (tmp_path / "fitting_by_layer.png").is_file() and "(e) Other" not in text
+    other = tmp_path / "gemma"
+    other.mkdir()
+    (other / "analysis.json").write_text(json.dumps({**summary, "model": "gemma3-270m", "length": 8192}))
+    text = write_report(tmp_path / "analysis.md", tmp_path, [], "`test`", [other]).read_text()
+    assert "(e) Other lengths and models" in text and "| Gemma-3-270M | 8192 | 2 | top-k |" in text
+    assert "Gemma-3-270M, 8192 tokens, B=40: dbac" in text
+    with pytest.raises(ValueError, match="no analysis.json"):
+        write_report(tmp_path / "analysis.md", tmp_path, [], "`test`", [tmp_path / "none"])
+
+
+def test_run_of_and_layer_statement():
+    assert run_of({"command": "`clusterattn analyze --length 4096 --out x`"}) == ("smollm2-135m", 4096)
+    assert run_of({"command": "`x --model gemma3-270m`", "length": 8192}) == ("gemma3-270m", 8192)
+    assert run_of({}) == ("smollm2-135m", 2048)
+    cell = lambda layers: {"fit_by_layer": layers}  # noqa: E731
+    summary = {"methods": {"128": {"topk": cell([0.5, 0.8, 0.6]), "dbac": cell([0.3, 0.8, 0.7])}}}
+    line = layer_statement(summary)
+    assert line == (
+        "- B=128: DBAC (default num_block) is at or above top-k in 2 of 3 compressible layers (1, 2), by "
+        "up to 10.0 points; worst 20.0 points below (layer 0). Taking per layer the better of the two, "
+        "chosen on these same traces (an upper bound for any per-layer setting), covers 66.7 % against "
+        "top-k's 63.3 %"
+    )
+    summary["methods"]["256"] = {"topk": cell([0.5, 0.8, 0.6]), "dbac": cell([0.4, 0.5, 0.55])}
+    assert layer_statement(summary).endswith(
+        "- B=256: DBAC (default num_block) is below top-k in all 3 compressible layers, by 5.0 (layer 2) "
+        "to 30.0 points (layer 1)"
+    )
+    summary["methods"]["128"]["dbac_tuned"] = cell([0.5, 0.8, 0.6])
+    assert "- B=128: DBAC (profiled num_block) equals top-k in every layer\n" in layer_statement(summary)
 
 
 # -- the one real-model test ------------------------------------------------------------------

@@ -213,6 +213,8 @@ def test_cli_errors_before_loading_a_model(monkeypatch, tmp_path):
         main(["analyze", "--tasks", "nope", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="does not exist"):
         main(["analyze", "--profiles", str(tmp_path / "none.json"), "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="no analysis.json"):
+        main(["analyze", "--also", str(tmp_path / "elsewhere"), "--out", str(tmp_path)])
 
 
 def test_samples_with_an_empty_answer_are_skipped(tmp_path):

@@ -89,7 +89,7 @@ def profiles_for_length(profiles: list[dict], length: int, objective: str = "cos
 
 
 def _analyze(args) -> int:
-    from clusterattn.analysis.analyze import AnalysisSpec
+    from clusterattn.analysis.analyze import ALL_METHODS, AnalysisSpec
     from clusterattn.analysis.data import check_task
     from clusterattn.analysis.report import write_report
 
@@ -97,17 +97,22 @@ def _analyze(args) -> int:
     out = Path(args.out)
     command = "`clusterattn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "`"
     if args.report_only:
-        path = write_report(args.doc, out, profiles, command)
+        path = write_report(args.doc, out, profiles, command, args.also)
         print(path)
         return 0
     for task in args.tasks:
         check_task(task)
+    for other in args.also:
+        if not (Path(other) / "analysis.json").is_file():
+            raise ValueError(f"--also {other} holds no analysis.json")
     loaded = profiles_for_length([json.loads(p.read_text()) for p in profiles], args.length)
     tuned = {
         Path(t).stem: {b: e["config"]["num_block"] for b, e in p["budgets"].items()}
         for t, p in loaded.items()
     }
-    spec = AnalysisSpec(budgets=args.budgets, top=args.top, tuned=tuned)
+    # without a profile the "profiled" DBAC would be the default one again: leave it out
+    methods = [m for m in ALL_METHODS if tuned or m != "dbac_tuned"]
+    spec = AnalysisSpec(budgets=args.budgets, methods=methods, top=args.top, tuned=tuned)
     import clusterattn as ca
 
     model, tokenizer = ca.load_model(args.model)
@@ -121,7 +126,7 @@ def _analyze(args) -> int:
             indent=1,
         )
     )
-    print(write_report(args.doc, out, profiles, command))
+    print(write_report(args.doc, out, profiles, command, args.also))
     return 0
 
 
@@ -166,7 +171,13 @@ def run_analysis(model, tokenizer, args, spec, profiles: dict, command: str = ""
             done += 1
             if done == args.samples:
                 break
-    summary = {"command": command, "per_trace": rows, **summarise(rows)}
+    summary = {
+        "command": command,
+        "model": args.model,
+        "length": args.length,
+        "per_trace": rows,
+        **summarise(rows),
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "analysis.json").write_text(json.dumps(summary, indent=1) + "\n")
     figures.stability_figure(summary, out / "stability.png", str(spec.budgets[0]))
@@ -230,5 +241,11 @@ def add_commands(sub) -> None:
     )
     ana.add_argument("--out", default="docs/analysis")
     ana.add_argument("--doc", default="docs/analysis.md")
+    ana.add_argument(
+        "--also",
+        nargs="*",
+        default=[],
+        help="other analyze --out folders (other lengths or models) summarised in the doc",
+    )
     ana.add_argument("--report-only", action="store_true", help="rebuild the doc from --out and --profiles")
     ana.set_defaults(func=_analyze)

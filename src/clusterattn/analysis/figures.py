@@ -161,3 +161,26 @@ def profile_figure(profiles: list[dict], path) -> Path:
         ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+LAYER_METHODS = ("oracle", "topk", "dbac_tuned", "dbac", "dbscan")
+
+
+def layer_figure(summary: dict, path, quantity: str = "fit_by_layer") -> Path:
+    """Prefix fitting rate per compressible layer of the clustering methods (one panel per budget):
+    where the attention is clustered, DBAC's spans hold as much mass as top-k's scattered tokens."""
+    plt = _plt()
+    budgets = sorted(summary["methods"], key=int)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 3.8), squeeze=False, sharey=True)
+    for ax, budget in zip(axes[0], budgets, strict=True):
+        cells = summary["methods"][budget]
+        for method in [m for m in LAYER_METHODS if m in cells]:
+            values = [v * 100 for v in cells[method][quantity]]
+            ax.plot(range(len(values)), values, marker=".", label=method, color=COLOURS.get(method))
+        ax.set_xlabel("compressible layer")
+        ax.set_title(f"B={budget}")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=7, ncol=2)
+    axes[0][0].set_ylabel("prefix fitting rate (%)")
+    fig.tight_layout()
+    return _save(fig, path)

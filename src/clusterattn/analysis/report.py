@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 from clusterattn.analysis import figures
@@ -188,6 +189,90 @@ def comparisons(summary: dict) -> str:
     return "\n".join(f"- {line}" for line in out)
 
 
+MODEL_NAMES = {"smollm2-135m": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma-3-270M"}
+
+
+def run_of(summary: dict) -> tuple[str, int]:
+    """``(model, length)`` an analysis measured: its fields, or (results written before they were
+    recorded) the ``--model`` / ``--length`` of its command, with the command's defaults."""
+    args = shlex.split(summary.get("command", "").strip("`"))
+    given = {a: b for a, b in zip(args, args[1:], strict=False) if a.startswith("--")}
+    model = summary.get("model") or given.get("--model", "smollm2-135m")
+    return model, int(summary.get("length") or given.get("--length", 2048))
+
+
+def layer_statement(summary: dict) -> str:
+    """Per budget: the layers where DBAC's prefix fitting rate is at least top-k's, and its worst
+    layer; plain sentences computed from ``fit_by_layer``."""
+    out = []
+    for b in sorted(summary["methods"], key=int):
+        cells = summary["methods"][b]
+        topk = cells["topk"]["fit_by_layer"]
+        for dbac in [m for m in ("dbac", "dbac_tuned") if m in cells]:
+            mine = cells[dbac]["fit_by_layer"]
+            diff = [x - y for x, y in zip(mine, topk, strict=True)]
+            if max(map(abs, diff)) < 5e-4:
+                out.append(f"B={b}: {METHOD_NAMES[dbac]} equals top-k in every layer")
+                continue
+            level = [i for i, d in enumerate(diff) if d >= -5e-4]
+            worst, best = (f(range(len(diff)), key=diff.__getitem__) for f in (min, max))
+            if not level:
+                out.append(
+                    f"B={b}: {METHOD_NAMES[dbac]} is below top-k in all {len(diff)} compressible layers, "
+                    f"by {_pct(-diff[best])} (layer {best}) to {_pct(-diff[worst])} points (layer {worst})"
+                )
+                continue
+            switch = sum(max(x, y) for x, y in zip(mine, topk, strict=True)) / len(diff)
+            out.append(
+                f"B={b}: {METHOD_NAMES[dbac]} is at or above top-k in {len(level)} of {len(diff)} "
+                f"compressible layers ({', '.join(map(str, level))}), by up to {_pct(diff[best])} points; "
+                f"worst {_pct(-diff[worst])} points below (layer {worst}). Taking per layer the better of "
+                f"the two, chosen on these same traces (an upper bound for any per-layer setting), covers "
+                f"{_pct(switch)} % against top-k's {_pct(sum(topk) / len(topk))} %"
+            )
+    return "\n".join(f"- {line}" for line in out)
+
+
+def other_runs_section(dirs: list[Path], doc: Path) -> list[str]:
+    """Section (e): the prefix fitting and hit rates of the analyses in ``dirs`` (other lengths or
+    models, each with its own full report ``README.md``), one row per run and method."""
+    runs = []
+    for d in dirs:
+        path = Path(d) / "analysis.json"
+        if not path.is_file():
+            raise ValueError(f"{d} holds no analysis.json (run clusterattn analyze --out {d} first)")
+        runs.append((Path(d), json.loads(path.read_text())))
+    budgets = sorted({b for _, s in runs for b in s["methods"]}, key=int)
+    header = ["model", "length", "traces", "method"]
+    header += [f"{q} B={b}" for b in budgets for q in ("fit prefix", "hit prefix")]
+    rows, lines = [], []
+    for d, s in runs:
+        model, length = run_of(s)
+        name = MODEL_NAMES.get(model, model)
+        report = d / "README.md"
+        label = f"[{name}]({os.path.relpath(report, doc.parent)})" if report.exists() else name
+        first = s["methods"][budgets[0]]
+        for method in first:
+            cells = [label, str(length), str(len(s["per_trace"])), METHOD_NAMES.get(method, method)]
+            for b in budgets:
+                c = s["methods"].get(b, {}).get(method)
+                cells += [_pct(c["fit_prefix"]), _pct(c["hit_prefix"])] if c else ["", ""]
+            rows.append(cells)
+        lines += [f"{name}, {length} tokens, {line[2:]}" for line in comparisons(s).splitlines()]
+    return [
+        "### (e) Other lengths and models",
+        "",
+        "The same measurements on the runs below (each links to its full report with figures):",
+        "",
+        _table(header, rows),
+        "",
+        "Comparisons (prefix fitting rate):",
+        "",
+        *[f"- {line}" for line in lines],
+        "",
+    ]
+
+
 def curve_table(summary: dict) -> str:
     curve = summary["curve"]
     rows = [
@@ -197,15 +282,23 @@ def curve_table(summary: dict) -> str:
     return _table(["budget", "% prefix tokens kept", "DBAC % mass", "top-k % mass", "oracle % mass"], rows)
 
 
-def write_report(doc: str | Path, out_dir: str | Path, profiles: list[str | Path], command: str) -> Path:
-    """Write ``doc`` from ``out_dir/analysis.json`` and the profile JSONs; returns its path."""
+def write_report(
+    doc: str | Path,
+    out_dir: str | Path,
+    profiles: list[str | Path],
+    command: str,
+    others: list[str | Path] = (),
+) -> Path:
+    """Write ``doc`` from ``out_dir/analysis.json`` and the profile JSONs, with a summary of the
+    analyses in ``others`` (other lengths or models); returns its path."""
     doc, out_dir = Path(doc), Path(out_dir)
     loaded = [json.loads(Path(p).read_text()) for p in profiles]
     summary = json.loads((out_dir / "analysis.json").read_text())
     command = summary.get("command", command)  # the run that measured, not a later --report-only
     rel = lambda p: os.path.relpath(p, doc.parent)  # noqa: E731
+    model, length = run_of(summary)
     parts = [
-        "# Profiling and analysis of attention clusters (SmolLM2-135M-Instruct, CPU)",
+        f"# Profiling and analysis of attention clusters ({MODEL_NAMES.get(model, model)}, CPU)",
         "",
         f"Regenerate everything on this page with `make analysis` ({command}). Definitions: "
         "`src/clusterattn/analysis/` (one module per quantity). Budget B = prompt tokens kept per KV "
@@ -235,7 +328,8 @@ def write_report(doc: str | Path, out_dir: str | Path, profiles: list[str | Path
     parts += [
         "## 2. Attention clusters during decoding",
         "",
-        f"{n} traced samples ({', '.join(tasks)}), each decode step's attention over the prompt; kept sets "
+        f"{n} traced {length}-token samples ({', '.join(tasks)}), each decode step's attention over the "
+        "prompt; kept sets "
         "are computed from the observation window only, as the press does at the end of prefill.",
         "",
         "### (a) Per-head attention over the prompt",
@@ -248,9 +342,9 @@ def write_report(doc: str | Path, out_dir: str | Path, profiles: list[str | Path
     ]
     parts += [
         "",
-        "Rows are the query heads of six evenly spaced layers; colour is the decode attention averaged "
-        "over the steps (log scale, each row relative to its maximum after token 0). The right panels "
-        "show what DBAC and plain top-k keep from the window's scores at B=128.",
+        "Rows are the query heads of (up to) six evenly spaced compressible layers; colour is the "
+        "decode attention averaged over the steps (log scale, each row relative to its maximum after "
+        "token 0). The right panels show what DBAC and plain top-k keep from the window's scores at B=128.",
         "",
         "### (b) Hit rate and stability",
         "",
@@ -297,7 +391,15 @@ def write_report(doc: str | Path, out_dir: str | Path, profiles: list[str | Path
         "",
         comparisons(summary),
         "",
+        "Prefix fitting rate per layer (mean over traces):",
+        "",
+        f"![fitting rate per layer]({rel(figures.layer_figure(summary, out_dir / 'fitting_by_layer.png'))})",
+        "",
+        layer_statement(summary),
+        "",
     ]
+    if others:
+        parts += other_runs_section([Path(o) for o in others], doc)
     notes = out_dir / "notes.md"
     if notes.exists():  # hand-written reading of the numbers, kept across regenerations
         parts += ["## 3. What the numbers say", "", notes.read_text().strip(), ""]
