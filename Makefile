@@ -107,8 +107,9 @@ eval-table: .venv/.installed .venv-peers/.installed
 # Profiles ClusterAttn's num_block on five RULER tasks at 2k and 4k with both objectives (decode-attention
 # cosine into profiles/, answer log-probability into profiles-answer/; seeded 20 % split; default vs
 # tuned accuracy at B=128 and 256 on 12 held-out samples each), then the attention-cluster analysis of
-# four of them: SmolLM2 at 4k and Gemma-3-270M at 8k (each with its own report), then SmolLM2 at 2k,
-# which rewrites docs/analysis.md with the other two summarised (3-4 hours on 2 idle cores).
+# four of them: SmolLM2 at 4k and Gemma-3-270M at 8k (each with its own report), the mass-vs-spans
+# ablation (docs/analysis/mass_vs_spans.md), then SmolLM2 at 2k, which rewrites docs/analysis.md with
+# the other two analyses summarised (3-4 hours on 2 idle cores).
 PROFILE_TASKS := niah_single_1 niah_single_2 niah_multikey_1 vt qa_1
 ANALYSIS_TASKS := niah_single_2 niah_multikey_1 vt qa_1
 ANALYZE := .venv/bin/clusterattn --threads 2 analyze --tasks $(ANALYSIS_TASKS) --samples 2 --budgets 128 256
@@ -124,6 +125,12 @@ analysis: .venv/.installed
 	$(ANALYZE) --length 4096 --profiles $(foreach t,$(ANALYSIS_TASKS),docs/analysis/profiles/$(t)-4096.json) \
 	  --out docs/analysis-4k --doc docs/analysis-4k/README.md
 	$(ANALYZE) --model gemma3-270m --length 8192 --out docs/analysis-gemma3 --doc docs/analysis-gemma3/README.md
+	for n in 2048 4096; do \
+	  .venv/bin/python benchmarks/mass_vs_spans.py --length $$n --threads 2 --out docs/analysis/mass_vs_spans-$$n.json \
+	    || exit 1; \
+	done
+	.venv/bin/python benchmarks/mass_vs_spans.py --report docs/analysis/mass_vs_spans-2048.json \
+	  docs/analysis/mass_vs_spans-4096.json --doc docs/analysis/mass_vs_spans.md
 	$(ANALYZE) --length 2048 \
 	  --profiles docs/analysis/profiles docs/analysis/profiles-answer docs/analysis/profiles-dominant \
 	  --also docs/analysis-4k docs/analysis-gemma3 --out docs/analysis --doc docs/analysis.md
