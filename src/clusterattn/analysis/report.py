@@ -251,8 +251,7 @@ def other_runs_section(dirs: list[Path], doc: Path) -> list[str]:
         name = MODEL_NAMES.get(model, model)
         report = d / "README.md"
         label = f"[{name}]({os.path.relpath(report, doc.parent)})" if report.exists() else name
-        first = s["methods"][budgets[0]]
-        for method in first:
+        for method in s["methods"][min(s["methods"], key=int)]:
             cells = [label, str(length), str(len(s["per_trace"])), METHOD_NAMES.get(method, method)]
             for b in budgets:
                 c = s["methods"].get(b, {}).get(method)
@@ -329,8 +328,8 @@ def write_report(
         "## 2. Attention clusters during decoding",
         "",
         f"{n} traced {length}-token samples ({', '.join(tasks)}), each decode step's attention over the "
-        "prompt; kept sets "
-        "are computed from the observation window only, as the press does at the end of prefill.",
+        "prompt; kept sets are computed from the observation window only, as the press does at the end "
+        "of prefill.",
         "",
         "### (a) Per-head attention over the prompt",
         "",
