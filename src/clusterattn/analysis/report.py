@@ -303,6 +303,8 @@ def write_report(
         "`src/clusterattn/analysis/` (one module per quantity). Budget B = prompt tokens kept per KV "
         "head, observation window of 32 included; every method keeps exactly B - 32 prefix tokens.",
         "",
+    ]
+    profiling = [
         "## 1. Profiling num_block per task",
         "",
         "A seeded 20 % of each task's samples is traced with the full cache: greedy decode, each decode "
@@ -316,11 +318,13 @@ def write_report(
         "log-probability (log p) their compressed cache gives to the full cache's own answer.",
         "",
     ]
-    if loaded:
+    if not loaded:
+        parts += [*profiling[:2], "No profile was given for this run: DBAC keeps its default num_block.", ""]
+    else:
         # the cosine curves with the cosine objective's choices: other objectives share the curves
         cosine = [p for p in loaded if objective_of(p) == "cosine"] or loaded
         fig = figures.profile_figure(cosine, out_dir / "profile_cosine.png")
-        parts += [profile_section(loaded), "", f"![profile cosine]({rel(fig)})", ""]
+        parts += profiling + [profile_section(loaded), "", f"![profile cosine]({rel(fig)})", ""]
     budgets = sorted(summary["methods"], key=int)
     tasks = sorted(summary["by_task"])
     n = len(summary["per_trace"])
