@@ -170,6 +170,8 @@ def layer_figure(summary: dict, path, quantity: str = "fit_by_layer") -> Path:
     """Prefix fitting rate per compressible layer of the clustering methods (one panel per budget):
     where the attention is clustered, DBAC's spans hold as much mass as top-k's scattered tokens."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     budgets = sorted(summary["methods"], key=int)
     fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 3.8), squeeze=False, sharey=True)
     for ax, budget in zip(axes[0], budgets, strict=True):
@@ -178,6 +180,7 @@ def layer_figure(summary: dict, path, quantity: str = "fit_by_layer") -> Path:
             values = [v * 100 for v in cells[method][quantity]]
             ax.plot(range(len(values)), values, marker=".", label=method, color=COLOURS.get(method))
         ax.set_xlabel("compressible layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
         ax.set_title(f"B={budget}")
         ax.set_ylim(0, 100)
         ax.legend(fontsize=7, ncol=2)
