@@ -94,18 +94,21 @@ def fitting(trace, budget: int) -> dict:
     layers, q_heads, _, seq = trace.attention.shape
     kv_heads, n = trace.keys.shape[1], seq - HeadChoicePress.window_size
     prefix = trace.attention[..., :n]
+    masks = {
+        mode: kept_mask(trace.select(HeadChoicePress(budget=budget, mode=mode)), seq)[..., :n]
+        for mode in ("spans", "topk")
+    }
+    with torch.no_grad():  # (layers, kv_heads): the validated press's own choice, computed once
+        heads = HeadChoicePress(budget=budget).span_heads(trace.queries, trace.keys, trace.scaling, budget)
+    masks["validated"] = torch.where(heads[..., None], masks["spans"], masks["topk"])
     per_head = {}
-    for mode in MODES:
-        mask = kept_mask(trace.select(HeadChoicePress(budget=budget, mode=mode)), seq)[..., :n]
+    for mode, mask in masks.items():
         rate = fitting_rate(prefix, mask).mean(-1)  # (layers, q_heads)
         per_head[mode] = rate.view(layers, kv_heads, q_heads // kv_heads).mean(-1)
-    press = HeadChoicePress(budget=budget)
-    with torch.no_grad():
-        share = press.span_heads(trace.queries, trace.keys, trace.scaling, budget).float().mean()
     out = {mode: float(r.mean()) for mode, r in per_head.items()}
     return out | {
         "hindsight": float(torch.maximum(per_head["spans"], per_head["topk"]).mean()),
-        "span_heads": float(share),
+        "span_heads": float(heads.float().mean()),
     }
 
 

@@ -91,7 +91,7 @@ def profiles_for_length(profiles: list[dict], length: int, objective: str = "cos
 def _analyze(args) -> int:
     from clusterattn.analysis.analyze import ALL_METHODS, AnalysisSpec
     from clusterattn.analysis.data import check_task
-    from clusterattn.analysis.report import write_report
+    from clusterattn.analysis.report import analysis_json, write_report
 
     profiles = _profile_paths(args.profiles)
     out = Path(args.out)
@@ -102,9 +102,8 @@ def _analyze(args) -> int:
         return 0
     for task in args.tasks:
         check_task(task)
-    for other in args.also:
-        if not (Path(other) / "analysis.json").is_file():
-            raise ValueError(f"--also {other} holds no analysis.json")
+    for other in args.also:  # before any model loads
+        analysis_json(other)
     loaded = profiles_for_length([json.loads(p.read_text()) for p in profiles], args.length)
     tuned = {
         Path(t).stem: {b: e["config"]["num_block"] for b, e in p["budgets"].items()}

@@ -151,15 +151,23 @@ def profile_section(profiles: list[dict]) -> str:
     return "\n".join(out)
 
 
+def method_cells(summary: dict, method: str, budgets: list[str], quantities: list[str]) -> list[str]:
+    """``quantities`` (%) of ``method`` at each of ``budgets``; blanks where the run lacks a budget."""
+    cells = []
+    for b in budgets:
+        cell = summary["methods"].get(b, {}).get(method)
+        cells += [_pct(cell[q]) for q in quantities] if cell else [""] * len(quantities)
+    return cells
+
+
 def methods_table(summary: dict, quantities: list[tuple[str, str]]) -> str:
     budgets = sorted(summary["methods"], key=int)
     header = ["method"] + [f"{label} B={b}" for b in budgets for _, label in quantities]
-    rows = []
-    for method in summary["methods"][budgets[0]]:
-        cells = [METHOD_NAMES.get(method, method)]
-        for b in budgets:
-            cells += [_pct(summary["methods"][b][method][q]) for q, _ in quantities]
-        rows.append(cells)
+    names = [q for q, _ in quantities]
+    rows = [
+        [METHOD_NAMES.get(method, method), *method_cells(summary, method, budgets, names)]
+        for method in summary["methods"][budgets[0]]
+    ]
     return _table(header, rows)
 
 
@@ -175,7 +183,7 @@ def by_task_table(summary: dict, quantity: str, methods: list[str]) -> str:
     return _table(header, rows)
 
 
-def comparisons(summary: dict) -> str:
+def comparison_lines(summary: dict) -> list[str]:
     """Plain statements of who wins the fitting-rate comparison, budget by budget."""
     out = []
     for b in sorted(summary["methods"], key=int):
@@ -186,7 +194,20 @@ def comparisons(summary: dict) -> str:
                 theirs = cells[other]["fit_prefix"]
                 verb = "level with" if abs(mine - theirs) < 5e-4 else "above" if mine > theirs else "below"
                 out.append(f"B={b}: {dbac} {_pct(mine)} % is {verb} {other} {_pct(theirs)} %")
-    return "\n".join(f"- {line}" for line in out)
+    return out
+
+
+def comparisons(summary: dict) -> str:
+    """:func:`comparison_lines` as a markdown list."""
+    return "\n".join(f"- {line}" for line in comparison_lines(summary))
+
+
+def analysis_json(folder: str | Path) -> Path:
+    """``folder/analysis.json``; ValueError naming ``folder`` when there is none."""
+    path = Path(folder) / "analysis.json"
+    if not path.is_file():
+        raise ValueError(f"{folder} holds no analysis.json (run clusterattn analyze --out {folder} first)")
+    return path
 
 
 MODEL_NAMES = {"smollm2-135m": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma-3-270M"}
@@ -236,12 +257,7 @@ def layer_statement(summary: dict) -> str:
 def other_runs_section(dirs: list[Path], doc: Path) -> list[str]:
     """Section (e): the prefix fitting and hit rates of the analyses in ``dirs`` (other lengths or
     models, each with its own full report ``README.md``), one row per run and method."""
-    runs = []
-    for d in dirs:
-        path = Path(d) / "analysis.json"
-        if not path.is_file():
-            raise ValueError(f"{d} holds no analysis.json (run clusterattn analyze --out {d} first)")
-        runs.append((Path(d), json.loads(path.read_text())))
+    runs = [(Path(d), json.loads(analysis_json(d).read_text())) for d in dirs]
     budgets = sorted({b for _, s in runs for b in s["methods"]}, key=int)
     header = ["model", "length", "traces", "method"]
     header += [f"{q} B={b}" for b in budgets for q in ("fit prefix", "hit prefix")]
@@ -253,11 +269,8 @@ def other_runs_section(dirs: list[Path], doc: Path) -> list[str]:
         label = f"[{name}]({os.path.relpath(report, doc.parent)})" if report.exists() else name
         for method in s["methods"][min(s["methods"], key=int)]:
             cells = [label, str(length), str(len(s["per_trace"])), METHOD_NAMES.get(method, method)]
-            for b in budgets:
-                c = s["methods"].get(b, {}).get(method)
-                cells += [_pct(c["fit_prefix"]), _pct(c["hit_prefix"])] if c else ["", ""]
-            rows.append(cells)
-        lines += [f"{name}, {length} tokens, {line[2:]}" for line in comparisons(s).splitlines()]
+            rows.append(cells + method_cells(s, method, budgets, ["fit_prefix", "hit_prefix"]))
+        lines += [f"{name}, {length} tokens, {line}" for line in comparison_lines(s)]
     return [
         "### (e) Other lengths and models",
         "",
