@@ -20,8 +20,8 @@ import torch
 
 import clusterattn as ca
 from clusterattn.bench import prompt_inputs, selection_markdown, selection_timing
-from clusterattn.generation import _prefill
 from clusterattn.integration import new_cache
+from clusterattn.steps import prefill
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
         seconds = []
         for _ in range(args.repeats):
             with torch.no_grad(), press(model) as session:
-                _prefill(model, inputs, new_cache(model))
+                prefill(model, inputs, new_cache(model))
             seconds.append(session.stats.seconds)
         print(json.dumps({"press": type(press).__name__, "length": args.length,
                           "compress_s": statistics.median(seconds)}))  # fmt: skip
@@ -63,7 +63,7 @@ def window_scores_seen(model, inputs, budget: int) -> torch.Tensor:
     select = press.select_prefix
     press.select_prefix = lambda scores, keep: select(seen.append(scores.clone()) or scores, keep)
     with torch.no_grad(), press(model):
-        _prefill(model, inputs, new_cache(model))
+        prefill(model, inputs, new_cache(model))
     return torch.stack(seen)
 
 

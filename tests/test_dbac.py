@@ -228,7 +228,8 @@ def later_block_top(peaks, k):
 
 
 def old_rank(scores, budget, *tiers):
-    """Frozen copy of the int64 ranking key: tiers in the bits above the float32 order key."""
+    """Frozen copy of the int64 ranking key: tiers in the bits above the float32 order key, exact
+    ties to the earlier token."""
     finite = torch.isfinite(scores)
     bits = scores.float().contiguous().view(torch.int32).to(torch.int64)
     key = torch.where(bits >= 0, bits, -bits - 2**31 - 1)
@@ -237,6 +238,8 @@ def old_rank(scores, budget, *tiers):
         if tier is not None:
             key = key + (tier & finite).to(torch.int64) * level
         level <<= 1
+    n = scores.shape[-1]  # exact ties to the earlier token (rank_and_select's documented rule)
+    key = key * n + torch.arange(n - 1, -1, -1)
     return key.topk(budget, dim=-1).indices.sort(dim=-1).values
 
 

@@ -9,13 +9,13 @@ from transformers import DynamicCache
 import clusterattn as ca
 from clusterattn.batching import (
     PADDED,
-    PADDED_LAYERS,
     batch_key,
     is_padded,
     masked_gqa,
     stack_caches,
     stack_padded,
 )
+from clusterattn.cache import CompressedLayer
 from clusterattn.eval.grid import answer_all
 from clusterattn.integration import cache_kwarg, new_cache
 from clusterattn.replay import replay
@@ -80,22 +80,33 @@ def test_stack_caches_checks_shapes(llama):
 
 def test_stack_caches_padded_decode_like_alone(llama):
     """Caches of different widths in one left-padded batch: each row's next logits equal its own."""
-    from clusterattn.generation import _prepare, _record_prefill
+    from clusterattn.steps import prepare_inputs, record_prefill
 
-    inputs = _prepare(llama, TOK, ids_text(150, seed=8), "3 4 5", 4, False, "", False)
-    record, _ = _record_prefill(llama, inputs)
+    inputs = prepare_inputs(
+        llama,
+        TOK,
+        ids_text(150, seed=8),
+        "3 4 5",
+        max_new_tokens=4,
+        query_aware=False,
+        answer_prefix="",
+        chat=False,
+    )
+    record, _ = record_prefill(llama, inputs)
     presses = [PRESS_FACTORIES["snapkv"](24), PRESS_FACTORIES["clusterattn"](64), PRESS_FACTORIES["h2o"](40)]
     caches = [replay(record, press)[0] for press in presses]
-    assert {batch_key(cache) for cache in caches} == {PADDED}
+    assert len({batch_key(cache) for cache in caches}) == 1 and is_padded(batch_key(caches[0]))
     merged, kept_real = stack_padded(caches)
+    assert kept_real is None  # compressed layers carry their slot masks themselves
     assert [layer.keys.shape[2] for layer in merged.layers] == [64] * len(merged.layers)
-    assert kept_real.sum(-1).tolist() == [24, 64, 40]
+    assert merged.layers[0].slot_mask.sum(-1).tolist() == [24, 64, 40]
+    assert merged.get_seq_length() == caches[0].get_seq_length()  # the prompt's logical length
     rest = inputs.rest
     alone = []
-    with presses[0](llama), torch.no_grad():
+    with torch.no_grad():  # no press needed: the caches carry their state
         for cache in caches:
             alone.append(llama(input_ids=rest, use_cache=True, **{cache_kwarg(llama): cache}).logits[:, -1])
-        mask = torch.ones(3, 64 + rest.shape[1], dtype=torch.long)  # rewritten from the kept slots
+        mask = torch.ones(3, merged.get_seq_length() + rest.shape[1], dtype=torch.long)
         batch = llama(
             input_ids=rest.repeat(3, 1), attention_mask=mask, use_cache=True, **{cache_kwarg(llama): merged}
         ).logits[:, -1]
@@ -139,10 +150,10 @@ def test_batch_key(llama):
     cache = DynamicCache()
     for layer in range(2):
         cache.update(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4), layer)
-    assert batch_key(cache) == ("exact", False, 5, 5)  # a plain cache masks nothing by itself
+    assert batch_key(cache) == ("exact", 5, 5)  # a plain cache masks nothing by itself
     assert batch_key(cache, plain=True) == PADDED  # ... unless the decode passes the mask
     cache.layers[1].keys = cache.layers[1].keys[:, :, :3]
-    assert batch_key(cache, plain=True) == ("exact", False, 5, 3)
+    assert batch_key(cache, plain=True) == ("exact", 5, 3)
 
 
 # (family, presses at budgets 24 / 64 / 40): PyramidKV's layers keep different lengths; on Gemma3
@@ -160,40 +171,53 @@ def test_per_layer_padded_batch_decodes_like_alone(implementation, case):
     """Caches padded layer by layer in one batch (PyramidKV at several budgets; any press on a
     model with uncompressed sliding-window layers): the question chunk and the next decode steps
     give each row the logits it has alone."""
-    from clusterattn.generation import _prepare, _record_prefill
+    from clusterattn.steps import prepare_inputs, record_prefill
 
     family, names = PER_LAYER_CASES[case]
     layers = 3 if family == "llama" else 4
     model = tiny_model(family, num_hidden_layers=layers, attn_implementation=implementation)
-    inputs = _prepare(model, TOK, ids_text(150, seed=9), "3 4 5", 4, False, "", False)
-    record, _ = _record_prefill(model, inputs)
+    inputs = prepare_inputs(
+        model,
+        TOK,
+        ids_text(150, seed=9),
+        "3 4 5",
+        max_new_tokens=4,
+        query_aware=False,
+        answer_prefix="",
+        chat=False,
+    )
+    record, _ = record_prefill(model, inputs)
     presses = [PRESS_FACTORIES[name](b) for name, b in zip(names, (24, 64, 40), strict=True)]
     caches = [replay(record, press)[0] for press in presses]
     assert len({batch_key(cache) for cache in caches}) == 1
-    assert is_padded(batch_key(caches[0])) and batch_key(caches[0])[:2] == PADDED_LAYERS
+    assert is_padded(batch_key(caches[0])) and batch_key(caches[0])[:2] == (*PADDED, "compressed")
     assert len({tuple(layer.keys.shape[2] for layer in cache.layers) for cache in caches}) == 3
     merged, kept_real = stack_padded(caches)
     assert kept_real is None
     widths = [layer.keys.shape[2] for layer in merged.layers]
     assert widths == [max(c.layers[i].keys.shape[2] for c in caches) for i in range(layers)]
     assert len(set(widths)) > 1  # really padded per layer
-    compressed = set(caches[0]._clusterattn.lengths)
-    assert set(merged._clusterattn.layer_real) == compressed
+    compressed = {i for i, layer in enumerate(caches[0].layers) if isinstance(layer, CompressedLayer)}
+    assert {i for i, layer in enumerate(merged.layers) if getattr(layer, "slot_mask", None) is not None} == {
+        i for i in compressed if len({c.layers[i].keys.shape[2] for c in caches}) > 1
+    }
     for i in set(range(layers)) - compressed:  # uncompressed layers are stacked as they are
         assert torch.equal(merged.layers[i].keys, torch.cat([c.layers[i].keys for c in caches]))
     name, rest, start = cache_kwarg(model), inputs.rest, record.next_pos
 
     def steps(cache, rows):
         out = []
-        with presses[0](model), torch.no_grad():  # the question in one chunk, as generation does
+        with torch.no_grad():  # the question in one chunk, as generation does; no press needed
             pos = start.repeat(rows)[:, None] + torch.arange(rest.shape[1])
-            mask = torch.ones(rows, 1, dtype=torch.long)  # rewritten by the press from its state
+            logical = cache.get_seq_length() + rest.shape[1]
+            mask = torch.ones(rows, logical, dtype=torch.long)  # the logical length, as generate passes
             ids = rest.repeat(rows, 1)
             logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, **{name: cache})
             out.append(logits.logits[:, -1])
             token = out[-1].argmax(-1, keepdim=True)
             for _step in range(2):
                 pos = pos[:, -1:] + 1
+                mask = torch.cat([mask, mask[:, :1]], -1)
                 out.append(
                     model(input_ids=token, position_ids=pos, attention_mask=mask, **{name: cache}).logits[
                         :, -1
@@ -210,20 +234,30 @@ def test_per_layer_padded_batch_decodes_like_alone(implementation, case):
 
 def test_padded_stacking_refuses_mismatched_layers():
     """Caches compressed on different layers, or whose uncompressed layers differ, share no batch."""
-    from clusterattn.generation import _prepare, _record_prefill
+    from clusterattn.steps import prepare_inputs, record_prefill
 
     model = tiny_model("gemma3")
-    inputs = _prepare(model, TOK, ids_text(150, seed=9), "3 4 5", 4, False, "", False)
-    record, _ = _record_prefill(model, inputs)
+    inputs = prepare_inputs(
+        model,
+        TOK,
+        ids_text(150, seed=9),
+        "3 4 5",
+        max_new_tokens=4,
+        query_aware=False,
+        answer_prefix="",
+        chat=False,
+    )
+    record, _ = record_prefill(model, inputs)
     a, b = (replay(record, PRESS_FACTORIES["snapkv"](budget))[0] for budget in (40, 64))
     stack_padded([a, b])
-    sliding = next(i for i, layer in enumerate(b.layers) if i not in b._clusterattn.lengths)
+    sliding = next(i for i, layer in enumerate(b.layers) if not isinstance(layer, CompressedLayer))
     b.layers[sliding].keys = b.layers[sliding].keys[:, :, 1:]
     b.layers[sliding].values = b.layers[sliding].values[:, :, 1:]
     assert batch_key(a) != batch_key(b)
-    with pytest.raises(ValueError, match="uncompressed layers"):
+    with pytest.raises(ValueError, match="uncompressed layer"):
         stack_padded([a, b])
-    del b._clusterattn.lengths[max(b._clusterattn.lengths)]
+    last = max(i for i, layer in enumerate(b.layers) if isinstance(layer, CompressedLayer))
+    b.layers[last] = new_cache(model).layers[last]
     with pytest.raises(ValueError, match="different layers"):
         stack_padded([a, b])
 

@@ -248,3 +248,13 @@ def test_run_json_names_the_commit_the_run_started_on(patched, tmp_path, monkeyp
     )
     info = json.loads((tmp_path / "run.json").read_text())
     assert info["finished"] and info["git_commit"] == "aaa"
+
+
+def test_a_run_folder_keeps_its_seed(tmp_path):
+    from clusterattn.eval.runner import _check_same_seed
+
+    (tmp_path / "run.json").write_text('{"seed": 0}')
+    _check_same_seed(tmp_path / "run.json", 0)
+    with pytest.raises(ValueError, match="--seed 0"):
+        _check_same_seed(tmp_path / "run.json", 1)
+    _check_same_seed(tmp_path / "missing.json", 1)

@@ -38,7 +38,8 @@ def test_parse_peer_press():
     [
         ("nope", "unknown clusterattn press"),
         ("kvpress:nope", "unknown kvpress press"),
-        ("clusterattn:num_block", "not key=value"),
+        ("clusterattn:num_block", "not field=value"),
+        ("clusterattn:num_block=3,num_block=4", "given twice"),
         ("clusterattn:budget=3", "with --budgets"),
         ("a:b:c:d", "expected name"),
         ("", "empty"),
@@ -52,6 +53,10 @@ def test_parse_press_errors(text, match):
 def test_validate_builds_every_budget_before_loading():
     with pytest.raises(ValueError, match="accepts"):
         validate([parse_press("clusterattn:num_blok=3")], [128])
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        validate([parse_press("clusterattn:alpha=nan")], [128])
+    with pytest.raises(ValueError, match="chunk_size"):
+        validate([parse_press("h2o:chunk_size=0")], [128])
     with pytest.raises(ValueError, match="budget"):
         validate([parse_press("clusterattn")], [8])  # below the 32-token window
     validate([parse_press("full"), parse_press("kvpress:snapkv")], [128])

@@ -12,19 +12,28 @@ import clusterattn as ca
 from clusterattn.analysis.data import TaskSample
 from clusterattn.analysis.fidelity import answer_logprobs, teacher_forced_logprob
 from clusterattn.analysis.trace import trace_decode
-from clusterattn.generation import _prefill, _prepare
 from clusterattn.integration import cache_kwarg, new_cache
+from clusterattn.steps import prefill, prepare_inputs
 from conftest import tiny_model
 from test_integration import TOK, ids_text
 
 
 def naive_answer_logprob(model, sample: TaskSample, answer: torch.Tensor, press) -> float:
     """The press applied live inside prefill, then the answer fed one token per decode step."""
-    inputs = _prepare(model, TOK, sample.context, sample.question, 1, True, sample.answer_prefix, True)
+    inputs = prepare_inputs(
+        model,
+        TOK,
+        sample.context,
+        sample.question,
+        max_new_tokens=1,
+        query_aware=True,
+        answer_prefix=sample.answer_prefix,
+        chat=True,
+    )
     cache = new_cache(model)
     values = []
     with torch.no_grad(), press(model) if press is not None else contextlib.nullcontext():
-        _, next_pos = _prefill(model, inputs, cache)
+        _, next_pos = prefill(model, inputs, cache)
         mask = inputs.prompt_mask
         for t in range(len(answer) - 1):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)

@@ -156,13 +156,13 @@ def test_snapkv_pooling_matches_loop_reference():
         fast = pool_scores(scores, 7, pooling)
         for b in range(2):
             for h in range(3):
-                row = [v if v != float("-inf") else 0.0 for v in scores[b, h].tolist()]
+                row = [v if v != float("-inf") else None for v in scores[b, h].tolist()]
                 for i in range(40):
-                    window = row[max(0, i - 3) : i + 4]
-                    expected = max(window) if pooling == "max" else sum(window) / len(window)
+                    window = [v for v in row[max(0, i - 3) : i + 4] if v is not None]  # padding: outside
                     if scores[b, h, i] == float("-inf"):
                         assert fast[b, h, i] == float("-inf")
                     else:
+                        expected = max(window) if pooling == "max" else sum(window) / len(window)
                         assert abs(fast[b, h, i].item() - expected) < 1e-6
 
 

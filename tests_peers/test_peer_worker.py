@@ -137,9 +137,11 @@ def test_worker_appends_rows(model, tmp_path, monkeypatch):
     assert rows[1]["error"].startswith("ValueError") and rows[1]["score"] is None
     # snapkv, knorm and tova (three widths) decode as one left-padded batch, adakv alone: each row
     # must equal its press decoded on its own
-    from clusterattn.generation import _prepare
+    from clusterattn.steps import prepare_inputs
 
-    inputs = _prepare(model, IdTokenizer(), context, "5 6", 3, False, "", True)
+    inputs = prepare_inputs(
+        model, IdTokenizer(), context, "5 6", max_new_tokens=3, query_aware=False, answer_prefix="", chat=True
+    )
     cache, captured, logits = record_prefill(model, inputs.prompt_ids)
     for row, (name, _, _, budget) in zip(rows, job["presses"], strict=True):
         if row["error"] is None:

@@ -24,10 +24,17 @@ def test_off_specs(spec):
     ("spec", "message"),
     [
         ("quest:budget=3", "unknown press"),
-        ("clusterattn:budget", "malformed"),
-        ("clusterattn:bugdet=256", "bad arguments"),
+        ("clusterattn:budget", "not field=value"),
+        ("clusterattn:bugdet=256", "no field 'bugdet'"),
         ("clusterattn:budget=8", "budget"),
         ("pyramidkv:budget=256", "one length per request"),
+        ("clusterattn:budget=256,budget=128", "given twice"),
+        ("clusterattn:budget=\uff12\uff15\uff16", "ASCII"),
+        ("clusterattn:budget=256,theta=nan", "theta must be finite"),
+        ("clusterattn:budget=256,alpha=inf", "alpha must be finite"),
+        ("clusterattn:budget=256,alpha=nan", "alpha must be finite"),
+        ("clusterattn:budget=256,n_sink=225", "n_sink"),
+        ("h2o:budget=256,chunk_size=0", "chunk_size"),
     ],
 )
 def test_bad_specs_are_refused(spec, message):

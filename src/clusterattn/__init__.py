@@ -1,5 +1,6 @@
 """clusterattn: ClusterAttn prompt-KV compression for Hugging Face causal LMs, with its baselines."""
 
+from clusterattn.cache import CompressedCache, CompressionStats
 from clusterattn.dbac import dbac, topk_indices
 from clusterattn.generation import GenerationOutput, generate, generate_many
 from clusterattn.models import load_model
@@ -16,6 +17,7 @@ from clusterattn.presses import (
     StreamingLLMPress,
 )
 from clusterattn.scoring import accumulated_scores, window_scores
+from clusterattn.static_cache import CompressedStaticCache
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,9 @@ __all__ = [
     "BasePress",
     "ChunkKVPress",
     "ClusterAttnPress",
+    "CompressedCache",
+    "CompressedStaticCache",
+    "CompressionStats",
     "FullKV",
     "GenerationOutput",
     "H2OPress",

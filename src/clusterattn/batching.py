@@ -3,10 +3,11 @@
 An evaluation grid answers one prompt under many presses and budgets. Decoding a small model on
 CPU reads every weight once per step whatever the batch size, so rows decode far cheaper together:
 caches of equal per-layer lengths stack as they are (:func:`stack_caches`); caches of different
-widths are left-padded and masked (:func:`stack_padded`), as one mask for caches with one length
-across their layers, or one mask per compressed layer for compressed caches whose layers differ
-(PyramidKV; every press on Gemma3, whose sliding-window layers stay whole and are never padded).
-:func:`batch_key` says which caches can share a batch, for our presses and kvpress's alike.
+widths are left-padded and masked (:func:`stack_padded`). A compressed layer of the stacked cache
+carries its own slot mask (False on the padding), which the attention wrapper applies layer by
+layer, so presses with per-layer budgets (PyramidKV) and models whose sliding-window layers stay
+whole (Gemma3) pad the same way. :func:`batch_key` says which caches can share a batch, for our
+presses and kvpress's alike.
 """
 
 from __future__ import annotations
@@ -20,40 +21,36 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
-from clusterattn.integration import _CacheState
+from clusterattn.cache import CompressedLayer
 
 PADDED = ("padded",)
-"""The :func:`batch_key` of caches that share one left-padded batch."""
-PADDED_LAYERS = ("padded", "per layer")
-"""The :func:`batch_key` of compressed caches whose layers kept different lengths (PyramidKV): one
-batch padded layer by layer, masked per layer by the press."""
+"""The :func:`batch_key` of plain caches that share one left-padded batch (the prefix of every
+padded key: :func:`is_padded`)."""
 
 _FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
-def batch_key(cache: Cache, *, plain: bool = False) -> tuple:
-    """Which decode batch ``cache`` can join: :data:`PADDED`, :data:`PADDED_LAYERS`, a padded key of
-    its own (below), or its exact per-layer lengths.
+def _compressed(cache: Cache) -> frozenset[int]:
+    return frozenset(i for i, layer in enumerate(cache.layers) if isinstance(layer, CompressedLayer))
 
-    A cache compressed by one of our presses on every layer joins a padded batch (the press masks
-    the padding itself): :data:`PADDED` with one length across its layers, :data:`PADDED_LAYERS`
-    with per-layer lengths (PyramidKV). A cache compressed on some layers only (the full-attention
-    layers of a model with sliding-window layers, Gemma3) is padded per compressed layer too, and
-    joins the caches whose other layers hold the same lengths (those layers are never padded): its
-    key is :data:`PADDED_LAYERS` followed by those lengths. With ``plain=True``, a cache without
-    compression state and one length across its layers joins :data:`PADDED` too (its decode passes
-    the mask as ``attention_mask``, as kvpress's pipeline does). Any other plain cache batches only
-    with caches of the very same shape. :func:`is_padded` tells the padded keys apart.
+
+def batch_key(cache: Cache, *, plain: bool = False) -> tuple:
+    """Which decode batch ``cache`` can join.
+
+    A compressed cache (our presses) joins any compressed cache of the same prompt whose other
+    (uncompressed, sliding-window) layers hold the same lengths: its key is
+    ``("padded", "compressed", those lengths...)``. With ``plain=True``, a cache without compression
+    and one length across its layers joins :data:`PADDED` (its decode passes the padding mask as
+    ``attention_mask``, as kvpress's pipeline does). Any other plain cache batches only with caches
+    of the very same shape. :func:`is_padded` tells the padded keys apart.
     """
     lengths = tuple(layer.keys.shape[2] for layer in cache.layers)
-    state = getattr(cache, "_clusterattn", None)
-    if state is not None and state.lengths:
-        if len(state.lengths) == len(lengths):
-            return PADDED if len(set(lengths)) == 1 else PADDED_LAYERS
-        return (*PADDED_LAYERS, *(n for i, n in enumerate(lengths) if i not in state.lengths))
-    if plain and state is None and len(set(lengths)) == 1:
+    compressed = _compressed(cache)
+    if compressed:
+        return (*PADDED, "compressed", *(n for i, n in enumerate(lengths) if i not in compressed))
+    if plain and len(set(lengths)) == 1:
         return PADDED
-    return ("exact", state is not None, *lengths)
+    return ("exact", *lengths)
 
 
 def is_padded(key: tuple) -> bool:
@@ -61,41 +58,64 @@ def is_padded(key: tuple) -> bool:
     return key[: len(PADDED)] == PADDED
 
 
-def _states(caches: list[Cache]) -> list[_CacheState | None]:
-    states = [getattr(cache, "_clusterattn", None) for cache in caches]
-    if len({state is None for state in states}) != 1:
-        raise ValueError("cannot stack compressed and uncompressed caches")
-    return states
+def _pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    return F.pad(tensor, (0, 0, width - tensor.shape[2], 0))
 
 
-def _real_slots(caches, states, widths: list[int], width: int, everywhere=False) -> torch.Tensor | None:
-    """``(rows, width)``: True on each row's real kept slots, False on its left padding and on
-    padding it kept from a padded prompt; None when every slot is real (unless ``everywhere``)."""
-    rows = []
-    for cache, state, w in zip(caches, states, widths, strict=True):
-        kept = None if state is None else state.kept_real
-        if kept is None:
-            kept = torch.ones(cache.layers[0].keys.shape[0], w, dtype=torch.bool)
-        rows.append(F.pad(kept.to(cache.layers[0].keys.device), (width - w, 0), value=False))
-    real = torch.cat(rows)
-    return None if not everywhere and bool(real.all()) else real
-
-
-def _concat(caches, states, widths: list[int], lengths: dict | None, kept_real, layer_real=None) -> Cache:
-    """The caches' rows in order, every layer ``i`` left-padded to ``widths[i]`` slots."""
+def _stack_compressed(caches: list[Cache]) -> Cache:
+    """Compressed caches of one prompt as one batch: each compressed layer left-padded to its widest
+    row, with a slot mask; the uncompressed layers, which must match, stacked as they are."""
+    compressed = _compressed(caches[0])
+    if any(_compressed(cache) != compressed for cache in caches):
+        raise ValueError("caches compressed on different layers cannot share a padded batch")
+    logical = {cache.get_seq_length() for cache in caches}
+    if len(logical) != 1:
+        raise ValueError(
+            f"caches of different prompts cannot share a batch (logical lengths {sorted(logical)})"
+        )
     merged = copy.copy(caches[0])
     merged.layers = []
-    for i, layer in enumerate(caches[0].layers):
-        layer = copy.copy(layer)
-        pads = [(0, 0, widths[i] - c.layers[i].keys.shape[2], 0) for c in caches]
-        layer.keys = torch.cat([F.pad(c.layers[i].keys, p) for c, p in zip(caches, pads, strict=True)])
-        layer.values = torch.cat([F.pad(c.layers[i].values, p) for c, p in zip(caches, pads, strict=True)])
+    for i, first in enumerate(caches[0].layers):
+        sources = [cache.layers[i] for cache in caches]
+        widths = [layer.keys.shape[2] for layer in sources]
+        if i not in compressed:
+            if len(set(widths)) != 1:
+                raise ValueError(
+                    f"uncompressed layer {i} holds different lengths {sorted(set(widths))}: no shared batch"
+                )
+            layer = copy.copy(first)
+            layer.keys = torch.cat([source.keys for source in sources])
+            layer.values = torch.cat([source.values for source in sources])
+            merged.layers.append(layer)
+            continue
+        width = max(widths)
+        layer = CompressedLayer(i)
+        layer.lazy_initialization(first.keys, first.values)
+        layer.keys = torch.cat([_pad(source.keys, width) for source in sources])
+        layer.values = torch.cat([_pad(source.values, width) for source in sources])
+        layer.dropped = first.get_seq_length() - width
+        layer.prompt_slots = width - (widths[0] - first.prompt_slots) if first.prompt_slots else 0
+        layer.armed = first.armed
+        rows = []
+        for source, w in zip(sources, widths, strict=True):
+            own = source.slot_mask
+            if own is None:
+                own = torch.ones(source.keys.shape[0], w, dtype=torch.bool, device=source.keys.device)
+            rows.append(F.pad(own, (width - w, 0), value=False))
+        real = torch.cat(rows)
+        layer.slot_mask = None if bool(real.all()) else real
         merged.layers.append(layer)
-    if states[0] is not None:
-        merged._clusterattn = _CacheState(
-            next_pos=torch.cat([state.next_pos for state in states]), lengths=lengths, kept_real=kept_real,
-            layer_real=layer_real,
-        )  # fmt: skip
+    return merged
+
+
+def _stack_plain(caches: list[Cache], widths: list[int]) -> Cache:
+    merged = copy.copy(caches[0])
+    merged.layers = []
+    for i, first in enumerate(caches[0].layers):
+        layer = copy.copy(first)
+        layer.keys = torch.cat([_pad(cache.layers[i].keys, widths[i]) for cache in caches])
+        layer.values = torch.cat([_pad(cache.layers[i].values, widths[i]) for cache in caches])
+        merged.layers.append(layer)
     return merged
 
 
@@ -104,72 +124,55 @@ def stack_caches(caches: list[Cache]) -> Cache:
 
     Every cache must hold the same per-layer lengths (e.g. presses on a model whose sliding-window
     layers stay uncompressed, at one budget), so their rows decode together in one batch without
-    padding; compression state (original next positions, kept padding slots) is stacked alongside.
+    padding; compressed layers keep their logical lengths and slot masks.
     """
     if not caches:
         raise ValueError("stack_caches needs at least one cache")
     shapes = {tuple(layer.keys.shape[2] for layer in cache.layers) for cache in caches}
     if len(shapes) != 1:
         raise ValueError(f"caches of different per-layer lengths cannot share a batch: {sorted(shapes)}")
-    states = _states(caches)
-    layer_widths = [layer.keys.shape[2] for layer in caches[0].layers]
-    if states[0] is None:
-        return _concat(caches, states, layer_widths, None, None)
-    widths = [next(iter(state.lengths.values())) for state in states]
-    kept_real = _real_slots(caches, states, widths, widths[0])
-    return _concat(caches, states, layer_widths, dict(states[0].lengths), kept_real)
+    if _compressed(caches[0]):
+        return _stack_compressed(caches)
+    return _stack_plain(caches, list(next(iter(shapes))))
 
 
 def stack_padded(caches: list[Cache]) -> tuple[Cache, torch.Tensor | None]:
     """One batch from caches of different lengths.
 
-    Shorter caches are left-padded with zero keys and values, layer by layer. Caches with one length
-    across their layers, every layer compressed, give one ``(batch, width)`` mask, False on the
-    padding slots (and on kept padding slots), or None when nothing is padded: compressed caches
-    (e.g. uniform-budget presses at several budgets) carry it as their kept-slot state, so decoding
-    under a press masks the slots by itself; plain caches (kvpress's) need it passed as
-    ``attention_mask`` with the new tokens' columns appended. Other compressed caches (PyramidKV at
-    several budgets; any press on a model whose sliding-window layers stay uncompressed) are padded
-    to each compressed layer's widest row and carry one mask per compressed layer, which the press's
-    attention applies layer by layer; their uncompressed layers must hold equal lengths and are
-    stacked as they are. The returned mask is then None. Softmax gives masked slots exactly zero
-    weight: rows decode as they would alone, up to float rounding.
+    Shorter caches are left-padded with zero keys and values, layer by layer. Compressed caches
+    (ours) carry the padding as each compressed layer's slot mask, applied by the attention wrapper
+    layer by layer; the returned mask is then None. Plain caches (kvpress's) must hold one length
+    across their layers; the returned ``(batch, width)`` mask, False on the padding (None when
+    nothing is padded), must be passed as ``attention_mask`` with the new tokens' columns appended.
+    Softmax gives masked slots exactly zero weight: rows decode as they would alone, up to float
+    rounding.
     """
     if not caches:
         raise ValueError("stack_padded needs at least one cache")
-    states = _states(caches)
-    compressed = None if states[0] is None else set(states[0].lengths)
-    if compressed is not None and any(set(state.lengths) != compressed for state in states):
-        raise ValueError("caches compressed on different layers cannot share a padded batch")
+    if any(_compressed(cache) for cache in caches):
+        if not all(_compressed(cache) for cache in caches):
+            raise ValueError("cannot stack compressed and uncompressed caches")
+        return _stack_compressed(caches), None
     lengths = [[layer.keys.shape[2] for layer in cache.layers] for cache in caches]
-    every_layer = compressed is None or len(compressed) == len(lengths[0])
-    if every_layer and all(len(set(row)) == 1 for row in lengths):
-        widths = [row[0] for row in lengths]
-        width = max(widths)
-        kept_real = _real_slots(caches, states, widths, width)
-        layers = None if states[0] is None else {layer: width for layer in states[0].lengths}
-        return _concat(caches, states, [width] * len(lengths[0]), layers, kept_real), kept_real
-    if states[0] is None:
+    if any(len(set(row)) != 1 for row in lengths):
         raise ValueError(
             "padded stacking of plain caches needs one length across each cache's layers, got "
             f"{sorted({tuple(row) for row in lengths})}"
         )
-    columns = list(zip(*lengths, strict=True))
-    uneven = [i for i, column in enumerate(columns) if i not in compressed and len(set(column)) > 1]
-    if uneven:
-        raise ValueError(f"uncompressed layers {uneven} hold different lengths: no shared batch")
-    layer_widths = [max(column) for column in columns]
-    layer_real = {
-        i: _real_slots(caches, states, [row[i] for row in lengths], layer_widths[i], everywhere=True)
-        for i in sorted(compressed)
-    }
-    layers = {i: layer_widths[i] for i in states[0].lengths}
-    return _concat(caches, states, layer_widths, layers, None, layer_real), None
+    widths = [row[0] for row in lengths]
+    width = max(widths)
+    merged = _stack_plain(caches, [width] * len(lengths[0]))
+    rows = [
+        F.pad(torch.ones(c.layers[0].keys.shape[0], w, dtype=torch.bool), (width - w, 0), value=False)
+        for c, w in zip(caches, widths, strict=True)
+    ]
+    real = torch.cat(rows).to(caches[0].layers[0].keys.device)
+    return merged, None if bool(real.all()) else real
 
 
 def select_rows(cache: Cache, rows: torch.Tensor) -> None:
     """Keep only the batch ``rows`` (a 1-D index tensor, in the order given) of ``cache``, in place:
-    every layer's keys and values and the compression state (next positions, kept-slot masks).
+    every layer's keys and values, and the slot masks of compressed layers.
 
     Greedy decoding drops the rows that reached EOS this way, so that a batch whose other rows are
     done stops paying for them (an evaluation grid's weak presses often run to the token limit
@@ -178,15 +181,7 @@ def select_rows(cache: Cache, rows: torch.Tensor) -> None:
     """
     for layer in cache.layers:
         if getattr(layer, "keys", None) is not None and layer.keys.numel():
-            layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
-            layer.values = layer.values.index_select(0, rows.to(layer.values.device))
-    state = getattr(cache, "_clusterattn", None)
-    if state is None:
-        return
-    pick = lambda t: None if t is None else t.index_select(0, rows.to(t.device))  # noqa: E731
-    state.next_pos, state.kept_real = pick(state.next_pos), pick(state.kept_real)
-    if state.layer_real is not None:
-        state.layer_real = {layer: pick(real) for layer, real in state.layer_real.items()}
+            layer.batch_select_indices(rows.to(layer.keys.device))
 
 
 @contextlib.contextmanager

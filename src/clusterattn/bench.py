@@ -32,9 +32,9 @@ import torch
 
 from clusterattn.bench_report import markdown, plot, ratio_rows, write_report  # noqa: F401 (re-exported)
 from clusterattn.bench_selection import selection_markdown, selection_timing  # noqa: F401 (re-exported)
-from clusterattn.generation import _decode, _Inputs, _prefill
 from clusterattn.integration import attention_modules, find_cache, kv_bytes, new_cache
 from clusterattn.presses import PRESSES
+from clusterattn.steps import Inputs, greedy_decode, prefill
 from clusterattn.timing import synchronize
 
 
@@ -102,7 +102,7 @@ def _essay_ids(tokenizer, length: int) -> tuple[int, ...]:
     return tuple(ids[:length])
 
 
-def prompt_inputs(tokenizer, length: int, batch: int, device, ids: torch.Tensor | None = None) -> _Inputs:
+def prompt_inputs(tokenizer, length: int, batch: int, device, ids: torch.Tensor | None = None) -> Inputs:
     """A batch of ``batch`` identical prompts of exactly ``length`` tokens: the first ``length`` of
     ``ids`` (1-D token ids) when given, else of the essay haystack in ``tokenizer``'s tokens."""
     if ids is None:
@@ -113,7 +113,7 @@ def prompt_inputs(tokenizer, length: int, batch: int, device, ids: torch.Tensor 
         row = ids[None, :length].to(device=device, dtype=torch.long)
     ids = row.repeat(batch, 1)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return _Inputs(ids, torch.ones_like(ids), None, True, pad)
+    return Inputs(ids, torch.ones_like(ids), None, True, pad)
 
 
 class CachePeak:
@@ -177,7 +177,7 @@ def measure_model(model, tokenizer, case: Case, ids: torch.Tensor | None = None)
             try:
                 synchronize(device)
                 start = time.perf_counter()
-                logits, next_pos = _prefill(model, inputs, cache)
+                logits, next_pos = prefill(model, inputs, cache)
                 synchronize(device)
                 total = time.perf_counter() - start
             finally:  # a failed case leaves no hooks on a model that later cases reuse
@@ -185,7 +185,16 @@ def measure_model(model, tokenizer, case: Case, ids: torch.Tensor | None = None)
             compress = session.stats.seconds if session is not None else 0.0
             kv = kv_bytes(cache)
             kept = max(session.stats.kept_tokens.values(), default=case.length) if session else case.length
-            _, _, decode_s = _decode(model, tokenizer, inputs, cache, logits, next_pos, case.new_tokens, True)
+            _, _, decode_s = greedy_decode(
+                model,
+                tokenizer,
+                inputs,
+                cache,
+                logits,
+                next_pos,
+                max_new_tokens=case.new_tokens,
+                ignore_eos=True,
+            )
         steps = case.new_tokens - 1
         runs.append({
             "prefill_s": total - compress, "compress_s": compress, "kv_bytes": kv, "kept_tokens": kept,
@@ -236,7 +245,7 @@ def throughput_model(model, tokenizer, case: Case, cap_bytes: int, max_batch: in
     cache = new_cache(model)
     context = press(model) if press is not None else contextlib.nullcontext()
     with context:
-        logits, next_pos = _prefill(model, one, cache)
+        logits, next_pos = prefill(model, one, cache)
         per_token = sum(
             2 * layer.keys[:, :, :1].numel() * layer.keys.element_size() for layer in cache.layers
         )
@@ -248,19 +257,27 @@ def throughput_model(model, tokenizer, case: Case, cap_bytes: int, max_batch: in
             raise ValueError(f"cap of {cap_bytes} bytes leaves no room for one sequence")
         for layer in cache.layers:
             layer.keys, layer.values = layer.keys.repeat(batch, 1, 1, 1), layer.values.repeat(batch, 1, 1, 1)
-        state = getattr(cache, "_clusterattn", None)
-        if state is not None:
-            state.next_pos = state.next_pos.repeat(batch)
         inputs = prompt_inputs(tokenizer, case.length, batch, device, ids)
         reset_peak_rss()
         logits, next_pos = logits.repeat(batch, 1, 1), next_pos.repeat(batch)
         if device.type == "cuda":  # warm the allocator for the growing cache's sizes, then crop back
             prompt = [layer.keys.shape[2] for layer in cache.layers]
-            _decode(model, tokenizer, inputs, cache, logits, next_pos, case.new_tokens, True)
+            greedy_decode(
+                model,
+                tokenizer,
+                inputs,
+                cache,
+                logits,
+                next_pos,
+                max_new_tokens=case.new_tokens,
+                ignore_eos=True,
+            )
             for layer, width in zip(cache.layers, prompt, strict=True):
                 layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
             torch.cuda.reset_peak_memory_stats(device)
-        _, _, decode_s = _decode(model, tokenizer, inputs, cache, logits, next_pos, case.new_tokens, True)
+        _, _, decode_s = greedy_decode(
+            model, tokenizer, inputs, cache, logits, next_pos, max_new_tokens=case.new_tokens, ignore_eos=True
+        )
     steps = case.new_tokens - 1
     return {
         **asdict(case), "cap_bytes": cap_bytes, "max_batch": batch, "sequence_kv_bytes": seq_bytes,

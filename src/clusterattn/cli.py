@@ -8,8 +8,13 @@ from pathlib import Path
 
 import torch
 
-from clusterattn.analysis.commands import add_commands as add_analysis_commands
-from clusterattn.eval.needle import DEFAULT_PRESSES
+try:
+    from clusterattn.analysis.commands import add_commands as add_analysis_commands
+    from clusterattn.eval.needle import DEFAULT_PRESSES
+except ImportError as err:  # the library installs without the harness's dependencies
+    raise SystemExit(
+        f"the clusterattn command needs the harness extras: pip install 'clusterattn[eval]' ({err})"
+    ) from err
 
 
 def _demo(args) -> int:

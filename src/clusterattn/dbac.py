@@ -92,8 +92,15 @@ def _order_key(scores: torch.Tensor) -> torch.Tensor:
 
 def _select(key: torch.Tensor, budget: int) -> torch.Tensor:
     """Indices of the ``budget`` largest ``key`` values along the last dimension, sorted ascending.
-    (``sorted=False`` only skips ordering the kept values; it does not change which are kept.)"""
-    return key.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+    Exact ties go to the earlier token: the key is widened to ``key * n + (n - 1 - index)``, so the
+    choice depends only on the tokens' order, never on their absolute index (a left-padded row
+    keeps what it keeps alone; ``topk`` alone breaks ties by an unspecified rule). ``sorted=False``
+    only skips ordering the kept values; it does not change which are kept."""
+    n = key.shape[-1]
+    order = torch.arange(n - 1, -1, -1, device=key.device)
+    wide = key.to(torch.int64).mul_(n).add_(order)
+    return wide.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
 def _rank_float64(scores, budget, finite, tiers) -> torch.Tensor:

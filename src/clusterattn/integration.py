@@ -1,17 +1,22 @@
-"""The one module that knows transformers internals.
+"""How a press runs inside a Hugging Face model (transformers 5.2 through 5.24): the attention side.
 
-How a press runs inside a Hugging Face model (transformers 5.2 through 5.24):
+The cache side is :mod:`clusterattn.cache` (a compressed layer reports its logical and physical
+lengths, so positions and masks follow from transformers' own code). This module:
 
-- An attention function registered with ``AttentionInterface`` wraps the model's own (sdpa or
-  eager). It computes the attention as usual, and at the end of prefill (``q_len == kv_len``) hands
-  the post-RoPE queries and the layer's full keys to the press, which returns kept indices
-  ``(batch, kv_heads, budget)``; the gathered keys/values wait on the session.
-- A forward hook on each ``self_attn`` module swaps them into that layer's cache before the next
-  layer runs, so the full-length KV of all layers never coexists. The cache is found among the
-  hook's kwargs by type, never by the kwarg's name.
-- A forward pre-hook on the model records the padding of the prompt and, once a cache has been
-  compressed, rewrites ``position_ids`` (tokens after the prompt keep positions ``L, L+1, ...``)
-  and the 2-D ``attention_mask`` (its length follows the compressed cache).
+- :func:`install` (once per model, idempotent) routes the model's attention through a wrapper
+  registered with ``AttentionInterface`` around its own (sdpa or eager), and adds a forward
+  pre-hook. Both are inert for calls that carry no press: the wrapper calls the model's own
+  attention with the same arguments.
+- The wrapper acts only for a :class:`~clusterattn.cache.CompressedLayer` that announced its keys
+  in this thread (:func:`clusterattn.cache.take`): at the end of an armed prefill it hands the
+  post-RoPE queries and the layer's full keys to the press and keeps the selection in that layer,
+  before the next layer runs; for a layer with an explicit slot mask (a stacked batch) it builds
+  that layer's mask.
+- ``with press(model):`` (:func:`apply_press`) applies a press to the calls *of this thread*
+  inside the block: the pre-hook arms each call's empty cache (or supplies a
+  :class:`~clusterattn.cache.CompressedCache` when the call brings none), and refuses what it
+  cannot compress (``use_cache=False``, static, quantized or offloaded caches, chunked prefill
+  into a non-empty cache) instead of leaving it silently uncompressed.
 
 Sliding-window layers (Gemma3) are never compressed.
 """
@@ -21,8 +26,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
@@ -30,12 +35,24 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from clusterattn.cache import (  # noqa: F401 (re-exported)
+    CompressedCache,
+    CompressedLayer,
+    CompressionStats,
+    arm,
+    compress_layer,
+    gather_kv,
+    is_compressed,
+    take,
+)
+from clusterattn.cache import compressible_layers as _config_layers
 from clusterattn.capture import QueryCapture
-from clusterattn.timing import timer
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 _PREFIX = "clusterattn_"
+_local = threading.local()  # this thread's active sessions and captures, by id(model)
+_install_lock = threading.Lock()
 
 
 def text_config(model):
@@ -52,13 +69,7 @@ def check_model(model) -> None:
 
 def compressible_layers(model) -> list[int]:
     """Indices of the full-attention layers (the only ones a press compresses)."""
-    config = text_config(model)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types:
-        return [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return []
-    return list(range(config.num_hidden_layers))
+    return _config_layers(text_config(model))
 
 
 def attention_modules(model) -> dict[int, torch.nn.Module]:
@@ -76,37 +87,70 @@ def _base_attention(module, implementation: str):
     return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
+def _active(kind: str) -> dict:
+    """This thread's ``{id(model): object}`` of the given kind ("sessions" or "captures")."""
+    found = getattr(_local, kind, None)
+    if found is None:
+        found = {}
+        setattr(_local, kind, found)
+    return found
+
+
+def _prompt_padding(mask, batch: int) -> torch.Tensor | None:
+    """``(batch, seq)`` True on real prompt tokens, read off the prefill's 4-D mask (the last query
+    sees every real token), or None without padding. Raises unless the padding is on the left."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 4:
+        return None
+    row = mask[:, 0, -1, :]
+    real = (row if row.dtype == torch.bool else row == 0).expand(batch, -1)
+    if bool(real.all()):
+        return None
+    if bool((real[:, :-1] & ~real[:, 1:]).any()):
+        raise ValueError("attention_mask: only left padding is supported (pads must precede tokens)")
+    return real
+
+
+def _wider(mask, kv_len: int) -> bool:
+    return isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[-1] > kv_len
+
+
 def _register(implementation: str) -> str:
     name = _PREFIX + implementation
     if name in ALL_ATTENTION_FUNCTIONS:
         return name
 
     def attention(module, query, key, value, attention_mask, **kwargs):
-        session = getattr(module, "_clusterattn_session", None)
-        layer_mask = getattr(session, "layer_mask", None)  # sessions that only capture have none
-        own = (
-            None
-            if layer_mask is None
-            else layer_mask(module.layer_idx, query.shape[2], key.shape[2], query.device)
-        )
-        if own is not None:  # a batch padded per layer (batching.stack_padded): this layer's own mask
-            attention_mask = own if implementation == "sdpa" else _additive(own, query.dtype)
+        layer = take(key)
+        if layer is not None and layer.awaiting and _wider(attention_mask, key.shape[2]):
+            # a static cache's prefill under a mask sized for the whole cache (transformers < 5.8
+            # builds it before the forward): the columns past the prompt are the future
+            attention_mask = attention_mask[..., : key.shape[2]]
+        elif layer is not None and layer.slot_mask is not None and not layer.awaiting:
+            attention_mask = layer.slot_attention_mask(
+                attention_mask, query.shape[2], key.shape[2], query.dtype
+            )
         elif not _sliding(module):  # full-attention layers: their own cache length (PyramidKV)
             attention_mask = fit_mask(attention_mask, key.shape[2])
         output = _base_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
-        if session is not None:
-            session.on_attention(module, query, key, value, kwargs.get("scaling", module.scaling))
+        scaling = kwargs.get("scaling", module.scaling)
+        if layer is not None and layer.awaiting:
+            layer.awaiting = False
+            plan, layer.plan = layer.plan, None
+            pad_mask = _prompt_padding(attention_mask, query.shape[0])
+            if pad_mask is not None and not plan.press.uniform_layers:
+                raise ValueError(
+                    f"padded batches are not supported with {type(plan.press).__name__}: layers would keep "
+                    "different padding; pass equal-length prompts"
+                )
+            compress_layer(layer, plan, query, key, value, scaling, pad_mask)
+        capture = _active("captures").get(getattr(module, "_clusterattn_owner", None))
+        if capture is not None:
+            capture.on_attention(module, query, key, value, scaling)
         return output
 
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
     return name
-
-
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean mask (True = attend) as the additive float mask eager attention expects."""
-    zeros = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    return zeros.masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 def _sliding(module) -> bool:
@@ -122,7 +166,10 @@ def fit_mask(mask, kv_len: int):
     length. A press that leaves layers at different lengths (PyramidKV) is never used on padded
     prompts, so the columns by which another layer is longer or shorter are prompt tokens every
     query sees: drop the leading ones, or prepend visible ones (``True`` / ``0.0``). The causal part
-    at the end is unchanged. Sliding-window layers are never compressed and keep transformers' mask.
+    at the end is unchanged. The same cut serves a compressed static cache decoding under a mask that
+    transformers < 5.8 sizes for the whole uncompressed cache: its leading ``dropped`` columns are
+    the evicted prompt positions (the layer's ``kv_offset``). Sliding-window layers are never
+    compressed and keep transformers' mask.
     """
     if not isinstance(mask, torch.Tensor) or mask.ndim != 4 or mask.shape[-1] == kv_len:
         return mask
@@ -161,243 +208,131 @@ def kv_bytes(cache: Cache) -> int:
     return total
 
 
-@dataclass
-class CompressionStats:
-    """What the last prefill under a press did.
-
-    ``kept_tokens``: ``{layer_idx: tokens kept per KV head}`` for compressed layers;
-    ``full_bytes`` / ``kept_bytes``: KV bytes of the compressed layers before and after;
-    ``seconds``: time spent scoring, selecting and gathering.
-    """
-
-    prompt_tokens: int = 0
-    kept_tokens: dict[int, int] = field(default_factory=dict)
-    full_bytes: int = 0
-    kept_bytes: int = 0
-    seconds: float = 0.0
-
-
-@dataclass
-class _CacheState:
-    """Attached to a compressed cache: what decode steps need to stay consistent."""
-
-    next_pos: torch.Tensor  # (batch,) position of the first token after the prompt
-    lengths: dict[int, int]  # compressed length per layer
-    kept_real: torch.Tensor | None  # (batch, kept) False on kept padding slots, None without padding
-    # {layer: (batch, lengths[layer])} False on the left padding of a batch padded per layer (caches
-    # whose layers kept different lengths, stacked by batching.stack_padded); None otherwise
-    layer_real: dict[int, torch.Tensor] | None = None
-
-
 class PressSession:
-    """A press applied to one model; created by ``with press(model) as session``."""
+    """A press applied to one model's calls in one thread; created by ``with press(model) as session``.
+
+    ``stats``: the compression of the last cache armed in the block (a fresh object per prefill).
+    """
 
     def __init__(self, model, press) -> None:
         self.model = model
         self.press = press
         self.layers = compressible_layers(model)
-        self.rank = {layer: i for i, layer in enumerate(self.layers)}
-        self.model_type = text_config(model).model_type
         self.stats = CompressionStats()
-        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._pad_mask: torch.Tensor | None = None
-        self._next_pos: torch.Tensor | None = None
-        self._layer_real: dict[int, torch.Tensor] | None = None
-        self._state: _CacheState | None = None
-        self._sliding_model = "sliding_attention" in (getattr(text_config(model), "layer_types", None) or ())
 
-    # -- model pre-hook -------------------------------------------------------------------------
-    def before_forward(self, module, args, kwargs):
-        cache = find_cache(args, kwargs)
-        state = getattr(cache, "_clusterattn", None) if cache is not None else None
-        tokens = kwargs.get("input_ids", args[0] if args else None)
-        if tokens is None:
-            tokens = kwargs["inputs_embeds"]
-        batch, q_len = tokens.shape[:2]
-        mask = kwargs.get("attention_mask")
-        self._layer_real = None if state is None else state.layer_real
-        self._state = state
-        if state is None:
-            self._begin_prefill(tokens, q_len, mask, kwargs.get("position_ids"))
-            return args, kwargs
-        ref = next(iter(state.lengths))
-        past = cache.layers[ref].keys.shape[2] - state.lengths[ref]
-        steps = torch.arange(past, past + q_len, device=tokens.device)
-        kwargs["position_ids"] = state.next_pos.to(tokens.device)[:, None] + steps[None, :]
-        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
-            if state.kept_real is None:
-                kwargs["attention_mask"] = None
-            else:
-                tail = torch.ones(batch, past + q_len, dtype=torch.bool, device=mask.device)
-                kwargs["attention_mask"] = torch.cat([state.kept_real.to(mask.device), tail], -1).to(
-                    mask.dtype
-                )
-        return args, kwargs
 
-    def layer_mask(self, layer: int, q_len: int, kv_len: int, device=None) -> torch.Tensor | None:
-        """``(batch, 1, q_len, kv_len)`` bool mask of a compressed layer after the prompt: the
-        layer's real kept slots, then every token after the prompt, causal among the new ones.
+def _token_count(args, kwargs) -> int:
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    return 0 if tokens is None else tokens.shape[1]
 
-        Built for a batch padded per layer (its slots differ by layer), and for several new tokens
-        at once on a model with sliding-window layers: transformers 5.2 places their causal part by
-        the sliding layers' (uncompressed) length, so every new token would see the later ones.
-        None otherwise (transformers' own mask serves). On ``device`` when given.
-        """
-        if self._layer_real is not None and layer in self._layer_real:
-            real = self._layer_real[layer]
-        elif self._sliding_model and q_len > 1 and self._state is not None and layer in self._state.lengths:
-            real = self._state.kept_real
-            if real is None:
-                real = torch.ones(1, self._state.lengths[layer], dtype=torch.bool)
-            real = real.expand(self._state.next_pos.shape[0], -1)
-        else:
-            return None
-        if device is not None:
-            real = real.to(device)
-        tail = kv_len - real.shape[1]  # tokens after the prompt, the new ones included
-        cols = torch.arange(tail, device=real.device)
-        rows = torch.arange(tail - q_len, tail, device=real.device)
-        causal = (cols[None, :] <= rows[:, None]).expand(real.shape[0], 1, q_len, tail)
-        return torch.cat([real[:, None, None, :].expand(-1, 1, q_len, -1), causal], -1)
 
-    def _begin_prefill(self, tokens, q_len, mask, position_ids) -> None:
-        self._pending.clear()
-        self._pad_mask = None
-        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and not bool(mask.bool().all()):
-            real = mask.bool()
-            if bool((real[:, :-1] & ~real[:, 1:]).any()):
-                raise ValueError("attention_mask: only left padding is supported (pads must precede tokens)")
-            if not self.press.uniform_layers or self.model_type.startswith("gemma3"):
-                raise ValueError(
-                    f"padded batches are not supported with {type(self.press).__name__} on "
-                    f"{self.model_type}: layers would keep different padding; pass equal-length prompts"
-                )
-            self._pad_mask = real[:, -q_len:]
-        if isinstance(position_ids, torch.Tensor):
-            self._next_pos = position_ids.expand(tokens.shape[0], -1)[:, -1] + 1
-        else:
-            self._next_pos = torch.full((tokens.shape[0],), q_len, dtype=torch.long, device=tokens.device)
-
-    # -- attention wrapper ----------------------------------------------------------------------
-    def on_attention(self, module, query, key, value, scaling) -> None:
-        layer = module.layer_idx
-        q_len, kv_len = query.shape[2], key.shape[2]
-        if layer not in self.rank or q_len != kv_len or q_len < 2:
-            return
-        start = timer(query)
-        with torch.no_grad():
-            idx = self.press.select(
-                query,
-                key,
-                scaling,
-                layer=self.rank[layer],
-                n_layers=len(self.layers),
-                pad_mask=self._pad_mask,
+def _before_forward(model, args, kwargs):
+    """The model's pre-hook: checks that an armed cache will really be compressed, and under
+    ``with press(model)`` arms the call's cache (see the module docstring)."""
+    cache = find_cache(args, kwargs)
+    if is_compressed(cache):
+        _check_wrapped(model)
+    session = _active("sessions").get(id(model))
+    if session is None:
+        return None
+    q_len = _token_count(args, kwargs)
+    if cache is None:
+        if kwargs.get("use_cache") is False or (
+            kwargs.get("use_cache") is None and not text_config(model).use_cache
+        ):
+            raise ValueError(
+                f"use_cache=False under {type(session.press).__name__}: there is no cache to compress; "
+                "call the model with use_cache=True (the default) or outside the press"
             )
-            self.stats.prompt_tokens = kv_len
-            if idx is None:
-                return
-            self._pending[layer] = (*gather_kv(key, value, idx), idx)
-        self.stats.seconds += timer(query) - start
-
-    # -- self_attn forward hook -----------------------------------------------------------------
-    def after_attention(self, module, args, kwargs, output):
-        pending = self._pending.pop(module.layer_idx, None)
-        cache = find_cache(args, kwargs)
-        if pending is None or cache is None:
-            return output
-        start = timer(pending[0])
-        install_compressed(cache, module.layer_idx, *pending, self._pad_mask, self._next_pos, self.stats)
-        self.stats.seconds += timer(pending[0]) - start
-        return output
-
-
-def gather_kv(key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values ``(batch, kv_heads, seq, head_dim)`` at kept indices ``(batch, kv_heads, kept)``.
-
-    One ``index_select`` of whole rows over the flattened ``(batch * kv_heads * seq, head_dim)``
-    view: the same result as ``gather`` along ``seq`` with an expanded index, 7x faster on CPU.
-    """
-    batch, heads, seq, _ = key.shape
-    offsets = torch.arange(batch * heads, device=idx.device).view(batch, heads, 1) * seq
-    rows = (idx + offsets).view(-1)
-    shape = (*idx.shape, -1)
-    return tuple(t.reshape(batch * heads * seq, -1).index_select(0, rows).view(shape) for t in (key, value))
-
-
-def install_compressed(cache, layer_idx, keys, values, idx, pad_mask, next_pos, stats) -> None:
-    """Swap compressed ``keys``/``values`` into ``cache.layers[layer_idx]`` and record what decode
-    steps need (original next positions, compressed lengths, kept padding slots)."""
-    layer = cache.layers[layer_idx]
-    if "Sliding" in type(layer).__name__:
-        return
-    stats.full_bytes += 2 * layer.keys.numel() * layer.keys.element_size()
-    layer.keys, layer.values = keys, values
-    stats.kept_bytes += 2 * keys.numel() * keys.element_size()
-    stats.kept_tokens[layer_idx] = keys.shape[2]
-    state = getattr(cache, "_clusterattn", None)
-    if state is None:
-        kept_real = None
-        if pad_mask is not None:
-            real = pad_mask.to(idx.device).gather(1, idx[:, 0, :])
-            kept_real = None if bool(real.all()) else real
-        state = _CacheState(next_pos=next_pos, lengths={}, kept_real=kept_real)
-        cache._clusterattn = state
-    state.lengths[layer_idx] = keys.shape[2]
-
-
-def _plain_attention(model, nesting: str) -> str:
-    """The model's own attention implementation; raises unless it is a supported one that no press
-    has wrapped yet (``nesting`` says why wrapping twice is refused)."""
-    check_model(model)
-    implementation = text_config(model)._attn_implementation
-    if implementation.startswith(_PREFIX):
-        raise RuntimeError(f"a press is already applied to this model; {nesting}")
-    if implementation not in SUPPORTED_ATTENTION:
+        cache = DynamicCache(config=model.config)
+        session.stats = arm(cache, session.press, model.config)
+        name = next((k for k in ("past_key_values", "cache") if k in kwargs), cache_kwarg(model))
+        kwargs[name] = cache
+        return args, kwargs
+    if is_compressed(cache):
+        return None  # an armed or compressed cache carries its own press
+    if cache.get_seq_length() == 0 and not any(
+        getattr(layer, "keys", None) is not None and layer.keys.numel() for layer in cache.layers
+    ):
+        session.stats = arm(cache, session.press, model.config)
+    elif q_len > 1:
         raise ValueError(
-            f"attention implementation {implementation!r} is not supported; load the model with "
-            f"attn_implementation in {SUPPORTED_ATTENTION}"
+            f"{type(session.press).__name__} compresses the prefill of an empty cache; this call feeds "
+            f"{q_len} tokens into a cache that already holds {cache.get_seq_length()} uncompressed ones "
+            "(chunked prefill into a non-empty cache is not supported)"
         )
-    return implementation
+    return None
+
+
+def _check_wrapped(model) -> None:
+    implementation = text_config(model)._attn_implementation
+    if not implementation.startswith(_PREFIX):
+        raise RuntimeError(
+            f"the model's attention implementation was changed to {implementation!r} after clusterattn "
+            "installed its wrapper: a compressed cache needs it; call "
+            "clusterattn.integration.install(model) again"
+        )
+
+
+def install(model) -> None:
+    """Route ``model``'s attention through the press-aware wrapper and add the pre-hook; once per
+    model (idempotent, thread-safe). Calls that carry no press compute exactly what they did."""
+    with _install_lock:
+        implementation = text_config(model)._attn_implementation
+        if getattr(model, "_clusterattn_hook", None) is not None and implementation.startswith(_PREFIX):
+            return
+        check_model(model)
+        if implementation not in SUPPORTED_ATTENTION and not implementation.startswith(_PREFIX):
+            raise ValueError(
+                f"attention implementation {implementation!r} is not supported; load the model with "
+                f"attn_implementation in {SUPPORTED_ATTENTION}"
+            )
+        if not implementation.startswith(_PREFIX):
+            model.set_attn_implementation(_register(implementation))
+        for module in attention_modules(model).values():
+            module._clusterattn_owner = id(model)
+        if getattr(model, "_clusterattn_hook", None) is None:
+            model._clusterattn_hook = model.register_forward_pre_hook(_before_forward, with_kwargs=True)
+
+
+def uninstall(model) -> None:
+    """Undo :func:`install`: the model's own attention again, no hook."""
+    with _install_lock:
+        implementation = text_config(model)._attn_implementation
+        if implementation.startswith(_PREFIX):
+            model.set_attn_implementation(implementation[len(_PREFIX) :])
+        handle = getattr(model, "_clusterattn_hook", None)
+        if handle is not None:
+            handle.remove()
+            model._clusterattn_hook = None
 
 
 @contextlib.contextmanager
-def _attached(model, session, implementation: str, hooks=()) -> Iterator:
-    """Route ``model``'s attention through the wrapper of ``implementation`` with ``session`` on
-    every attention module for the duration of the block; then restore the model's own attention
-    and remove ``hooks`` (handles registered by the caller)."""
-    modules = attention_modules(model)
-    for module in modules.values():
-        module._clusterattn_session = session
+def _scoped(model, kind: str, value, nesting: str) -> Iterator:
+    active = _active(kind)
+    if id(model) in active:
+        raise RuntimeError(f"{nesting} (in this thread)")
+    active[id(model)] = value
     try:
-        model.set_attn_implementation(_register(implementation))
-        yield session
+        yield value
     finally:
-        model.set_attn_implementation(implementation)
-        for handle in hooks:
-            handle.remove()
-        for module in modules.values():
-            del module._clusterattn_session
+        del active[id(model)]
 
 
 @contextlib.contextmanager
 def apply_press(model, press) -> Iterator[PressSession]:
-    """Install ``press`` on ``model`` for the duration of the block; see the module docstring."""
-    implementation = _plain_attention(model, "presses do not nest")
-    session = PressSession(model, press)
-    if not session.layers:
+    """Apply ``press`` to this thread's calls of ``model`` for the duration of the block."""
+    install(model)
+    if not compressible_layers(model):
         raise ValueError(
             "this model has no full-attention layer to compress (every layer uses a sliding window: "
             f"sliding_window={getattr(text_config(model), 'sliding_window', None)})"
         )
     press.warm_up()  # e.g. load a compiled kernel now, not inside the first timed compression
-    hooks = [model.register_forward_pre_hook(session.before_forward, with_kwargs=True)]
-    hooks += [
-        module.register_forward_hook(session.after_attention, with_kwargs=True)
-        for module in attention_modules(model).values()
-    ]
-    with _attached(model, session, implementation, hooks):
-        yield session
+    with _scoped(model, "sessions", PressSession(model, press), "a press is already applied to this model"):
+        yield _active("sessions")[id(model)]
 
 
 @contextlib.contextmanager
@@ -408,6 +343,7 @@ def capturing_queries(model) -> Iterator[QueryCapture]:
     wrapped attention only copies its queries); the keys are those of the model's own cache.
     For analysis: the attention that decode queries pay to the prompt.
     """
-    implementation = _plain_attention(model, "queries are captured on the full cache")
-    with _attached(model, QueryCapture(compressible_layers(model)), implementation) as capture:
+    install(model)
+    capture = QueryCapture(compressible_layers(model))
+    with _scoped(model, "captures", capture, "queries are already being captured on this model"):
         yield capture

@@ -8,33 +8,34 @@ Evaluation grids use this to share one prefill between every press and budget.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache
 
-from clusterattn.integration import CompressionStats, apply_press, gather_kv, install_compressed
+from clusterattn.cache import CompressedLayer, CompressionStats, Plan, compress_layer
 
 
-class _Recorder:
-    """A stand-in press that keeps each layer's queries instead of compressing (see :func:`replay`)."""
+class Recorder:
+    """A stand-in press that keeps each layer's queries instead of compressing (see :func:`replay`):
+    arm a cache with it (``CompressedCache(model, Recorder())``) and prefill."""
 
     uniform_layers = True
 
     def __init__(self) -> None:
         self.queries: dict[int, torch.Tensor] = {}
         self.scaling: dict[int, float] = {}
+        self.pad_mask: torch.Tensor | None = None
 
     def warm_up(self) -> None:
-        """Nothing to load (a session calls it on every press when it starts)."""
+        """Nothing to load."""
 
     def select(self, query, key, scaling, *, layer, n_layers, pad_mask):
         self.queries[layer] = query.detach().clone()
         self.scaling[layer] = scaling
+        self.pad_mask = pad_mask
         return None
 
 
@@ -56,36 +57,23 @@ class PrefillRecord:
     logits: torch.Tensor
 
 
-@contextlib.contextmanager
-def recording(model) -> Iterator[_Recorder]:
-    """Record the post-RoPE queries of every compressible layer during one prefill."""
-    recorder = _Recorder()
-    with apply_press(model, recorder) as session:
-        recorder.session = session
-        yield recorder
-
-
 def replay(record: PrefillRecord, press) -> tuple[Cache, CompressionStats]:
     """A new cache holding ``press``'s selection from a recorded prefill; the record is unchanged."""
     cache = copy.copy(record.cache)
-    cache.layers = [copy.copy(layer) for layer in record.cache.layers]
-    if hasattr(cache, "_clusterattn"):
-        del cache._clusterattn
-    stats = CompressionStats(prompt_tokens=record.cache.layers[record.layers[0]].keys.shape[2])
-    press.warm_up()  # outside the timed compression, as in a live session
+    cache.layers = [copy.copy(layer) for layer in record.cache.layers]  # decoding grows its own layers
+    plan = Plan(press=press, layers=list(record.layers))
+    press.warm_up()  # outside the timed compression, as in a live prefill
     start = time.perf_counter()
     with torch.no_grad():
         for rank, layer_idx in enumerate(record.layers):
-            key, value = cache.layers[layer_idx].keys, cache.layers[layer_idx].values
-            idx = press.select(
-                record.queries[rank], key, record.scaling[rank],
-                layer=rank, n_layers=len(record.layers), pad_mask=record.pad_mask,
+            source = record.cache.layers[layer_idx]
+            layer = CompressedLayer(layer_idx, plan)
+            layer.lazy_initialization(source.keys, source.values)
+            layer.keys, layer.values, layer.plan = source.keys, source.values, None
+            compress_layer(
+                layer, plan, record.queries[rank], source.keys, source.values, record.scaling[rank],
+                record.pad_mask,
             )  # fmt: skip
-            if idx is None:
-                continue
-            install_compressed(
-                cache, layer_idx, *gather_kv(key, value, idx), idx,
-                record.pad_mask, record.next_pos, stats,
-            )  # fmt: skip
-    stats.seconds = time.perf_counter() - start
-    return cache, stats
+            cache.layers[layer_idx] = layer
+    plan.stats.seconds = time.perf_counter() - start
+    return cache, plan.stats

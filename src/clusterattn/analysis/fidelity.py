@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 
 from clusterattn.analysis.data import TaskSample
-from clusterattn.generation import _NoPress, _prepare, _record_prefill
 from clusterattn.integration import cache_kwarg
 from clusterattn.presses.clusterattn import ClusterAttnPress
 from clusterattn.replay import replay
+from clusterattn.steps import NoPress, prepare_inputs, record_prefill
 
 
 def teacher_forced_logprob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -46,8 +46,17 @@ def answer_logprobs(
     answer = torch.as_tensor(answer, dtype=torch.long).flatten()
     if answer.numel() < 2:
         raise ValueError("the answer needs at least two tokens to score a compressed cache")
-    inputs = _prepare(model, tokenizer, sample.context, sample.question, 1, True, sample.answer_prefix, True)
-    record, _ = _record_prefill(model, inputs)
+    inputs = prepare_inputs(
+        model,
+        tokenizer,
+        sample.context,
+        sample.question,
+        max_new_tokens=1,
+        query_aware=True,
+        answer_prefix=sample.answer_prefix,
+        chat=True,
+    )
+    record, _ = record_prefill(model, inputs)
     device = inputs.prompt_ids.device
     fed, target = answer[:-1][None].to(device), answer[1:].to(device)
     mask = torch.cat([inputs.prompt_mask, torch.ones_like(fed)], -1)
@@ -60,7 +69,7 @@ def answer_logprobs(
         press = ClusterAttnPress(**config)
         if inputs.prompt_ids.shape[1] <= press.budget:  # nothing evicted: the full cache's score
             if full is None:
-                cache, _ = replay(record, _NoPress())
+                cache, _ = replay(record, NoPress())
                 logits = model(input_ids=fed, **kwargs, **{name: cache}).logits
                 full = teacher_forced_logprob(logits[0], target)
             out[i] = full

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from clusterattn.analysis.metrics import decode_attention
-from clusterattn.generation import _decode, _prefill, _prepare
 from clusterattn.integration import capturing_queries, new_cache
+from clusterattn.steps import greedy_decode, prefill, prepare_inputs
 
 
 class EmptyAnswer(ValueError):
@@ -103,12 +103,28 @@ def trace_decode(
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if not isinstance(context, str):
         raise ValueError("trace_decode takes one prompt (a str context)")
-    inputs = _prepare(model, tokenizer, context, question, steps + 1, True, answer_prefix, chat)
+    inputs = prepare_inputs(
+        model,
+        tokenizer,
+        context,
+        question,
+        max_new_tokens=steps + 1,
+        query_aware=True,
+        answer_prefix=answer_prefix,
+        chat=chat,
+    )
     cache = new_cache(model)
     with capturing_queries(model) as capture:
-        logits, next_pos = _prefill(model, inputs, cache)
-        tokens, texts, _ = _decode(
-            model, tokenizer, inputs, cache, logits, next_pos, steps + 1, ignore_eos=not stop_at_eos
+        logits, next_pos = prefill(model, inputs, cache)
+        tokens, texts, _ = greedy_decode(
+            model,
+            tokenizer,
+            inputs,
+            cache,
+            logits,
+            next_pos,
+            max_new_tokens=steps + 1,
+            ignore_eos=not stop_at_eos,
         )
     seq = inputs.prompt_ids.shape[1]
     queries, keys, attention = [], [], []

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from clusterattn.eval.report import scored
+from clusterattn.eval.metrics import scored
 
 RESAMPLES = 2000
 SEED = 0

@@ -12,7 +12,7 @@ import math
 from collections import defaultdict
 
 from clusterattn.eval.bootstrap import gap_interval, paired_differences
-from clusterattn.eval.report import _fmt, budget_sort_key, press_order, runs, scored, task_averages
+from clusterattn.eval.metrics import _fmt, budget_sort_key, press_order, runs, scored, task_averages
 
 DEPTH_QUARTERS = ("0-25 %", "25-50 %", "50-75 %", "75-100 %")
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 
 from clusterattn.eval.niah import make_needle_sample
-from clusterattn.generation import _prefill, _prepare
 from clusterattn.integration import new_cache
 from clusterattn.presses import ClusterAttnPress, SnapKVPress
 from clusterattn.replay import recording
 from clusterattn.scoring import window_scores
+from clusterattn.steps import prefill, prepare_inputs
 
 
 @torch.no_grad()
@@ -26,12 +26,19 @@ def kept_clusters_figure(model, tokenizer, path: str | Path, *, n_tokens=2048, b
     import matplotlib.pyplot as plt
 
     sample = make_needle_sample(tokenizer, n_tokens, depth=0.4, seed=seed)
-    inputs = _prepare(
-        model, tokenizer, sample.context, sample.question, 1, True, " " + sample.answer_prefix, True
+    inputs = prepare_inputs(
+        model,
+        tokenizer,
+        sample.context,
+        sample.question,
+        max_new_tokens=1,
+        query_aware=True,
+        answer_prefix=" " + sample.answer_prefix,
+        chat=True,
     )
     cache = new_cache(model)
     with recording(model) as recorder:
-        _prefill(model, inputs, cache)
+        prefill(model, inputs, cache)
     ids = inputs.prompt_ids[0].tolist()
     text = tokenizer.decode(ids)
     start_char = text.index(sample.answer)

@@ -10,16 +10,15 @@ the live path's (:mod:`clusterattn.replay`); batched rows follow the same greedy
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
 from clusterattn.batching import batch_key, is_padded, masked_gqa, stack_caches, stack_padded
-from clusterattn.generation import _decode, _Inputs, _prepare, _record_prefill
 from clusterattn.integration import kv_bytes
 from clusterattn.replay import replay
+from clusterattn.steps import Inputs, greedy_decode, prepare_inputs, record_prefill
 
 SETTINGS = ("query_aware", "query_agnostic")
 
@@ -36,9 +35,9 @@ class Answer:
     decode_s: float
 
 
-def _repeat(inputs: _Inputs, n: int) -> _Inputs:
+def _repeat(inputs: Inputs, n: int) -> Inputs:
     rest = None if inputs.rest is None else inputs.rest.repeat(n, 1)
-    return _Inputs(inputs.prompt_ids.repeat(n, 1), inputs.prompt_mask.repeat(n, 1), rest, True, inputs.pad_id)
+    return Inputs(inputs.prompt_ids.repeat(n, 1), inputs.prompt_mask.repeat(n, 1), rest, True, inputs.pad_id)
 
 
 @torch.no_grad()
@@ -67,12 +66,13 @@ def answer_all(
     """
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
-    inputs = _prepare(
-        model, tokenizer, context, question, max_new_tokens, setting == "query_aware", answer_prefix, chat
-    )
+    inputs = prepare_inputs(
+        model, tokenizer, context, question, max_new_tokens=max_new_tokens,
+        query_aware=setting == "query_aware", answer_prefix=answer_prefix, chat=chat,
+    )  # fmt: skip
     if inputs.prompt_ids.shape[0] != 1:
         raise ValueError("answer_all takes one prompt")
-    record, prefill_s = _record_prefill(model, inputs)
+    record, prefill_s = record_prefill(model, inputs)
     cache, logits, next_pos = record.cache, record.logits, record.next_pos
     pressed: dict[str, tuple] = {}
     prompt_bytes: dict[str, int] = {}
@@ -97,12 +97,10 @@ def answer_all(
         if not compressed and len(names) > 1:
             raise AssertionError("several full-cache presses in one grid")
         rows = len(names)
-        context_manager = presses[names[0]](model) if compressed else contextlib.nullcontext()
-        gqa = masked_gqa(is_padded(key) and len(names) > 1)
-        with context_manager, gqa:
-            tokens, texts, decode_s = _decode(
+        with masked_gqa(is_padded(key) and len(names) > 1):
+            tokens, texts, decode_s = greedy_decode(
                 model, tokenizer, _repeat(inputs, rows), merged, logits.repeat(rows, 1, 1),
-                next_pos.repeat(rows), max_new_tokens,
+                next_pos.repeat(rows), max_new_tokens=max_new_tokens,
             )  # fmt: skip
         eos_pad = tokens != inputs.pad_id
         for row, name in enumerate(names):

@@ -191,7 +191,7 @@ def answer_job(model, tokenizer, job: dict) -> list[dict]:
     from clusterattn.batching import PADDED, batch_key, masked_gqa, stack_caches, stack_padded
     from clusterattn.eval.spec import budget_label
     from clusterattn.eval.tasks import Sample, score
-    from clusterattn.generation import _prepare
+    from clusterattn.steps import prepare_inputs
 
     sample, setting = Sample.from_dict(job["sample"]), job["setting"]
     rows = []
@@ -203,9 +203,9 @@ def answer_job(model, tokenizer, job: dict) -> list[dict]:
             "press": label, "budget": budget_label(budget),
         })  # fmt: skip
     try:
-        inputs = _prepare(
-            model, tokenizer, sample.context, sample.question, sample.max_new_tokens,
-            setting == "query_aware", sample.answer_prefix, True,
+        inputs = prepare_inputs(
+            model, tokenizer, sample.context, sample.question, max_new_tokens=sample.max_new_tokens,
+            query_aware=setting == "query_aware", answer_prefix=sample.answer_prefix, chat=True,
         )  # fmt: skip
         ids = inputs.prompt_ids
         cache, captured, logits = record_prefill(model, ids)
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     import kvpress  # noqa: F401  (patches attention for AdaKV's masked heads)
 
     model, tokenizer = ca.load_model(spec["model"])
-    from clusterattn.eval.runner import open_for_append
+    from clusterattn.eval.predictions import open_for_append
 
     with open_for_append(Path(argv[1])) as sink:
         for job in tqdm(spec["jobs"], desc=f"kvpress {spec['model']}", unit="prompt"):

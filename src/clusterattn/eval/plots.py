@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clusterattn.eval.report import press_order, runs
+from clusterattn.eval.metrics import press_order, runs
 
 DEPTH_BINS = 5
 

@@ -1,4 +1,4 @@
-"""Metrics, Markdown tables and figures from ``predictions.jsonl`` (see :mod:`clusterattn.eval.runner`).
+"""Markdown tables and figures from ``predictions.jsonl`` (see :mod:`clusterattn.eval.runner`).
 
 ``write_report(out)`` rebuilds ``metrics.csv``, ``tables.md``, ``score_vs_budget_*.png`` and
 ``needle_heatmap_*.png`` from the predictions alone, and can splice the headline tables into a
@@ -8,99 +8,26 @@ output folder's name, so several runs share one document).
 
 from __future__ import annotations
 
-import csv
 import math
-from collections import defaultdict
 from pathlib import Path
 
-COLUMNS = ("model", "task", "length", "press", "budget", "setting", "n", "failed", "score")
-
-
-def budget_sort_key(budget: str) -> tuple:
-    if budget == "full":
-        return (0, 0.0)
-    if budget.startswith("r"):
-        return (2, -float(budget[1:]))
-    return (1, float(budget))
-
-
-def _cell_key(row: dict) -> tuple:
-    return (row["model"], row["task"], row["length"], row["press"], row["budget"], row["setting"])
-
-
-def scored(row: dict) -> bool:
-    """Whether a prediction row counts in a score: it did not fail and it has a score."""
-    return row.get("error") is None and row.get("score") is not None
-
-
-def latest_rows(rows: list[dict]) -> list[dict]:
-    """One prediction per (model, task, length, press, budget, setting, sample index): the last one
-    written, so a retried or rerun sample replaces its earlier row everywhere it is counted."""
-    return list({(*_cell_key(row), row["index"]): row for row in rows}.values())
-
-
-def aggregate(rows: list[dict]) -> list[dict]:
-    """Mean score (0-100) per (model, task, length, press, budget, setting), over
-    :func:`latest_rows` (a retried sample replaces its failure)."""
-    cells: dict[tuple, list[dict]] = defaultdict(list)
-    for row in latest_rows(rows):
-        cells[_cell_key(row)].append(row)
-    out = []
-    for key, cell in sorted(cells.items(), key=lambda kv: (*kv[0][:4], budget_sort_key(kv[0][4]), kv[0][5])):
-        scores = [r["score"] for r in cell if scored(r)]
-        mean = 100.0 * sum(scores) / len(scores) if scores else float("nan")
-        out.append(
-            dict(zip(COLUMNS, (*key, len(scores), len(cell) - len(scores), round(mean, 2)), strict=True))
-        )
-    return out
-
-
-def write_metrics(rows: list[dict], path: Path) -> Path:
-    """Write ``metrics.csv`` (columns :data:`COLUMNS`)."""
-    path = Path(path)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(aggregate(rows))
-    return path
-
-
-def read_metrics(path: Path) -> list[dict]:
-    with Path(path).open() as handle:
-        rows = list(csv.DictReader(handle))
-    for row in rows:
-        row["length"], row["n"], row["failed"] = int(row["length"]), int(row["n"]), int(row["failed"])
-        row["score"] = float(row["score"])
-    return rows
-
-
-def _fmt(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.1f}"
-
-
-def press_order(press: str) -> tuple:
-    """Sort key of press names in tables and figures: the full cache, ours, then kvpress's."""
-    return (press != "full", press.startswith("kvpress"), press)
-
-
-def runs(metrics: list[dict]) -> list[tuple[tuple, list[dict]]]:
-    """``metrics`` rows grouped per ``(model, length, setting)``, in sorted order."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for row in metrics:
-        groups[(row["model"], row["length"], row["setting"])].append(row)
-    return sorted(groups.items())
-
-
-def task_averages(rows: list[dict]) -> tuple[list[str], list[str], dict, dict]:
-    """For the rows of one run: its tasks, its budgets (the full cache's left out, in order), the
-    scores ``(press, budget, task) -> score`` and every compressing press's score averaged over all
-    the tasks, ``(press, budget) -> mean`` (NaN when the press misses a task)."""
-    tasks = sorted({r["task"] for r in rows})
-    budgets = sorted({r["budget"] for r in rows if r["budget"] != "full"}, key=budget_sort_key)
-    by = {(r["press"], r["budget"], r["task"]): r["score"] for r in rows}
-    presses = {r["press"] for r in rows if r["budget"] != "full"}
-    average = {(p, b): _complete_mean([by.get((p, b, t)) for t in tasks]) for p in presses for b in budgets}
-    return tasks, budgets, by, average
+from clusterattn.eval.compare import depth_tables, head_to_head, method_of
+from clusterattn.eval.metrics import (  # noqa: F401 (aggregate and latest_rows are re-exported)
+    _complete_mean,
+    _fmt,
+    _mean,
+    _nan_low,
+    aggregate,
+    budget_sort_key,
+    latest_rows,
+    press_order,
+    read_metrics,
+    runs,
+    task_averages,
+    write_metrics,
+)
+from clusterattn.eval.plots import needle_heatmaps, score_vs_budget
+from clusterattn.eval.predictions import read_predictions
 
 
 def average_tables(metrics: list[dict]) -> str:
@@ -155,29 +82,11 @@ def task_tables(metrics: list[dict]) -> str:
     return "\n\n".join(parts) + "\n\n(* = some samples failed; see predictions.jsonl)\n"
 
 
-def _nan_low(value: float) -> float:
-    return -1.0 if math.isnan(value) else value
-
-
-def _complete_mean(values) -> float:
-    """Mean over every task, NaN when a task is missing (averages must cover the same tasks)."""
-    return float("nan") if any(v is None for v in values) else _mean(values)
-
-
-def _mean(values) -> float:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(values) / len(values) if values else float("nan")
-
-
 def write_report(out: str | Path, doc: str | Path | None = None) -> list[Path]:
     """Rebuild metrics, tables and figures in ``out`` from its ``predictions.jsonl`` (the latest row
     of every sample, :func:`latest_rows`): ``metrics.csv``, ``tables.md`` (averages, the
     head-to-head verdict of each ClusterAttn configuration in the run, per-task scores, needle
     scores by depth) and the PNGs."""
-    from clusterattn.eval.compare import depth_tables, head_to_head, method_of
-    from clusterattn.eval.plots import needle_heatmaps, score_vs_budget
-    from clusterattn.eval.runner import read_predictions
-
     out = Path(out)
     rows = latest_rows(read_predictions(out / "predictions.jsonl"))
     if not rows:

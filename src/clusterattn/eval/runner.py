@@ -30,7 +30,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from clusterattn.eval.grid import SETTINGS, answer_all
-from clusterattn.eval.report import write_metrics
+from clusterattn.eval.metrics import write_metrics
+from clusterattn.eval.predictions import open_for_append, read_predictions
 from clusterattn.eval.spec import PressSpec, budget_label, parse_budget, parse_press, validate
 
 DEFAULT_PRESSES = ("full", "clusterattn", "snapkv", "chunkkv", "streamingllm", "h2o", "pyramidkv")
@@ -145,30 +146,6 @@ def row_key(row: dict) -> tuple:
     )
 
 
-def read_predictions(path: Path) -> list[dict]:
-    """Rows of ``predictions.jsonl``; a torn last line (an interrupted write) is dropped."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def open_for_append(path: Path):
-    """Open ``path`` for appending rows; a torn last line (an interrupted write) is ended first so
-    the next row starts on a line of its own."""
-    sink = Path(path).open("a+")  # noqa: SIM115  (returned to the caller, closed by its with-block)
-    if sink.tell():
-        sink.seek(sink.tell() - 1)
-        if sink.read(1) != "\n":
-            sink.write("\n")
-    return sink
-
-
 def load_samples(config: EvalConfig, task: str, length: int, tokenizer):
     """The samples of one (task, length): RULER, or the LongBench file's entries of that dataset."""
     if config.longbench is not None:
@@ -231,6 +208,7 @@ def run_eval(config: EvalConfig, *, progress: bool = True) -> Path:
     import clusterattn as ca
 
     out = Path(config.out)
+    _check_same_seed(out / "run.json", config.seed)
     out.mkdir(parents=True, exist_ok=True)
     pred_path = out / "predictions.jsonl"
     info = _run_info(config, time.time())
@@ -326,6 +304,20 @@ def _run_peers(config: EvalConfig, model_name: str, samples, out: Path, pred_pat
     if result.returncode != 0:  # the job file stays, so that the command can be rerun by hand
         raise RuntimeError(f"the kvpress worker failed (exit {result.returncode}): {' '.join(command)}")
     job_path.unlink()  # a scratch file: its rows are in predictions.jsonl now
+
+
+def _check_same_seed(path: Path, seed: int) -> None:
+    """Refuse to resume or extend a run folder made with another seed: its rows are other samples,
+    which a resumed run would take as done (and the report would mix)."""
+    try:
+        earlier = json.loads(path.read_text()).get("seed")
+    except (OSError, ValueError):
+        return
+    if earlier is not None and earlier != seed:
+        raise ValueError(
+            f"{path.parent} holds a run with --seed {earlier}; use another --out folder for --seed {seed} "
+            f"(or --seed {earlier} to resume it)"
+        )
 
 
 def _git_commit() -> str | None:

@@ -8,10 +8,10 @@ a token budget per KV head, a float in (0, 1) a compression ratio (the share dro
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from clusterattn.presses import PRESSES
+from clusterattn.presses.spec import build_press, parse_fields, parse_value
 
 # kvpress presses the peers environment knows: name -> (kvpress class, wrapped press or None).
 PEER_PRESSES = {
@@ -25,20 +25,6 @@ PEER_PRESSES = {
     "adakv": ("AdaKVPress", "SnapKVPress"),
 }
 PEER_SOURCES = ("kvpress",)
-
-
-def _value(text: str):
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 @dataclass(frozen=True)
@@ -70,15 +56,8 @@ class PressSpec:
             raise ValueError(f"{self.label} runs in the peers environment, not in this process")
         if self.is_full:
             return None
-        cls = PRESSES[self.name]
         kind = "compression_ratio" if isinstance(budget, float) else "budget"
-        try:
-            return cls(**{kind: budget}, **self.params)
-        except TypeError as err:
-            names = sorted(
-                f.name for f in dataclasses.fields(cls) if f.name not in ("budget", "compression_ratio")
-            )
-            raise ValueError(f"press {self.label!r}: {err}; {cls.__name__} accepts {names}") from None
+        return build_press(self.name, {kind: budget, **self.params}, self.label)
 
 
 def parse_press(text: str) -> PressSpec:
@@ -95,13 +74,7 @@ def parse_press(text: str) -> PressSpec:
     known = PEER_PRESSES if source != "clusterattn" else PRESSES
     if name not in known:
         raise ValueError(f"press {text!r}: unknown {source} press {name!r}; choose from {sorted(known)}")
-    params = {}
-    if len(parts) == 2 and parts[1]:
-        for item in parts[1].split(","):
-            key, sep, value = item.partition("=")
-            if not sep or not key.strip():
-                raise ValueError(f"press {text!r}: parameter {item!r} is not key=value")
-            params[key.strip()] = _value(value.strip())
+    params = parse_fields(parts[1], text) if len(parts) == 2 else {}
     for reserved in ("budget", "compression_ratio"):
         if reserved in params:
             raise ValueError(f"press {text!r}: set {reserved} with --budgets, not in the press specification")
@@ -110,7 +83,7 @@ def parse_press(text: str) -> PressSpec:
 
 def parse_budget(text: str | int | float) -> int | float:
     """``"128"`` -> 128 tokens; ``"0.5"`` -> compression ratio 0.5 (drop half)."""
-    value = _value(str(text)) if isinstance(text, str) else text
+    value = parse_value(str(text)) if isinstance(text, str) else text
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"budget {text!r} is neither a token count nor a ratio")
     if isinstance(value, int):

@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from clusterattn.dbac import rank_and_select
 from clusterattn.presses.base import WindowPress, check_choice, check_int
@@ -43,14 +42,23 @@ class ChunkKVPress(WindowPress):
         )
 
     def select_prefix(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        """The grid starts at each row's first real token (left padding has ``-inf`` scores), so a
+        padded row keeps the chunks it keeps alone."""
         n = scores.shape[-1]
+        finite = torch.isfinite(scores)
         n_chunks = math.ceil(n / self.chunk_size)
-        finite = torch.where(torch.isfinite(scores), scores, 0.0)
-        padded = F.pad(finite, (0, n_chunks * self.chunk_size - n))
-        chunk_sums = padded.view(*scores.shape[:-1], n_chunks, self.chunk_size).sum(-1)
+        start = (~finite).sum(-1, keepdim=True)  # (batch, heads, 1): leading padding
+        chunk = torch.arange(n, device=scores.device) - start
+        chunk = torch.where(chunk >= 0, chunk // self.chunk_size, n_chunks)  # padding: a spare bin
+        sums = torch.zeros(*scores.shape[:-1], n_chunks + 1, dtype=scores.dtype, device=scores.device)
+        sums.scatter_add_(-1, chunk, torch.where(finite, scores, 0.0))
+        real_chunks = ((n - start + self.chunk_size - 1) // self.chunk_size).squeeze(-1)
+        exists = torch.arange(n_chunks + 1, device=scores.device) < real_chunks[..., None]
+        sums = sums.masked_fill(~exists, float("-inf"))
         n_keep = min(budget // self.chunk_size, n_chunks)
-        chosen = torch.zeros_like(chunk_sums, dtype=torch.bool)
+        chosen = torch.zeros_like(sums, dtype=torch.bool)
         if n_keep > 0:
-            chosen.scatter_(-1, chunk_sums.topk(n_keep, dim=-1).indices, True)
-        in_chunk = chosen.repeat_interleave(self.chunk_size, dim=-1)[..., :n]
+            top = sums.topk(n_keep, dim=-1).indices
+            chosen.scatter_(-1, top, sums.gather(-1, top) > float("-inf"))
+        in_chunk = chosen.gather(-1, chunk)
         return rank_and_select(scores, budget, in_chunk)

@@ -15,7 +15,7 @@ import torch
 
 from clusterattn import dbac_compiled
 from clusterattn.dbac import MAX_CLUSTERS, VARIANTS, dbac
-from clusterattn.presses.base import WindowPress, check_choice, check_int
+from clusterattn.presses.base import WindowPress, check_choice, check_float, check_int
 from clusterattn.scoring import AGGREGATIONS, window_scores
 
 
@@ -71,10 +71,17 @@ class ClusterAttnPress(WindowPress):
             check_int("max_clusters", self.max_clusters, 1)
         check_int("n_sink", self.n_sink, 0)
         check_int("expand", self.expand, 0)
-        if not 0.0 <= self.span_before < 1.0:
+        check_float("span_before", self.span_before, 0.0)
+        if self.span_before >= 1.0:
             raise ValueError(f"span_before must be in [0, 1), got {self.span_before}")
-        if self.alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        check_float("alpha", self.alpha, 0.0)
+        if self.theta is not None:
+            check_float("theta", self.theta, 0.0)
+        if self.budget is not None and self.n_sink > self.budget - self.window_size:
+            raise ValueError(
+                f"n_sink ({self.n_sink}) must be <= the prefix budget budget - window_size "
+                f"({self.budget - self.window_size})"
+            )
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_choice("variant", self.variant, VARIANTS)
         ratio = self.recent_ratio
@@ -103,6 +110,8 @@ class ClusterAttnPress(WindowPress):
         tokens, then the ``r = recent_tokens(budget)`` last positions. Left padding sits at the start
         of a row, so the last positions are real whenever the row has ``r`` real prefix tokens (and
         when it has fewer, every real token is kept anyway)."""
+        if self.n_sink > budget:
+            raise ValueError(f"n_sink ({self.n_sink}) exceeds the prefix budget ({budget}) of this prompt")
         recent = self.recent_tokens(budget)
         if recent == 0:
             return self._clusters(scores, budget)

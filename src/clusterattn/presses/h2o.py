@@ -9,7 +9,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
-from clusterattn.presses.base import WindowPress, check_choice
+from clusterattn.presses.base import WindowPress, check_choice, check_int
 from clusterattn.scoring import AGGREGATIONS, accumulated_scores
 
 
@@ -29,20 +29,17 @@ class H2OPress(WindowPress):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        check_int("chunk_size", self.chunk_size, 1)
 
     def prefix_scores(self, query, key, scaling, *, layer, pad_mask):
         # The scores cost as much as the prefill's attention and do not depend on the budget; when
         # the same recorded tensors are scored again (``generate_many`` over several budgets), the
-        # last result per layer is reused. Identity is checked through weak references, so a new
-        # tensor at a recycled address can never match.
-        memo = _MEMO.get(layer)
-        if (
-            memo is not None
-            and memo[0]() is query
-            and memo[1]() is key
-            and memo[2] == self._score_key(pad_mask)
-        ):
-            scores = memo[3]
+        # result is reused. It is kept on the query tensor itself (it dies with it), keyed by the
+        # key tensor's identity and the scoring settings: no state on the press or the module.
+        settings = (self.aggregation, self.chunk_size, None if pad_mask is None else id(pad_mask))
+        memo = getattr(query, "_clusterattn_h2o", None)
+        if memo is not None and memo[0]() is key and memo[1] == settings:
+            scores = memo[2]
         else:
             scores = accumulated_scores(
                 query,
@@ -52,11 +49,5 @@ class H2OPress(WindowPress):
                 pad_mask=pad_mask,
                 chunk_size=self.chunk_size,
             )
-            _MEMO[layer] = (weakref.ref(query), weakref.ref(key), self._score_key(pad_mask), scores)
+            query._clusterattn_h2o = (weakref.ref(key), settings, scores)
         return scores[..., : key.shape[2] - self.window_size]
-
-    def _score_key(self, pad_mask):
-        return (self.aggregation, None if pad_mask is None else id(pad_mask))
-
-
-_MEMO: dict[int, tuple] = {}

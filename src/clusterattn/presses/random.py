@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clusterattn.presses.base import WindowPress
+from clusterattn.presses.base import WindowPress, check_int
 
 
 @dataclass
@@ -18,6 +18,10 @@ class RandomPress(WindowPress):
     """
 
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("seed", self.seed, 0)
 
     def prefix_scores(self, query, key, scaling, *, layer, pad_mask):
         batch, kv_heads, seq = key.shape[:3]

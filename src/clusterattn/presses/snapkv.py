@@ -25,8 +25,9 @@ def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.T
     pad = kernel_size // 2
     if pooling == "max":
         pooled = F.max_pool1d(flat, kernel_size, stride=1, padding=pad)
-    else:
-        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=pad, count_include_pad=False)
+    else:  # the mean over the real tokens in the kernel (left padding counts as outside the row)
+        count = F.avg_pool1d(finite.flatten(0, -2).unsqueeze(1).to(flat.dtype), kernel_size, 1, pad)
+        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=pad) / count.clamp_min(1e-12)
     pooled = pooled[..., : scores.shape[-1]].view(scores.shape)
     return pooled.masked_fill(~finite, float("-inf"))
 

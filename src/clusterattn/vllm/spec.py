@@ -16,26 +16,12 @@ import functools
 import os
 from collections.abc import Mapping
 
-from clusterattn.presses import PRESSES, BasePress, FullKV
+from clusterattn.presses import BasePress, FullKV
+from clusterattn.presses.spec import build_press, parse_fields, split_spec
 
 ENV_VAR = "CLUSTERATTN_VLLM_PRESS"
 EXTRA_ARG = "clusterattn_press"
 _OFF = ("", "none", "off", "full")
-
-
-def _value(text: str) -> object:
-    """``"256"`` -> 256, ``"0.5"`` -> 0.5, ``"none"`` -> None, anything else stays a string."""
-    lowered = text.strip().lower()
-    if lowered in ("none", "null"):
-        return None
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text.strip()
 
 
 @functools.lru_cache(maxsize=64)
@@ -43,25 +29,14 @@ def parse_press(spec: str | None) -> BasePress | None:
     """The press a spec names, or None for no eviction.
 
     Raises:
-        ValueError: unknown press, malformed field, a press with layer-dependent budgets
-            (a paged cache needs one length per request across layers), or invalid arguments.
+        ValueError: unknown press, malformed or duplicate field, a value its press refuses (NaN,
+            out of range, wrong type: the press constructors of the library decide), or a press with
+            layer-dependent budgets (a paged cache needs one length per request across layers).
     """
     if spec is None or spec.strip().lower() in _OFF:
         return None
-    name, _, rest = spec.strip().partition(":")
-    name = name.strip().lower()
-    if name not in PRESSES:
-        raise ValueError(f"unknown press {name!r} in {spec!r}; known: {sorted(PRESSES)}")
-    kwargs: dict[str, object] = {}
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"malformed press argument {item!r} in {spec!r}: expected field=value")
-        kwargs[key.strip()] = _value(value)
-    try:
-        press = PRESSES[name](**kwargs)
-    except TypeError as err:
-        raise ValueError(f"bad arguments in press spec {spec!r}: {err}") from err
+    name, rest = split_spec(spec)
+    press = build_press(name, parse_fields(rest, spec), spec)  # the library's constructors validate
     if isinstance(press, FullKV):
         return None
     if not press.uniform_layers:

@@ -1,0 +1,52 @@
+"""The library installs without the harness: importing it pulls no harness dependency."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+HARNESS = ("matplotlib", "gguf", "sklearn", "wonderwords", "long_context_eval")
+
+
+def test_library_import_pulls_no_harness_dependency():
+    code = (  # what transformers itself loads (5.2 imports scikit-learn when present) is not ours
+        "import sys, torch, transformers\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM, DynamicCache\n"
+        "before = set(sys.modules)\n"
+        "import clusterattn as ca\n"
+        "ca.ClusterAttnPress(budget=64); ca.CompressedCache; ca.generate\n"
+        f"print([m for m in {HARNESS!r} if m in sys.modules and m not in before])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_core_dependencies_are_only_what_the_presses_need():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {dep.split(">")[0].split("<")[0].split("=")[0].strip() for dep in project["dependencies"]}
+    assert names == {"torch", "transformers", "numpy"}
+    assert {"eval", "analysis", "vllm", "test"} <= set(project["optional-dependencies"])
+
+
+def test_the_eval_package_imports_one_way():
+    """data -> run -> score -> report -> plots: no module of ``clusterattn.eval`` imports (even
+    lazily, inside a function) one that imports it back."""
+    import re
+
+    folder = ROOT / "src" / "clusterattn" / "eval"
+    edges = {
+        path.stem: set(re.findall(r"from clusterattn\.eval\.(\w+) import", path.read_text()))
+        for path in folder.glob("*.py")
+    }
+
+    def reaches(start, target, seen=()):
+        return any(
+            n == target or (n not in seen and reaches(n, target, (*seen, n))) for n in edges.get(start, ())
+        )
+
+    cycles = sorted(module for module in edges if reaches(module, module))
+    assert not cycles, cycles
