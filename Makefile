@@ -6,7 +6,7 @@ TORCH := torch==2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lint pytest pytest-tf52 test-peers vllm test-vllm serving-bench needle-table peers models eval-table clean
+.PHONY: run test lint pytest pytest-tf52 test-peers vllm test-vllm serving-bench serving-soak needle-table peers models eval-table clean
 
 .venv/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv .venv
@@ -82,6 +82,12 @@ test: lint pytest pytest-tf52 test-peers test-vllm
 # three rounds), stock vLLM's own engine, and concurrency; about 70 min on 2 cores (five engines).
 serving-bench: .venv-vllm/.installed
 	.venv-vllm/bin/python benchmarks/serving_bench.py --out docs/serving
+
+# A bounded soak of the OpenAI server with the plugin (loopback only, stops by itself): about 270
+# requests in five phases (mixed presses, client disconnects, over-long prompts, bad specs, a
+# preemption wave); writes docs/serving-soak/soak.md and fails unless the server held.
+serving-soak: .venv-vllm/.installed
+	.venv-vllm/bin/python benchmarks/serving_soak.py --out docs/serving-soak
 
 # Regenerates the needle table of the README (about 15 minutes on 2 cores).
 needle-table: .venv/.installed

@@ -48,36 +48,77 @@ def greedy_after(model, cache, logits, steps):
     return torch.stack(tokens, 1)
 
 
+def padded_batch(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+    return ids, mask
+
+
+def until_eos(tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens after a row's first EOS set to the pad id, as ca.generate leaves them."""
+    done = (tokens == TOK.eos_token_id).long().cumsum(-1)
+    return tokens.masked_fill((done - (tokens == TOK.eos_token_id).long()) > 0, TOK.pad_token_id)
+
+
+def greedy_padded(model, cache, logits, mask, steps):
+    """A manual greedy loop for a left-padded batch: positions from the mask, as generate does."""
+    tokens = []
+    token = logits[:, -1].argmax(-1)
+    for _ in range(steps):
+        tokens.append(token)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
+        position = mask.sum(-1, keepdim=True) - 1
+        logits = model(token[:, None], attention_mask=mask, position_ids=position, **{KW: cache}).logits
+        token = logits[:, -1].argmax(-1)
+    return torch.stack(tokens, 1)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("name", list(PRESS_FACTORIES))
-def test_three_ways_to_decode_agree(family, name):
-    model, press, ids = MODELS[family], PRESS_FACTORIES[name](40), prompt_ids()
-    text = " ".join(str(int(t)) for t in ids[0])
-    ours = ca.generate(model, TOK, text, press=press, max_new_tokens=6).tokens
+@pytest.mark.parametrize(
+    "name, layout",  # PyramidKV refuses padded batches (tested in test_integration)
+    [(name, "equal") for name in PRESS_FACTORIES] + [(name, "padded") for name in UNIFORM],
+)
+def test_three_ways_to_decode_agree(family, name, layout):
+    """ca.generate, model.generate under the press, and a manual loop after the block."""
+    model, press = MODELS[family], PRESS_FACTORIES[name](40)
+    rows = [prompt_ids()[0]] if layout == "equal" else [prompt_ids(110, 3)[0], prompt_ids(70, 4)[0]]
+    ids, mask = padded_batch(rows)
+    texts = [" ".join(str(int(t)) for t in row) for row in rows]
+    ours = ca.generate(
+        model, TOK, texts if layout == "padded" else texts[0], press=press, max_new_tokens=6
+    ).tokens
     with press(model) as session, torch.no_grad():
-        generated = model.generate(ids, max_new_tokens=6, **GEN)[:, ids.shape[1] :]
+        generated = model.generate(ids, attention_mask=mask, max_new_tokens=6, **GEN)[:, ids.shape[1] :]
         assert session.stats.kept_tokens  # the last prefill was compressed
         cache = DynamicCache(config=model.config)
-        logits = model(ids, **{KW: cache}, use_cache=True).logits
-    with torch.no_grad():
-        manual = greedy_after(model, cache, logits, 6)  # after the block: the cache knows its positions
-    assert torch.equal(ours, generated) and torch.equal(ours, manual), (family, name)
-    assert cache.get_seq_length() == ids.shape[1] + 6
+        position = (mask.cumsum(-1) - 1).clamp_min(0)
+        logits = model(ids, attention_mask=mask, position_ids=position, **{KW: cache}).logits
+    with torch.no_grad():  # after the block: the cache knows its own lengths
+        manual = greedy_padded(model, cache, logits, mask, 6)
+    ours, generated, manual = (until_eos(t) for t in (ours, generated, manual))
+    assert torch.equal(ours, generated) and torch.equal(ours, manual), (family, name, layout)
+    assert cache.get_seq_length() == ids.shape[1] + 6  # the loop fed all six tokens
     assert any(isinstance(layer, CompressedLayer) and layer.dropped for layer in cache.layers)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_query_agnostic_flow_after_the_block(family):
-    """Compress the context alone, append the question after the block, decode: as ca.generate."""
-    model, press = MODELS[family], PRESS_FACTORIES["clusterattn"](40)
+@pytest.mark.parametrize("name", list(PRESS_FACTORIES))
+def test_query_agnostic_flow_after_the_block(family, name):
+    """Compress the context alone inside the block, append the question after it, decode: the
+    tokens of ca.generate(query_aware=False)."""
+    model, press = MODELS[family], PRESS_FACTORIES[name](40)
     context, question = ids_text(110, seed=4), "3 4 5 6"
     ours = ca.generate(model, TOK, context, question, press=press, max_new_tokens=5, query_aware=False)
-    cache = CompressedCache(model, press)
-    with torch.no_grad():
+    cache = DynamicCache(config=model.config)
+    with press(model), torch.no_grad():
         model(prompt_ids(110, seed=4), **{KW: cache}, use_cache=True)
+    with torch.no_grad():
         logits = model(torch.tensor([[3, 4, 5, 6]]), **{KW: cache}, use_cache=True).logits
         manual = greedy_after(model, cache, logits, 5)
-    assert torch.equal(ours.tokens, manual)
+    assert torch.equal(ours.tokens, manual), (family, name)
 
 
 def naive_compressed(model, ids, press):
@@ -358,3 +399,19 @@ def test_padded_batch_in_a_static_cache_equals_single_rows():
             for row in rows
         ]
     assert torch.equal(batch, torch.stack(alone))
+
+
+def test_the_prompt_splits_at_the_context_inside_the_user_turn():
+    """A short context that also appears in the template's own system prompt is cut in the user
+    turn, not at its first occurrence in the rendered text."""
+    from clusterattn.steps import build_prompt
+
+    class Templated:
+        chat_template = "stand-in"
+        bos_token = None
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+            return f"<s>You answer in JSON.</s><u>{messages[0]['content']}</u><a>"
+
+    head, tail = build_prompt(Templated(), "JSON", "Which format?")
+    assert head == "<s>You answer in JSON.</s><u>JSON" and tail == "\n\nWhich format?</u><a>"

@@ -187,60 +187,40 @@ def test_float64_scores_rank_like_float32():
     assert torch.equal(topk_indices(scores.double(), 50), topk_indices(scores, 50))
 
 
-def old_dbac_a(scores, budget, num_block, theta=None, span_before=0.0, n_sink=0):
-    """Frozen copy of variant A as it was before the int32 fast path (int64 keys over every token),
-    except that equal block peaks now go to the later block (:func:`later_block_top`)."""
-    n = scores.shape[-1]
-    lead, padded = 0, not bool(torch.isfinite(scores[..., 0]).all())
-    if padded:
-        lead = (~torch.isfinite(scores)).long().cumprod(dim=-1).sum(dim=-1, keepdim=True)
-        scores = scores.gather(-1, (torch.arange(n) + lead) % n)
-    blk = max(1, budget // num_block)
-    n_blocks = math.ceil(n / blk)
-    pooled = torch.nn.functional.pad(scores.float(), (0, n_blocks * blk - n), value=float("-inf"))
-    peaks, arg = pooled.view(*scores.shape[:-1], n_blocks, blk).max(dim=-1)
-    centres = torch.arange(n_blocks) * blk + arg
-    if theta is not None:
-        peaks = peaks.masked_fill(peaks < theta, float("-inf"))
-    top_blocks = later_block_top(peaks, min(num_block, n_blocks))
-    top_peaks = peaks.gather(-1, top_blocks)
-    before = min(blk - 1, int(round(span_before * blk)))
-    start = (centres.gather(-1, top_blocks) - before).clamp_min(0)
-    length = n - lead
-    start = torch.minimum(start, (length - blk).clamp_min(0)) if padded else start.clamp_max(n - blk)
-    span = (start.unsqueeze(-1) + torch.arange(blk)).clamp_max(n - 1)
-    span = torch.where(torch.isfinite(top_peaks).unsqueeze(-1), span, n)
-    mask = torch.zeros((*scores.shape[:-1], n + 1), dtype=torch.bool)
-    clusters = mask.scatter_(-1, span.flatten(-2), True)[..., :n]
-    finite = torch.isfinite(scores)
-    sinks = finite & (finite.long().cumsum(dim=-1) <= n_sink) if n_sink else None
-    kept = old_rank(scores, budget, sinks, clusters)
-    return ((kept + lead) % n).sort(dim=-1).values if padded else kept
+def naive_padded(scores: torch.Tensor, budget, num_block, theta, span_before, n_sink=0) -> list[int]:
+    """:func:`naive_dbac` on one row with left padding: the real tokens alone (the block grid and
+    the span clamping start at the first real one); when the budget exceeds them, every real token
+    and then the first padding slots (exact ties go to the earlier token)."""
+    row = scores.float().tolist()
+    lead = next((i for i, v in enumerate(row) if v != float("-inf")), len(row))
+    real = row[lead:]
+    if budget >= len(real):
+        return list(range(budget - len(real))) + list(range(lead, len(row)))
+    return [i + lead for i in naive_dbac(real, budget, num_block, theta, span_before, n_sink)]
 
 
-def later_block_top(peaks, k):
-    """Indices of the ``k`` highest float ``peaks``, equal peaks to the later block (the one change
-    to the frozen copy: a stable descending sort of the reversed row, on the int64 order key)."""
-    bits = peaks.float().contiguous().view(torch.int32).to(torch.int64)
-    key = torch.where(bits >= 0, bits, -bits - 2**31 - 1)
-    order = key.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :k]
-    return peaks.shape[-1] - 1 - order
+def naive_topk(scores: torch.Tensor, budget: int) -> torch.Tensor:
+    """Plain top-k by score, one row at a time; a stable sort: exact ties go to the earlier token."""
+    rows = [
+        sorted(sorted(range(len(row)), key=lambda i, row=row: row[i], reverse=True)[:budget])
+        for row in scores.float().reshape(-1, scores.shape[-1]).tolist()
+    ]
+    return torch.tensor(rows, dtype=torch.long).view(*scores.shape[:-1], budget)
 
 
-def old_rank(scores, budget, *tiers):
-    """Frozen copy of the int64 ranking key: tiers in the bits above the float32 order key, exact
-    ties to the earlier token."""
-    finite = torch.isfinite(scores)
-    bits = scores.float().contiguous().view(torch.int32).to(torch.int64)
-    key = torch.where(bits >= 0, bits, -bits - 2**31 - 1)
-    level = 1 << 32
-    for tier in reversed(tiers):
-        if tier is not None:
-            key = key + (tier & finite).to(torch.int64) * level
-        level <<= 1
-    n = scores.shape[-1]  # exact ties to the earlier token (rank_and_select's documented rule)
-    key = key * n + torch.arange(n - 1, -1, -1)
-    return key.topk(budget, dim=-1).indices.sort(dim=-1).values
+def naive_batch(scores, budget, num_block, theta, span_before, n_sink=0) -> torch.Tensor:
+    """The naive reference over ``(..., n)`` rows; ``theta`` a float, None, or a per-row tensor."""
+    rows = scores.reshape(-1, scores.shape[-1])
+    thetas = (
+        [theta] * len(rows)
+        if not isinstance(theta, torch.Tensor)
+        else theta.expand(*scores.shape[:-1], 1).reshape(-1).tolist()
+    )
+    kept = [
+        naive_padded(row, budget, num_block, t, span_before, n_sink)
+        for row, t in zip(rows, thetas, strict=True)
+    ]
+    return torch.tensor(kept, dtype=torch.long).view(*scores.shape[:-1], budget)
 
 
 def _scores(kind: str, shape: tuple, seed: int) -> torch.Tensor:
@@ -272,38 +252,40 @@ def _scores(kind: str, shape: tuple, seed: int) -> torch.Tensor:
     seed=st.integers(0, 2**16),
     compiled=st.booleans(),
 )
-def test_dbac_matches_old_implementation(
+def test_dbac_matches_the_naive_reference_on_ties_padding_and_low_precision(
     n, budget_share, span_width, theta_mode, span_before, n_sink, kind, seed, compiled
 ):
-    """Identical indices to the pre-fast-path implementation, ties and padding included."""
+    """The fast paths (compiled, int32 plain, tensor) against the spec's loop transcription, ties,
+    padding, bf16 and signed scores included (equal block peaks: the later block; equal scores: the
+    earlier token)."""
     scores = _scores(kind, (2, 3, n), seed)
     budget = max(n_sink, 1, min(n, round(n * budget_share)))
     num_block = max(1, budget // span_width)
     theta = None
-    if theta_mode == "quantile":
+    if theta_mode == "quantile":  # a float32 value: the fast paths compare in float32
         theta = float(scores.float().clamp_min(0).quantile(0.7))
     elif theta_mode in ("press", "relative"):  # uniform mass over each row's real tokens
         theta = 32 / torch.isfinite(scores[:, :1].float()).sum(dim=-1, keepdim=True).clamp_min(1)
     elif theta_mode == "all":  # every block is noise: no cluster at all
         theta = float("inf")
     kwargs = {"num_block": num_block, "theta": theta, "span_before": span_before, "n_sink": n_sink}
-    expected = old_dbac_a(scores, budget, **kwargs)
+    expected = naive_batch(scores, budget, **kwargs)
     if theta_mode == "relative":  # the same threshold, found by dbac itself (a float when unpadded)
         kwargs = {**kwargs, "theta": None, "relative_theta": 32.0}
     with backend(compiled):
         assert torch.equal(dbac(scores, budget, **kwargs), expected)
-    assert torch.equal(topk_indices(scores, budget), old_rank(scores, budget))
+    assert torch.equal(topk_indices(scores, budget), naive_topk(scores, budget))
 
 
 @BACKENDS
 @pytest.mark.parametrize(("length", "budget"), [(4096, 128), (8192, 512), (16384, 1024)])
-def test_dbac_matches_old_implementation_at_benchmark_shapes(length, budget, compiled):
+def test_dbac_matches_the_naive_reference_at_benchmark_shapes(length, budget, compiled):
     """SmolLM2 shapes (batch 1, 3 KV heads, window 32) with the press's relative threshold."""
     scores = _scores("softmax", (1, 3, length - 32), length)
     theta = 32 / torch.isfinite(scores[:, :1]).sum(dim=-1, keepdim=True)
     for num_block in (max(1, (budget - 32) // 16), 1, budget - 32):
         kwargs = {"num_block": num_block, "theta": theta}
-        expected = old_dbac_a(scores, budget - 32, **kwargs)
+        expected = naive_batch(scores, budget - 32, num_block, theta, 0.0)
         with backend(compiled):
             assert torch.equal(dbac(scores, budget - 32, **kwargs), expected)
             assert torch.equal(dbac(scores, budget - 32, num_block=num_block, relative_theta=32.0), expected)

@@ -4,8 +4,10 @@ Used by the tests as a subprocess, so every engine starts from a clean interpret
 environment (plugin on or off). Input (first argument): a JSON file ``{"engine": {LLM kwargs},
 "prompts": [[ids]], "presses": [spec, null or false], "max_tokens": n, "preempt_at_step": k}``
 (false: no extra_args; the last key is optional and preempts every running request before step
-k). Output (second argument): ``{"tokens": [[ids]], "max_running": n, "freed_blocks": n,
-"preemptions": n, "num_blocks": n, "free_blocks_end": n}``.
+k). Optional too: ``"failing_budget": b`` makes every press with budget ``b`` raise inside the
+engine (a fault on purpose), ``"rounds": r`` sends the prompts ``r`` times, one after another.
+Output (second argument): ``{"tokens": [[ids]] (the first round), "rounds": [[[ids]]],
+"max_running": n, "freed_blocks": n, "preemptions": n, "num_blocks": n, "free_blocks_end": n}``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,17 @@ def main(path: str, out: str) -> None:
     from vllm.inputs import TokensPrompt
 
     job = json.loads(pathlib.Path(path).read_text())
+    if job.get("failing_budget") is not None:
+        from clusterattn.presses.base import BasePress
+
+        select = BasePress.select
+
+        def failing(self, *args, **kwargs):
+            if self.budget == job["failing_budget"]:
+                raise RuntimeError("a press that fails on purpose")
+            return select(self, *args, **kwargs)
+
+        BasePress.select = failing
     engine = {"enforce_eager": True, "enable_prefix_caching": False, "seed": 0, **job["engine"]}
     llm = LLM(**engine)
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
@@ -51,9 +64,13 @@ def main(path: str, out: str) -> None:
         extra = None if spec is False else {"clusterattn_press": spec}
         params.append(SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], extra_args=extra))
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]]
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    rounds = [
+        [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+        for _ in range(job.get("rounds", 1))
+    ]
     result = {
-        "tokens": [list(o.outputs[0].token_ids) for o in outputs],
+        "tokens": rounds[0],
+        "rounds": rounds,
         "max_running": seen["max_running"],
         "freed_blocks": getattr(scheduler, "clusterattn_freed_blocks", 0),
         "preemptions": seen.get("preemptions", 0),

@@ -94,3 +94,24 @@ def test_compiled_mode_evicts_exactly_like_eager(cases, model_dir, hf_model, tmp
         assert tokens == ref.tokens[0].tolist(), (spec, tokenizer.decode(tokens), ref.text)
     assert result["freed_blocks"] == freed_blocks(list(zip(cases, PRESSES, strict=True)))
     assert result["free_blocks_end"] == result["num_blocks"] - 1
+
+
+def test_a_press_that_fails_inside_the_engine_fails_alone(cases, model_dir, hf_model, tmp_path):
+    """A press whose select raises (on purpose, budget 257): its request keeps its most recent
+    257 prompt tokens instead (logged), the request beside it answers as usual, the engine serves
+    a second round, and every evicted block is back in the pool."""
+    model, tokenizer = hf_model
+    job = {
+        "engine": {"model": str(model_dir), **ENGINE},
+        "prompts": [case[2] for case in cases],
+        "presses": ["clusterattn:budget=257", "clusterattn:budget=256", False],
+        "max_tokens": MAX_TOKENS,
+        "failing_budget": 257,
+        "rounds": 2,
+    }
+    result = run_engine(job, press_env="none", tmp_path=tmp_path)
+    presses = [ca.StreamingLLMPress(budget=257, n_sink=0), ca.ClusterAttnPress(budget=256), None]
+    for (context, question, _), press, *answers in zip(cases, presses, *result["rounds"], strict=True):
+        ref = ca.generate(model, tokenizer, context, question, press=press, max_new_tokens=MAX_TOKENS)
+        assert all(tokens == ref.tokens[0].tolist() for tokens in answers), (press, answers)
+    assert result["free_blocks_end"] == result["num_blocks"] - 1

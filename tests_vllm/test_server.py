@@ -23,6 +23,15 @@ from conftest import needle_case
 
 MAX_TOKENS = 24
 N_REQUESTS = 6  # bounded: one burst of concurrent requests, then the server stops
+BAD_SPECS = [  # specs that once reached the worker and killed the engine, or were silently accepted
+    ("clusterattn:budget=256,alpha=nan", "alpha"),
+    ("clusterattn:budget=256,n_sink=225", "n_sink"),
+    ("h2o:budget=256,chunk_size=0", "chunk_size"),
+    ("clusterattn:budget=256,budget=128", "budget"),
+    ("clusterattn:budget=\uff12\uff15\uff16", "budget"),
+    ("clusterattn:budget=256,theta=nan", "theta"),
+    ("clusterattn:budget=256,alpha=inf", "alpha"),
+]
 
 
 def _free_port() -> int:
@@ -119,6 +128,10 @@ def test_concurrent_requests_match_the_transformers_path(server, hf_model):
     with pytest.raises(urllib.error.HTTPError) as err:
         _post(base + "/v1/completions", bad)
     assert err.value.code == 400 and "unknown press" in err.value.read().decode()
+    for spec, field in BAD_SPECS:  # refused on arrival, naming the field; the server lives on
+        with pytest.raises(urllib.error.HTTPError) as err:
+            _post(base + "/v1/completions", {**bad, "vllm_xargs": {"clusterattn_press": spec}})
+        assert err.value.code == 400 and field in err.value.read().decode(), spec
 
     metrics = _get(base + "/metrics")
     usage = [line for line in metrics.splitlines() if line.startswith("vllm:kv_cache_usage_perc")]

@@ -73,3 +73,13 @@ def compact(
         keys = torch.cat([keys, key[prompt_len:]], dim=0)
         values = torch.cat([values, value[prompt_len:]], dim=0)
     return keys, values
+
+
+def recent(
+    key: torch.Tensor, value: torch.Tensor, *, prompt_len: int, kept: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fallback when a press fails inside the engine: the last ``kept`` prompt tokens and every
+    token after the prompt, ``(tokens - (prompt_len - kept), kv_heads, head_dim)``, the same count
+    :func:`compact` returns, so the scheduler's block accounting stays right."""
+    start = prompt_len - kept
+    return key[start:].contiguous(), value[start:].contiguous()

@@ -17,6 +17,12 @@ Data path of one compressed request (prompt of ``L`` tokens, ``B`` kept per KV h
    attention reads ``B + t + 1`` entries (:func:`_prepare_inputs` shifts slots and lengths by
    ``L - B``).
 
+Faults: a press spec is validated when the request arrives (a bad one is a 400 naming the field,
+:func:`_verify_sampling_args`). Should a press still fail inside the worker, that request keeps its
+most recent ``B`` prompt tokens instead (the same count, so the scheduler's accounting holds; logged
+as an error naming the request), and the engine, the other requests of the batch and every later
+request carry on.
+
 Preemption: the scheduler forgets the offset when it frees the request; the worker forgets it
 when the request comes back; the new prefill (prompt + earlier output) is compressed again on the
 prompt part only, which reproduces the same cache. Both sides derive ``B`` from
@@ -42,7 +48,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from clusterattn.presses import BasePress
-from clusterattn.vllm.compaction import compact
+from clusterattn.vllm.compaction import compact, recent
 from clusterattn.vllm.spec import default_spec, kept_tokens, parse_press, request_press
 
 logger = logging.getLogger("clusterattn.vllm")
@@ -118,6 +124,17 @@ def _verify_sampling_args(self) -> None:
         raise VLLMValidationError(str(err), parameter="extra_args") from err
 
 
+def _press_or_none(extra_args, default, req_id: str) -> BasePress | None:
+    """The request's press; None (no eviction, logged) if its spec fails here although it passed
+    validation on arrival. The scheduler and the worker both call this on the same inputs, so they
+    still agree on what the request keeps."""
+    try:
+        return request_press(extra_args, default)
+    except Exception as err:  # noqa: BLE001 (one request's spec must not take the engine down)
+        logger.error("clusterattn: request %s: press spec refused (%s); it runs uncompressed", req_id, err)
+        return None
+
+
 # -- scheduler side ---------------------------------------------------------------------------
 class PhysicalKVCacheManager(KVCacheManager):
     """Allocates by the physical length of compressed requests (logical length minus offset)."""
@@ -159,7 +176,7 @@ class ClusterAttnScheduler(Scheduler):
                 continue
             if request.num_computed_tokens < request.num_prompt_tokens or request.sampling_params is None:
                 continue
-            press = request_press(request.sampling_params.extra_args, self.clusterattn_default)
+            press = _press_or_none(request.sampling_params.extra_args, self.clusterattn_default, req_id)
             kept = kept_tokens(press, request.num_prompt_tokens)
             if kept is None:
                 continue
@@ -200,6 +217,7 @@ class _Compression:
     kept: int
     press: BasePress
     n_layers: int  # decoder attention layers of the model (the press's n_layers)
+    failed: bool = False  # the press raised: this request keeps its most recent tokens instead
 
 
 @dataclass
@@ -263,7 +281,7 @@ def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
             continue
         req = self.requests[req_id]
         params = req.sampling_params
-        press = request_press(params.extra_args if params else None, state.default)
+        press = _press_or_none(params.extra_args if params else None, state.default, req_id)
         prompt_len = int(batch.num_prompt_tokens[row])
         kept = kept_tokens(press, prompt_len)
         computed, count = int(batch.num_computed_tokens_cpu[row]), int(num_scheduled_tokens[row])
@@ -305,19 +323,40 @@ def _attention_forward(self, layer, query, key, value, kv_cache, attn_metadata, 
     if not _STEP or attn_metadata is None or self.attn_type != AttentionType.DECODER:
         return result
     layer_idx = extract_layer_index(layer.layer_name)
-    n_layers = _STEP[0].n_layers
     for item in _STEP:
         span = slice(item.start, item.start + item.tokens)
-        with torch.no_grad():
-            pair = compact(
-                item.press, query[span], key[span], value[span], self.scale,
-                prompt_len=item.prompt_len, layer=layer_idx, n_layers=n_layers,
-            )  # fmt: skip
-        if pair is None or pair[0].shape[0] != item.tokens - (item.prompt_len - item.kept):
-            raise RuntimeError(f"press {item.press!r} did not keep {item.kept} tokens at layer {layer_idx}")
+        pair = (
+            None
+            if item.failed
+            else _compact_or_log(item, query[span], key[span], value[span], self.scale, layer_idx)
+        )
+        if pair is None:
+            pair = recent(key[span], value[span], prompt_len=item.prompt_len, kept=item.kept)
         slots = attn_metadata.slot_mapping[item.start : item.start + pair[0].shape[0]]
         self.do_kv_cache_update(layer, pair[0].to(key.dtype), pair[1].to(value.dtype), kv_cache, slots)
     return result
+
+
+def _compact_or_log(item: _Compression, query, key, value, scale, layer_idx: int):
+    """The press's selection for one request, or None (and ``item.failed``) when the press raises
+    or keeps the wrong count: one request's fault must not take the engine down."""
+    try:
+        with torch.no_grad():
+            pair = compact(
+                item.press, query, key, value, scale,
+                prompt_len=item.prompt_len, layer=layer_idx, n_layers=item.n_layers,
+            )  # fmt: skip
+        if pair is None or pair[0].shape[0] != item.tokens - (item.prompt_len - item.kept):
+            raise RuntimeError(f"it did not keep {item.kept} tokens")
+        return pair
+    except Exception as err:  # noqa: BLE001 (any fault of a press: this request falls back, logged)
+        item.failed = True
+        logger.error(
+            "clusterattn: request %s: press %r failed at layer %d (%s: %s); the request keeps its "
+            "most recent %d prompt tokens instead",
+            item.req_id, item.press, layer_idx, type(err).__name__, err, item.kept,
+        )  # fmt: skip
+        return None
 
 
 def install() -> None:
