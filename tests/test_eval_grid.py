@@ -11,13 +11,12 @@ from clusterattn.batching import (
     PADDED,
     batch_key,
     is_padded,
-    masked_gqa,
     stack_caches,
     stack_padded,
 )
 from clusterattn.cache import CompressedLayer
 from clusterattn.eval.grid import answer_all
-from clusterattn.integration import cache_kwarg, new_cache
+from clusterattn.integration import cache_kwarg, masked_gqa, new_cache
 from clusterattn.replay import replay
 from conftest import tiny_model
 from test_integration import TOK, ids_text

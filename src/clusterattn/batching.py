@@ -12,10 +12,7 @@ presses and kvpress's alike.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +23,6 @@ from clusterattn.cache import CompressedLayer
 PADDED = ("padded",)
 """The :func:`batch_key` of plain caches that share one left-padded batch (the prefix of every
 padded key: :func:`is_padded`)."""
-
-_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
 def _compressed(cache: Cache) -> frozenset[int]:
@@ -182,28 +177,3 @@ def select_rows(cache: Cache, rows: torch.Tensor) -> None:
     for layer in cache.layers:
         if getattr(layer, "keys", None) is not None and layer.keys.numel():
             layer.batch_select_indices(rows.to(layer.keys.device))
-
-
-@contextlib.contextmanager
-def masked_gqa(active: bool = True) -> Iterator[None]:
-    """Let sdpa take grouped KV heads together with an attention mask while decoding a padded batch.
-
-    With a mask, transformers' sdpa path copies every KV head to each of its query heads (the whole
-    cache, per layer and step: 2.0 s per step for 25 SmolLM2 rows at 2k against 0.36 s without the
-    copy). torch's CPU kernels accept grouped heads with a mask directly, with the same arithmetic,
-    so on CPU this swaps transformers' ``use_gqa_in_sdpa`` predicate for one that says yes (the same
-    in transformers 5.2 and 5.24; 5.24's ``TRANSFORMERS_SDPA_FORCE_GQA`` does not exist in 5.2). On
-    accelerators the copy is the fast path, and a user's own ``TRANSFORMERS_SDPA_FORCE_GQA`` is
-    respected: both leave transformers unchanged.
-    """
-    from transformers.integrations import sdpa_attention
-
-    if not active or torch.cuda.is_available() or os.environ.get(_FORCE_GQA) is not None:
-        yield
-        return
-    original = sdpa_attention.use_gqa_in_sdpa
-    sdpa_attention.use_gqa_in_sdpa = lambda *args, **kwargs: True
-    try:
-        yield
-    finally:
-        sdpa_attention.use_gqa_in_sdpa = original

@@ -188,9 +188,10 @@ def _masked(model) -> bool:
 
 def answer_job(model, tokenizer, job: dict) -> list[dict]:
     """Rows for one prompt under every kvpress press of the job."""
-    from clusterattn.batching import PADDED, batch_key, masked_gqa, stack_caches, stack_padded
+    from clusterattn.batching import PADDED, batch_key, stack_caches, stack_padded
     from clusterattn.eval.spec import budget_label
     from clusterattn.eval.tasks import Sample, score
+    from clusterattn.integration import masked_gqa
     from clusterattn.steps import prepare_inputs
 
     sample, setting = Sample.from_dict(job["sample"]), job["setting"]
