@@ -204,7 +204,7 @@ def main(argv=None) -> None:
                 16,
             )
         )
-        long = [body(4000, rng.choice(PRESSES), 8) for _ in range(10)]
+        long = [body(6000, rng.choice(PRESSES), 8) for _ in range(10)]  # past --max-model-len 4096
         phases.append(run_phase("over-long prompts", [lambda b=b: post(base, b) for b in long], 10))
         bad = [body(300, spec, 8) for spec in BAD * 2]
         phases.append(run_phase("bad press specs", [lambda b=b: post(base, b) for b in bad], 20))

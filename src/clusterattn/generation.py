@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 import torch
 
 from clusterattn.cache import CompressedCache
+from clusterattn.compiled import compiled_greedy_decode, static_cache
 from clusterattn.integration import kv_bytes, new_cache
 from clusterattn.shared_prefill import compressing, run_presses
-from clusterattn.steps import build_prompt, greedy_decode, prefill, prepare_inputs  # noqa: F401 (build_prompt)
+from clusterattn.steps import build_prompt, eos_ids, greedy_decode, prefill, prepare_inputs  # noqa: F401
 
 
 @dataclass
@@ -55,6 +56,7 @@ def generate(
     query_aware: bool = True,
     answer_prefix: str = "",
     chat: bool = True,
+    compile: bool | str = False,
 ) -> GenerationOutput:
     """Greedy generation from a long ``context`` with the prompt cache compressed by ``press``.
 
@@ -66,6 +68,10 @@ def generate(
             False compresses the context alone and appends the question afterwards, uncompressed.
         answer_prefix: text appended after the generation prompt (e.g. RULER's answer prefix).
         chat: apply the tokenizer's chat template when it has one.
+        compile: decode from a static cache with the one-token step compiled by ``torch.compile``
+            (:mod:`clusterattn.compiled`; on CUDA captured in a CUDA graph), for the full cache and
+            every press alike; ``True`` uses inductor, a string names the backend (``"eager"``,
+            ``"aot_eager"``). Token-identical to the eager path in fp32. The first call compiles.
 
     Returns:
         :class:`GenerationOutput`; ``stats["prefill_s"]`` excludes ``stats["compress_s"]``.
@@ -74,15 +80,29 @@ def generate(
         model, tokenizer, context, question, max_new_tokens=max_new_tokens, query_aware=query_aware,
         answer_prefix=answer_prefix, chat=chat,
     )  # fmt: skip
-    cache = CompressedCache(model, press) if compressing(press) else new_cache(model)
+    selecting = compressing(press)
+    if compile:
+        backend = "inductor" if compile is True else compile
+        rest = 0 if inputs.rest is None else inputs.rest.shape[1]
+        cache = static_cache(
+            model, press if selecting else None, inputs.prompt_ids.shape[1] + rest + max_new_tokens
+        )
+    else:
+        cache = CompressedCache(model, press) if selecting else new_cache(model)
     stats = getattr(cache, "stats", None)
     start = time.perf_counter()
     logits, next_pos = prefill(model, inputs, cache)
     prefill_s = time.perf_counter() - start - (stats.seconds if stats else 0.0)
-    prompt_bytes = kv_bytes(cache)
-    tokens, texts, decode_s = greedy_decode(
-        model, tokenizer, inputs, cache, logits, next_pos, max_new_tokens=max_new_tokens
-    )
+    prompt_bytes = kv_bytes(cache) if not compile else _prompt_bytes(cache)
+    if compile:
+        tokens, texts, decode_s = compiled_greedy_decode(
+            model, tokenizer, inputs, cache, logits, next_pos, max_new_tokens=max_new_tokens,
+            backend=backend, eos_ids=eos_ids(model, tokenizer),
+        )  # fmt: skip
+    else:
+        tokens, texts, decode_s = greedy_decode(
+            model, tokenizer, inputs, cache, logits, next_pos, max_new_tokens=max_new_tokens
+        )
     return _output(inputs, tokens, texts, prompt_bytes, stats, prefill_s, decode_s)
 
 
@@ -116,3 +136,16 @@ def generate_many(
         name: _output(inputs, run.tokens, run.texts, run.kv_bytes, run.stats, prefill_s, run.decode_s)
         for name, run in runs.items()
     }
+
+
+def _prompt_bytes(cache) -> int:
+    """KV bytes a static cache's prompt occupies after prefill (its buffers also hold the room
+    reserved for the new tokens, which a dynamic cache does not count yet)."""
+    total = 0
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if not isinstance(keys, torch.Tensor):
+            continue
+        filled = int(layer.length) if hasattr(layer, "length") else int(layer.get_seq_length())
+        total += 2 * keys[:, :, :filled].numel() * keys.element_size()
+    return total

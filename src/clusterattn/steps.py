@@ -53,7 +53,8 @@ def build_prompt(tokenizer, context: str, question: str | None, answer_prefix: s
     return head, tail
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
+    """The token ids that end a greedy answer (the model's generation config, else the tokenizer's)."""
     eos = getattr(model.generation_config, "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -160,7 +161,7 @@ def greedy_decode(
             logits_to_keep=1, **{name: cache},
         ).logits  # fmt: skip
         next_pos = next_pos + rest.shape[1]
-    eos = set() if ignore_eos else _eos_ids(model, tokenizer)
+    eos = set() if ignore_eos else eos_ids(model, tokenizer)
     # rows still decoding (their index in the batch); a row that emits EOS leaves the batch, and
     # its later tokens stay pad_id
     active = torch.arange(inputs.prompt_ids.shape[0], device=device)
@@ -183,7 +184,7 @@ def greedy_decode(
         next_pos = next_pos + 1
     seconds = time.perf_counter() - start
     tokens = out[:, : step + 1]
-    skip = _eos_ids(model, tokenizer) | {inputs.pad_id}
+    skip = eos_ids(model, tokenizer) | {inputs.pad_id}
     texts = [
         tokenizer.decode([t for t in row.tolist() if t not in skip], skip_special_tokens=True)
         for row in tokens
