@@ -89,6 +89,9 @@ def test_peak_rss_is_measured_again_with_a_fixed_mmap_threshold(monkeypatch, tmp
     assert "MALLOC_MMAP_THRESHOLD_=131072" in table
     older = {k: v for k, v in pressed.items() if "fixed_mmap" not in k}  # a row without the second peak
     assert "| 1600 (0.80) | - | 1.00x |" in bench.markdown([report["cases"][0], older])
+    no_full = {k: v for k, v in pressed.items() if not k.endswith(("_ratio", "speedup"))}
+    line = bench.markdown([no_full]).splitlines()[-1]  # a run without full: no ratio against itself
+    assert "(1.00" not in line and "1.00x" not in line and line.endswith("(-) | - |")
     calls.clear()
     report = bench.run_bench(models=["smollm2-135m"], lengths=[512], presses=["full"], budgets=[64],
                              out_dir=tmp_path, rss_mmap_threshold=0)  # fmt: skip

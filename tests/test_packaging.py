@@ -50,3 +50,36 @@ def test_the_eval_package_imports_one_way():
 
     cycles = sorted(module for module in edges if reaches(module, module))
     assert not cycles, cycles
+
+
+def test_every_cli_option_says_what_it_takes():
+    """Every option of every subcommand has help text; its default is printed with it."""
+    import argparse
+    import contextlib
+
+    from clusterattn import cli
+
+    parser = None
+
+    def capture(self, *args, **kwargs):
+        nonlocal parser
+        parser = self
+        raise SystemExit(0)
+
+    original = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        with contextlib.suppress(SystemExit):
+            cli.main([])
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [
+        f"{name} {'/'.join(action.option_strings)}"
+        for name, sub in subparsers.choices.items()
+        for action in sub._actions
+        if action.option_strings and action.dest != "help" and not action.help
+    ]
+    assert not missing, missing
+    formatters = {name: sub.formatter_class for name, sub in subparsers.choices.items()}
+    assert set(formatters.values()) == {argparse.ArgumentDefaultsHelpFormatter}, formatters

@@ -27,6 +27,12 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def _ratio(row: dict, key: str, spec: str, unit: str = "") -> str:
+    """A ratio against the full cache, or "-" when the run has no full-cache row to compare with
+    (a run without ``full`` in its presses)."""
+    return "-" if key not in row else f"{row[key]:{spec}}{unit}"
+
+
 def markdown(rows: list[dict]) -> str:
     """The side-by-side table: one row per configuration, ratios against the full cache. A "peak RSS,
     fixed mmap" column appears when the rows carry that second measurement."""
@@ -46,16 +52,16 @@ def markdown(rows: list[dict]) -> str:
             extra = (
                 " - |"
                 if value is None
-                else f" {value / mb:.0f} ({r.get('peak_rss_fixed_mmap_ratio', 1):.2f}) |"
+                else f" {value / mb:.0f} ({_ratio(r, 'peak_rss_fixed_mmap_ratio', '.2f')}) |"
             )
         lines.append(
             f"| {r['model']} | {r['length']} | {r['batch']} | {r['press']} | {r['budget'] or '-'} "
             f"| {r['prefill_s']:.2f} | {r['compress_s']:.3f} ({100 * r['compress_share']:.1f} %) "
             f"| {r['decode_ms_per_token']:.1f} | {r['decode_tokens_per_s']:.1f} "
-            f"| {r['kv_bytes'] / mb:.1f} ({r.get('kv_ratio', 1):.3f}) "
-            f"| {r['peak_kv_bytes'] / mb:.1f} ({r.get('peak_kv_ratio', 1):.2f}) "
-            f"| {r['peak_rss_bytes'] / mb:.0f} ({r.get('peak_rss_ratio', 1):.2f}) |{extra}"
-            f" {r.get('decode_speedup', 1):.2f}x |"
+            f"| {r['kv_bytes'] / mb:.1f} ({_ratio(r, 'kv_ratio', '.3f')}) "
+            f"| {r['peak_kv_bytes'] / mb:.1f} ({_ratio(r, 'peak_kv_ratio', '.2f')}) "
+            f"| {r['peak_rss_bytes'] / mb:.0f} ({_ratio(r, 'peak_rss_ratio', '.2f')}) |{extra}"
+            f" {_ratio(r, 'decode_speedup', '.2f', 'x')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -132,13 +132,14 @@ def _add_eval(sub) -> None:
 
     ev = sub.add_parser(
         "eval",
+        formatter_class=DEFAULTS,
         help="RULER / LongBench accuracy over models x presses x budgets x tasks x lengths (resumable)",
     )
-    ev.add_argument("--models", nargs="+", default=["smollm2-135m"])
+    ev.add_argument("--models", nargs="+", default=["smollm2-135m"], help="registry names or paths")
     ev.add_argument(
         "--tasks", nargs="+", default=["niah_single_2"], help="RULER tasks, all, niah, or LongBench datasets"
     )
-    ev.add_argument("--lengths", type=int, nargs="+", default=[2048])
+    ev.add_argument("--lengths", type=int, nargs="+", default=[2048], help="prompt tokens")
     ev.add_argument(
         "--presses",
         nargs="+",
@@ -154,76 +155,114 @@ def _add_eval(sub) -> None:
     ev.add_argument(
         "--budgets", nargs="+", default=["128", "256"], help="token budgets (ints) or ratios (0.5)"
     )
-    ev.add_argument("--settings", nargs="+", default=["query_aware"], choices=SETTINGS)
-    ev.add_argument("--samples", type=int, default=10)
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument(
+        "--settings",
+        nargs="+",
+        default=["query_aware"],
+        choices=SETTINGS,
+        help="question inside the compressed prompt or after it",
+    )
+    ev.add_argument("--samples", type=int, default=10, help="samples per task and length")
+    ev.add_argument("--seed", type=int, default=0, help="sample seed (one per output folder)")
     ev.add_argument("--longbench", default=None, help="a LongBench-format JSONL file instead of RULER")
     ev.add_argument("--profile", default=None, help="ClusterAttn profile JSON from `clusterattn profile`")
     ev.add_argument(
         "--max-new-tokens", type=int, default=None, help="cap on each task's own generation length"
     )
     ev.add_argument("--retry-failed", action="store_true", help="rerun samples recorded as failed")
-    ev.add_argument("--out", default="runs/eval")
+    ev.add_argument("--out", default="runs/eval", help="output folder (resumed when it exists)")
     ev.add_argument("--doc", default=None, help="Markdown file whose eval section is rewritten")
     ev.set_defaults(func=_eval)
-    report = sub.add_parser("eval-report", help="rebuild metrics.csv, tables and figures of an eval run")
-    report.add_argument("--out", default="runs/eval")
-    report.add_argument("--doc", default=None)
+    report = sub.add_parser(
+        "eval-report", formatter_class=DEFAULTS, help="rebuild metrics.csv, tables and figures of an eval run"
+    )
+    report.add_argument("--out", default="runs/eval", help="the eval run's folder")
+    report.add_argument("--doc", default=None, help="Markdown file whose eval section is rewritten")
     report.set_defaults(func=_eval_report)
 
 
+DEFAULTS = argparse.ArgumentDefaultsHelpFormatter  # every option's help ends with its default
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="clusterattn", description=__doc__)
+    parser = argparse.ArgumentParser(prog="clusterattn", description=__doc__, formatter_class=DEFAULTS)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="needle prompt answered with full, ClusterAttn, SnapKV, StreamingLLM")
-    demo.add_argument("--model", default="smollm2-135m")
-    demo.add_argument("--length", type=int, default=2048)
-    demo.add_argument("--budgets", type=int, nargs="+", default=[128, 256])
-    demo.add_argument("--seed", type=int, default=3)
+    demo = sub.add_parser(
+        "demo",
+        formatter_class=DEFAULTS,
+        help="needle prompt answered with full, ClusterAttn, SnapKV, StreamingLLM",
+    )
+    demo.add_argument("--model", default="smollm2-135m", help="registry name, HF folder or .gguf file")
+    demo.add_argument("--length", type=int, default=2048, help="prompt tokens")
+    demo.add_argument("--budgets", type=int, nargs="+", default=[128, 256], help="tokens kept per KV head")
+    demo.add_argument("--seed", type=int, default=3, help="needle sample seed")
     demo.set_defaults(func=_demo)
-    needle = sub.add_parser("needle", help="needle accuracy table over presses, budgets and lengths")
-    needle.add_argument("--model", default="smollm2-135m")
-    needle.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
-    needle.add_argument("--samples", type=int, default=10)
-    needle.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 256, 512])
-    needle.add_argument("--presses", nargs="+", default=list(DEFAULT_PRESSES))
-    needle.add_argument("--seed", type=int, default=0)
+    needle = sub.add_parser(
+        "needle", formatter_class=DEFAULTS, help="needle accuracy table over presses, budgets and lengths"
+    )
+    needle.add_argument("--model", default="smollm2-135m", help="registry name, HF folder or .gguf file")
+    needle.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096], help="prompt tokens")
+    needle.add_argument("--samples", type=int, default=10, help="needle prompts per length")
+    needle.add_argument(
+        "--budgets", type=int, nargs="+", default=[64, 128, 256, 512], help="tokens kept per KV head"
+    )
+    needle.add_argument("--presses", nargs="+", default=list(DEFAULT_PRESSES), help="press names (PRESSES)")
+    needle.add_argument("--seed", type=int, default=0, help="sample seed")
     needle.add_argument(
         "--query-agnostic", action="store_true", help="compress the context before the question"
     )
-    needle.add_argument("--out", default="runs/needle")
+    needle.add_argument("--out", default="runs/needle", help="output folder")
     needle.set_defaults(func=_needle)
-    figure = sub.add_parser("figure", help="picture of kept clusters vs top-k on a real prompt")
-    figure.add_argument("--model", default="smollm2-135m")
-    figure.add_argument("--length", type=int, default=2048)
-    figure.add_argument("--budget", type=int, default=128)
-    figure.add_argument("--out", default="docs/clusters.png")
+    figure = sub.add_parser(
+        "figure", formatter_class=DEFAULTS, help="picture of kept clusters vs top-k on a real prompt"
+    )
+    figure.add_argument("--model", default="smollm2-135m", help="registry name, HF folder or .gguf file")
+    figure.add_argument("--length", type=int, default=2048, help="prompt tokens")
+    figure.add_argument("--budget", type=int, default=128, help="tokens kept per KV head")
+    figure.add_argument("--out", default="docs/clusters.png", help="PNG file written")
     figure.set_defaults(func=_figure)
     bench = sub.add_parser(
-        "bench", help="latency, memory and throughput, full cache and presses side by side"
+        "bench",
+        formatter_class=DEFAULTS,
+        help="latency, memory and throughput, full cache and presses side by side",
     )
-    bench.add_argument("--models", nargs="+", default=["smollm2-135m"])
-    bench.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    bench.add_argument("--presses", nargs="+", default=["full", "clusterattn", "snapkv"])
-    bench.add_argument("--budgets", type=int, nargs="+", default=[512])
-    bench.add_argument("--batches", type=int, nargs="+", default=[1])
-    bench.add_argument("--new-tokens", type=int, default=32)
-    bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--bench-threads", type=int, default=2)
-    bench.add_argument("--throughput-lengths", type=int, nargs="*", default=[4096])
-    bench.add_argument("--cap-gb", type=float, default=8.0)
-    bench.add_argument("--out", default="runs/bench")
+    bench.add_argument("--models", nargs="+", default=["smollm2-135m"], help="registry names or paths")
+    bench.add_argument(
+        "--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="prompt tokens"
+    )
+    bench.add_argument(
+        "--presses",
+        nargs="+",
+        default=["full", "clusterattn", "snapkv"],
+        help="press names; ratios need full among them",
+    )
+    bench.add_argument("--budgets", type=int, nargs="+", default=[512], help="tokens kept per KV head")
+    bench.add_argument("--batches", type=int, nargs="+", default=[1], help="batch sizes of the latency cases")
+    bench.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per case")
+    bench.add_argument("--repeats", type=int, default=3, help="runs per case (medians reported)")
+    bench.add_argument(
+        "--bench-threads", type=int, default=2, help="torch CPU threads of each case's process"
+    )
+    bench.add_argument(
+        "--throughput-lengths",
+        type=int,
+        nargs="*",
+        default=[4096],
+        help="prompt lengths of the memory-capped throughput cases (none: skip)",
+    )
+    bench.add_argument("--cap-gb", type=float, default=8.0, help="memory cap of the throughput cases, GB")
+    bench.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.md, bench.png")
     bench.add_argument(
         "--mmap-threshold", type=int, default=0,
-        help="fix glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in every timed case's process; 0 (default): "
-        "the environment's setting",
+        help="fix glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in every timed case's process; 0: the "
+        "environment's setting",
     )  # fmt: skip
     bench.add_argument(
         "--rss-mmap-threshold", type=int, default=131072,
         help="run each case once more with MALLOC_MMAP_THRESHOLD_ fixed at this many bytes and report "
         "that process's peak RSS too: freed memory goes back to the system, so the peak is "
-        "reproducible (default: 131072, glibc's starting value; 0: skip this second process)",
+        "reproducible (131072 is glibc's starting value; 0: skip this second process)",
     )  # fmt: skip
     bench.set_defaults(func=_bench)
     _add_eval(sub)

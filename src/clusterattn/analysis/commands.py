@@ -5,6 +5,7 @@ Arguments are validated (dataclasses, task names, files) before any model loads.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
@@ -187,17 +188,21 @@ def run_analysis(model, tokenizer, args, spec, profiles: dict, command: str = ""
 
 def add_commands(sub) -> None:
     """Add ``profile`` and ``analyze`` to the ``clusterattn`` subparsers ``sub``."""
-    prof = sub.add_parser("profile", help="tune ClusterAttn's num_block per task on a seeded 20 % split")
+    prof = sub.add_parser(
+        "profile",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="tune ClusterAttn's num_block per task on a seeded 20 % split",
+    )
     prof.add_argument("--task", required=True, help="niah, a RULER task name, or a .jsonl file")
-    prof.add_argument("--model", default="smollm2-135m")
-    prof.add_argument("--length", type=int, default=2048)
+    prof.add_argument("--model", default="smollm2-135m", help="registry name, HF folder or .gguf file")
+    prof.add_argument("--length", type=int, default=2048, help="prompt tokens")
     prof.add_argument("--samples", type=int, default=15, help="samples in all (profile + held-out)")
     prof.add_argument("--fraction", type=float, default=0.2, help="share of the samples profiled")
-    prof.add_argument("--seed", type=int, default=0)
-    prof.add_argument("--budgets", type=int, nargs="+", default=[128, 256])
+    prof.add_argument("--seed", type=int, default=0, help="sample and split seed")
+    prof.add_argument("--budgets", type=int, nargs="+", default=[128, 256], help="budgets profiled")
     prof.add_argument("--num-blocks", type=int, nargs="+", default=None, help="default: a ladder per budget")
-    prof.add_argument("--alphas", type=float, nargs="+", default=[1.0])
-    prof.add_argument("--window-sizes", type=int, nargs="+", default=[32])
+    prof.add_argument("--alphas", type=float, nargs="+", default=[1.0], help="theta scales tried")
+    prof.add_argument("--window-sizes", type=int, nargs="+", default=[32], help="observation windows tried")
     prof.add_argument(
         "--objective",
         choices=["cosine", "answer"],
@@ -223,14 +228,18 @@ def add_commands(sub) -> None:
     prof.add_argument("--max-new-tokens", type=int, default=None, help="cap the task's generation length")
     prof.add_argument("--out", required=True, help="profile JSON to write")
     prof.set_defaults(func=_profile)
-    ana = sub.add_parser("analyze", help="attention clusters, hit rate, fitting rate per clustering method")
-    ana.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
-    ana.add_argument("--model", default="smollm2-135m")
-    ana.add_argument("--length", type=int, default=2048)
+    ana = sub.add_parser(
+        "analyze",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="attention clusters, hit rate, fitting rate per clustering method",
+    )
+    ana.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="RULER tasks traced")
+    ana.add_argument("--model", default="smollm2-135m", help="registry name, HF folder or .gguf file")
+    ana.add_argument("--length", type=int, default=2048, help="prompt tokens")
     ana.add_argument("--samples", type=int, default=3, help="traced samples per task")
     ana.add_argument("--seed", type=int, default=1, help="sample seed for tasks without a profile")
-    ana.add_argument("--budgets", type=int, nargs="+", default=[128, 256])
-    ana.add_argument("--steps", type=int, default=32)
+    ana.add_argument("--budgets", type=int, nargs="+", default=[128, 256], help="budgets analysed")
+    ana.add_argument("--steps", type=int, default=32, help="decode steps traced per sample")
     ana.add_argument("--top", type=int, default=16, help="top tokens per decode step for the hit rate")
     ana.add_argument(
         "--profiles",
@@ -238,8 +247,8 @@ def add_commands(sub) -> None:
         default=[],
         help="profile JSONs (or folders): tuned num_block, held-out samples",
     )
-    ana.add_argument("--out", default="docs/analysis")
-    ana.add_argument("--doc", default="docs/analysis.md")
+    ana.add_argument("--out", default="docs/analysis", help="folder for the figures and JSON")
+    ana.add_argument("--doc", default="docs/analysis.md", help="Markdown report written")
     ana.add_argument(
         "--also",
         nargs="*",
