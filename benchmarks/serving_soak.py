@@ -88,8 +88,10 @@ def server_rss(proc: subprocess.Popen) -> int:
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)] if p.is_running())
 
 
-def start_server(model: str, port: int, log: Path, kv_gib: str, max_len: int) -> subprocess.Popen:
+def start_server(model: str, port: int, log: Path, kv_gib: str, max_len: int, mmap: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    if mmap:  # freed large blocks go back to the system: RSS then tracks live memory, not glibc's heap
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap)
     env.update(
         HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=kv_gib, CLUSTERATTN_VLLM_PRESS="clusterattn:budget=256",
         TOKENIZERS_PARALLELISM="false",
@@ -126,6 +128,9 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+SERVER: dict = {}  # the server process, once started (run_phase records its RSS after each phase)
+
+
 def run_phase(name: str, jobs: list, concurrency: int) -> dict:
     """``jobs``: callables returning ``(status, reply)``; counts by outcome."""
     counts = {"phase": name, "sent": len(jobs), "ok": 0, "4xx": 0, "5xx": 0, "lost": 0, "errors": []}
@@ -150,6 +155,8 @@ def run_phase(name: str, jobs: list, concurrency: int) -> dict:
                 counts["5xx"] += 1
                 counts["errors"].append(str(reply)[:300])
     counts["seconds"] = round(time.monotonic() - started, 1)
+    proc = SERVER.get("proc")
+    counts["rss_mb_after"] = None if proc is None else round(server_rss(proc) / 2**20)
     counts["errors"] = counts["errors"][:5]
     print(json.dumps(counts), flush=True)
     return counts
@@ -164,6 +171,11 @@ def main(argv=None) -> None:
     parser.add_argument("--kv-gib", default="1", help="VLLM_CPU_KVCACHE_SPACE in GiB (default 1)")
     parser.add_argument("--rss-bound-mb", type=float, default=400.0, help="allowed RSS growth (400 MB)")
     parser.add_argument("--seed", type=int, default=0, help="prompt and press draws (default 0)")
+    parser.add_argument(
+        "--mmap-threshold", type=int, default=131072,
+        help="MALLOC_MMAP_THRESHOLD_ of the server's processes, so that RSS measures live memory "
+        "(default 131072, glibc's starting value; 0: the environment's setting)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     from clusterattn.models import converted_dir, load_model
@@ -174,8 +186,14 @@ def main(argv=None) -> None:
     port, max_len = _free_port(), 4096
     base = f"http://127.0.0.1:{port}"
     proc = start_server(
-        str(converted_dir("smollm2-135m")), port, args.out / "server.log", args.kv_gib, max_len
+        str(converted_dir("smollm2-135m")),
+        port,
+        args.out / "server.log",
+        args.kv_gib,
+        max_len,
+        args.mmap_threshold,
     )
+    SERVER["proc"] = proc
     fixed = {"model": "smollm2", "prompt": haystack(900, 7, "The code word is: tangerine."), "max_tokens": 32,
              "temperature": 0}  # fmt: skip
 
@@ -227,6 +245,7 @@ def main(argv=None) -> None:
             "preemptions": metric(base, "vllm:num_preemptions_total") - preempted_before,
             "rss_before_mb": rss_before / 2**20, "rss_after_mb": server_rss(proc) / 2**20,
             "rss_bound_mb": args.rss_bound_mb, "alive": proc.poll() is None,
+            "malloc_mmap_threshold": args.mmap_threshold or "environment",
         }  # fmt: skip
     finally:
         stop_server(proc)
@@ -240,11 +259,12 @@ def main(argv=None) -> None:
     )  # fmt: skip
     (args.out / "soak.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
-        "| phase | sent | succeeded | clear 4xx | 5xx | lost | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| phase | sent | succeeded | clear 4xx | 5xx | lost | seconds | server RSS after, MB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {p['phase']} | {p['sent']} | {p['ok']} | {p['4xx']} | {p['5xx']} | {p['lost']} | {p['seconds']} |"
+        f"| {p['phase']} | {p['sent']} | {p['ok']} | {p['4xx']} | {p['5xx']} | {p['lost']} | {p['seconds']} "
+        f"| {p['rss_mb_after']} |"
         for p in phases
     ]
     lines += [

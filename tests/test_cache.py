@@ -415,3 +415,23 @@ def test_the_prompt_splits_at_the_context_inside_the_user_turn():
 
     head, tail = build_prompt(Templated(), "JSON", "Which format?")
     assert head == "<s>You answer in JSON.</s><u>JSON" and tail == "\n\nWhich format?</u><a>"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_beam_search_on_a_compressed_cache(family):
+    """Beam search reorders the cache's rows each step (reorder_cache): a press that keeps every
+    token gives exactly the uncompressed beams, and a compressing press gives beams whose cache
+    holds the kept tokens only, at the right logical length."""
+    model, ids = MODELS[family], prompt_ids()
+    beams = dict(num_beams=3, num_return_sequences=3, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        plain = model.generate(ids, **beams)
+        keeps_all = model.generate(
+            ids, **{KW: CompressedCache(model, PRESS_FACTORIES["snapkv"](200))}, **beams
+        )
+        assert torch.equal(plain, keeps_all)
+        cache = CompressedCache(model, PRESS_FACTORIES["clusterattn"](40))
+        out = model.generate(ids, **{KW: cache}, **beams, return_dict_in_generate=True)
+    assert out.sequences.shape[0] == 3 and cache.stats.kept_tokens
+    layer = cache.layers[compressible_layers(model)[0]]
+    assert layer.keys.shape[0] == 3 and layer.keys.shape[2] < ids.shape[1]
