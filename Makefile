@@ -83,9 +83,10 @@ test: lint pytest pytest-tf52 test-peers test-vllm
 serving-bench: .venv-vllm/.installed
 	.venv-vllm/bin/python benchmarks/serving_bench.py --out docs/serving
 
-# A bounded soak of the OpenAI server with the plugin (loopback only, stops by itself): about 270
-# requests in five phases (mixed presses, client disconnects, over-long prompts, bad specs, a
-# preemption wave); writes docs/serving-soak/soak.md and fails unless the server held.
+# A bounded soak of the OpenAI server with the plugin (loopback only, stops by itself): 316 requests
+# in six phases (a warm-up, mixed presses, client disconnects, over-long prompts, bad specs, a
+# preemption wave), about 20 minutes on 2 cores; writes docs/serving-soak/soak.md and fails unless
+# the server held.
 serving-soak: .venv-vllm/.installed
 	.venv-vllm/bin/python benchmarks/serving_soak.py --out docs/serving-soak
 
