@@ -138,7 +138,7 @@ def _register(implementation: str) -> str:
             layer.awaiting = False
             plan, layer.plan = layer.plan, None
             pad_mask = _prompt_padding(attention_mask, query.shape[0])
-            if pad_mask is not None and not plan.press.uniform_layers:
+            if pad_mask is not None and not getattr(plan.press, "uniform_layers", True):
                 raise ValueError(
                     f"padded batches are not supported with {type(plan.press).__name__}: layers would keep "
                     "different padding; pass equal-length prompts"
