@@ -235,10 +235,7 @@ def test_padded_rows_equal_single_rows(family, name):
 def test_padded_model_generate_under_the_press_equals_single_rows():
     model, press = MODELS["llama"], PRESS_FACTORIES["snapkv"](40)
     rows = [prompt_ids(90, seed=1)[0], prompt_ids(60, seed=2)[0]]
-    ids = torch.zeros(2, 90, dtype=torch.long)
-    mask = torch.zeros(2, 90, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, 90 - len(row) :], mask[i, 90 - len(row) :] = row, 1
+    ids, mask = padded_batch(rows)
     with press(model), torch.no_grad():
         batch = model.generate(ids, attention_mask=mask, max_new_tokens=5, **GEN)[:, 90:]
         alone = [model.generate(row[None], max_new_tokens=5, **GEN)[0, len(row) :] for row in rows]
@@ -385,10 +382,7 @@ def test_generate_with_a_static_cache_under_the_press(family):
 def test_padded_batch_in_a_static_cache_equals_single_rows():
     model, press = MODELS["llama"], PRESS_FACTORIES["snapkv"](40)
     rows = [prompt_ids(90, seed=1)[0], prompt_ids(60, seed=2)[0]]
-    ids = torch.zeros(2, 90, dtype=torch.long)
-    mask = torch.zeros(2, 90, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, 90 - len(row) :], mask[i, 90 - len(row) :] = row, 1
+    ids, mask = padded_batch(rows)
     with torch.no_grad():
         static = CompressedStaticCache(model, press, max_cache_len=95)
         batch = model.generate(ids, attention_mask=mask, **{KW: static}, max_new_tokens=5, **GEN)[:, 90:]
