@@ -239,7 +239,7 @@ def test_appended_tokens_in_one_chunk_match_token_by_token(family_model, name):
         last[chunk] = logits[:, -1]
         if name == "pyramidkv":
             assert len({layer.keys.shape[2] for layer in cache.layers}) > 1
-    # Gemma3: the press builds the compressed layers' mask itself (PressSession.layer_mask);
+    # Gemma3: the compressed layers' masks follow from their own lengths (cache.CompressedLayer);
     # transformers 5.2's own would let each new token see the later ones
     torch.testing.assert_close(last[question.shape[1]], last[1], rtol=1e-4, atol=1e-4)
 

@@ -83,3 +83,17 @@ def test_every_cli_option_says_what_it_takes():
     assert not missing, missing
     formatters = {name: sub.formatter_class for name, sub in subparsers.choices.items()}
     assert set(formatters.values()) == {argparse.ArgumentDefaultsHelpFormatter}, formatters
+
+
+def test_every_module_imports():
+    """No module refers to a name that moved (the vLLM hooks need vLLM: tests_vllm covers them)."""
+    import importlib
+    import pkgutil
+
+    import clusterattn
+
+    names = [m.name for m in pkgutil.walk_packages(clusterattn.__path__, "clusterattn.")]
+    skipped = {"clusterattn.vllm.hooks", "clusterattn._dbac_c"}
+    for name in sorted(set(names) - skipped):
+        importlib.import_module(name)
+    assert "clusterattn.eval.figures" in names

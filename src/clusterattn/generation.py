@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from clusterattn.cache import CompressedCache
-from clusterattn.compiled import compiled_greedy_decode, static_cache
+from clusterattn.compiled import BACKENDS, compiled_greedy_decode, static_cache
 from clusterattn.integration import kv_bytes, new_cache
 from clusterattn.shared_prefill import compressing, run_presses
 from clusterattn.steps import build_prompt, eos_ids, greedy_decode, prefill, prepare_inputs  # noqa: F401
@@ -83,6 +83,8 @@ def generate(
     selecting = compressing(press)
     if compile:
         backend = "inductor" if compile is True else compile
+        if backend not in BACKENDS:  # before any prefill
+            raise ValueError(f"compile backend must be one of {BACKENDS}, got {backend!r}")
         rest = 0 if inputs.rest is None else inputs.rest.shape[1]
         cache = static_cache(
             model, press if selecting else None, inputs.prompt_ids.shape[1] + rest + max_new_tokens

@@ -150,9 +150,8 @@ def greedy_decode(
     name, device = cache_kwarg(model), inputs.prompt_ids.device
     mask, start = inputs.prompt_mask, time.perf_counter()
     if inputs.rest is not None:
-        # in one forward: layers of unequal length (PyramidKV) get their mask fitted per layer
-        # (integration.fit_mask), and on models with sliding layers the press builds the compressed
-        # layers' causal mask itself (PressSession.layer_mask)
+        # in one forward: the compressed layers' masks follow from their own lengths (and layers of
+        # unequal length, PyramidKV, get theirs fitted per layer by integration.fit_mask)
         rest = inputs.rest
         mask = torch.cat([mask, torch.ones_like(rest)], -1)
         step_pos = next_pos[:, None] + torch.arange(rest.shape[1], device=device)

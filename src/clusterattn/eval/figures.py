@@ -7,11 +7,9 @@ from pathlib import Path
 import torch
 
 from clusterattn.eval.niah import make_needle_sample
-from clusterattn.integration import new_cache
 from clusterattn.presses import ClusterAttnPress, SnapKVPress
-from clusterattn.replay import recording
 from clusterattn.scoring import window_scores
-from clusterattn.steps import prefill, prepare_inputs
+from clusterattn.steps import prepare_inputs, record_prefill
 
 
 @torch.no_grad()
@@ -36,9 +34,8 @@ def kept_clusters_figure(model, tokenizer, path: str | Path, *, n_tokens=2048, b
         answer_prefix=" " + sample.answer_prefix,
         chat=True,
     )
-    cache = new_cache(model)
-    with recording(model) as recorder:
-        prefill(model, inputs, cache)
+    record, _ = record_prefill(model, inputs)  # the full cache, every layer's queries recorded
+    cache = record.cache
     ids = inputs.prompt_ids[0].tolist()
     text = tokenizer.decode(ids)
     start_char = text.index(sample.answer)
@@ -47,9 +44,9 @@ def kept_clusters_figure(model, tokenizer, path: str | Path, *, n_tokens=2048, b
     needle = range(first, first + len(tokenizer(sample.answer, add_special_tokens=False)["input_ids"]) + 1)
     presses = {"ClusterAttn": ClusterAttnPress(budget=budget), "SnapKV (top-k)": SnapKVPress(budget=budget)}
     best = None
-    for rank, layer in enumerate(recorder.session.layers):
+    for rank, layer in enumerate(record.layers):
         key = cache.layers[layer].keys
-        scores = window_scores(recorder.queries[rank], key, recorder.scaling[rank], 32)[0]  # (kv, prefix)
+        scores = window_scores(record.queries[rank], key, record.scaling[rank], 32)[0]  # (kv, prefix)
         mass = scores[:, needle.start : needle.stop].sum(-1) / scores.sum(-1)
         head = int(mass.argmax())
         if best is None or mass[head] > best[0]:
@@ -64,8 +61,8 @@ def kept_clusters_figure(model, tokenizer, path: str | Path, *, n_tokens=2048, b
     axes[0].legend(loc="upper right")
     axes[0].set_title(f"layer {layer}, KV head {head}: tokens {lo}-{hi} of {key.shape[2]} (budget {budget})")
     for ax, (name, press) in zip(axes[1:], presses.items(), strict=True):
-        kept = press.select(recorder.queries[rank], key, recorder.scaling[rank], layer=rank,
-                            n_layers=len(recorder.session.layers))[0, head]  # fmt: skip
+        kept = press.select(record.queries[rank], key, record.scaling[rank], layer=rank,
+                            n_layers=len(record.layers))[0, head]  # fmt: skip
         kept = [i for i in kept.tolist() if lo <= i < hi]
         ax.bar(kept, [1] * len(kept), width=1.0, color="tab:blue" if "Cluster" in name else "tab:red")
         ax.axvspan(needle.start - 0.5, needle.stop - 0.5, color="gold", alpha=0.4)
