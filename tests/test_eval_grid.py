@@ -23,6 +23,17 @@ from test_integration import TOK, ids_text
 from test_presses import PRESS_FACTORIES
 
 
+def recorded(model, seed: int):
+    """A 150-token context and a 3-token question, query-agnostic, and its recorded prefill."""
+    from clusterattn.steps import prepare_inputs, record_prefill
+
+    inputs = prepare_inputs(
+        model, TOK, ids_text(150, seed=seed), "3 4 5", max_new_tokens=4, query_aware=False, answer_prefix="",
+        chat=False,
+    )  # fmt: skip
+    return inputs, record_prefill(model, inputs)[0]
+
+
 @pytest.mark.parametrize("setting", ["query_aware", "query_agnostic"])
 def test_batched_answers_equal_live_generate(family_model, setting):
     family, model = family_model
@@ -79,19 +90,7 @@ def test_stack_caches_checks_shapes(llama):
 
 def test_stack_caches_padded_decode_like_alone(llama):
     """Caches of different widths in one left-padded batch: each row's next logits equal its own."""
-    from clusterattn.steps import prepare_inputs, record_prefill
-
-    inputs = prepare_inputs(
-        llama,
-        TOK,
-        ids_text(150, seed=8),
-        "3 4 5",
-        max_new_tokens=4,
-        query_aware=False,
-        answer_prefix="",
-        chat=False,
-    )
-    record, _ = record_prefill(llama, inputs)
+    inputs, record = recorded(llama, seed=8)
     presses = [PRESS_FACTORIES["snapkv"](24), PRESS_FACTORIES["clusterattn"](64), PRESS_FACTORIES["h2o"](40)]
     caches = [replay(record, press)[0] for press in presses]
     assert len({batch_key(cache) for cache in caches}) == 1 and is_padded(batch_key(caches[0]))
@@ -170,22 +169,10 @@ def test_per_layer_padded_batch_decodes_like_alone(implementation, case):
     """Caches padded layer by layer in one batch (PyramidKV at several budgets; any press on a
     model with uncompressed sliding-window layers): the question chunk and the next decode steps
     give each row the logits it has alone."""
-    from clusterattn.steps import prepare_inputs, record_prefill
-
     family, names = PER_LAYER_CASES[case]
     layers = 3 if family == "llama" else 4
     model = tiny_model(family, num_hidden_layers=layers, attn_implementation=implementation)
-    inputs = prepare_inputs(
-        model,
-        TOK,
-        ids_text(150, seed=9),
-        "3 4 5",
-        max_new_tokens=4,
-        query_aware=False,
-        answer_prefix="",
-        chat=False,
-    )
-    record, _ = record_prefill(model, inputs)
+    inputs, record = recorded(model, seed=9)
     presses = [PRESS_FACTORIES[name](b) for name, b in zip(names, (24, 64, 40), strict=True)]
     caches = [replay(record, press)[0] for press in presses]
     assert len({batch_key(cache) for cache in caches}) == 1
@@ -233,20 +220,8 @@ def test_per_layer_padded_batch_decodes_like_alone(implementation, case):
 
 def test_padded_stacking_refuses_mismatched_layers():
     """Caches compressed on different layers, or whose uncompressed layers differ, share no batch."""
-    from clusterattn.steps import prepare_inputs, record_prefill
-
     model = tiny_model("gemma3")
-    inputs = prepare_inputs(
-        model,
-        TOK,
-        ids_text(150, seed=9),
-        "3 4 5",
-        max_new_tokens=4,
-        query_aware=False,
-        answer_prefix="",
-        chat=False,
-    )
-    record, _ = record_prefill(model, inputs)
+    _, record = recorded(model, seed=9)
     a, b = (replay(record, PRESS_FACTORIES["snapkv"](budget))[0] for budget in (40, 64))
     stack_padded([a, b])
     sliding = next(i for i, layer in enumerate(b.layers) if not isinstance(layer, CompressedLayer))

@@ -260,24 +260,17 @@ def throughput_model(model, tokenizer, case: Case, cap_bytes: int, max_batch: in
         inputs = prompt_inputs(tokenizer, case.length, batch, device, ids)
         reset_peak_rss()
         logits, next_pos = logits.repeat(batch, 1, 1), next_pos.repeat(batch)
+        decode = functools.partial(
+            greedy_decode, model, tokenizer, inputs, cache, logits, next_pos,
+            max_new_tokens=case.new_tokens, ignore_eos=True,
+        )  # fmt: skip
         if device.type == "cuda":  # warm the allocator for the growing cache's sizes, then crop back
             prompt = [layer.keys.shape[2] for layer in cache.layers]
-            greedy_decode(
-                model,
-                tokenizer,
-                inputs,
-                cache,
-                logits,
-                next_pos,
-                max_new_tokens=case.new_tokens,
-                ignore_eos=True,
-            )
+            decode()
             for layer, width in zip(cache.layers, prompt, strict=True):
                 layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
             torch.cuda.reset_peak_memory_stats(device)
-        _, _, decode_s = greedy_decode(
-            model, tokenizer, inputs, cache, logits, next_pos, max_new_tokens=case.new_tokens, ignore_eos=True
-        )
+        _, _, decode_s = decode()
     steps = case.new_tokens - 1
     return {
         **asdict(case), "cap_bytes": cap_bytes, "max_batch": batch, "sequence_kv_bytes": seq_bytes,

@@ -249,6 +249,9 @@ class CompressedLayer(DynamicLayer):
     def reset(self) -> None:
         """Empty the layer; an armed cache compresses its next prefill again (fresh stats)."""
         super().reset()
+        self._rearm()
+
+    def _rearm(self) -> None:
         self.dropped, self.prompt_slots, self.slot_mask, self.awaiting = 0, 0, None, False
         if self.armed is not None and self.armed.stats.prompt_tokens:
             self.armed.stats = CompressionStats()  # shared by the cache's layers: replaced once
@@ -280,15 +283,20 @@ def _refuse_unsupported(cache: Cache) -> None:
             raise ValueError(f"cache layer {type(layer).__name__} cannot be compressed by a press")
 
 
+def holds_tokens(cache: Cache) -> bool:
+    """True when any layer of ``cache`` holds keys (a prefill already went into it)."""
+    return cache.get_seq_length() != 0 or any(
+        getattr(layer, "keys", None) is not None and layer.keys.numel() for layer in cache.layers
+    )
+
+
 def arm(cache: Cache, press, config) -> CompressionStats:
     """Make the empty ``cache`` compress its first prefill with ``press``, in place: its
     full-attention layers become :class:`CompressedLayer` s (sliding-window layers stay as they
     are). Returns the stats the compression will fill in. Raises for a non-empty or unsupported
     cache."""
     _refuse_unsupported(cache)
-    if cache.get_seq_length() != 0 or any(
-        layer.keys is not None and layer.keys.numel() for layer in cache.layers
-    ):
+    if holds_tokens(cache):
         raise ValueError(
             "a press compresses the prefill of an empty cache; this cache already holds tokens "
             "(chunked prefill into a non-empty cache is not supported)"
@@ -333,6 +341,19 @@ def cache_stats(cache) -> CompressionStats | None:
     return None
 
 
+def prepare(model, press) -> None:
+    """Check ``press``, install the attention wrapper that compresses on ``model``, and warm the
+    press up (e.g. load a compiled kernel now, not inside the timed compression)."""
+    from clusterattn.integration import install
+
+    if press is None or not callable(getattr(press, "select", None)):
+        raise TypeError(f"press must be a press object with a select method, got {press!r}")
+    install(model)
+    warm_up = getattr(press, "warm_up", None)
+    if callable(warm_up):
+        warm_up()
+
+
 class CompressedCache(DynamicCache):
     """A dynamic cache whose first prefill is compressed by ``press``.
 
@@ -344,14 +365,7 @@ class CompressedCache(DynamicCache):
     """
 
     def __init__(self, model, press) -> None:
-        from clusterattn.integration import install  # the attention wrapper that compresses
-
-        if press is None or not callable(getattr(press, "select", None)):
-            raise TypeError(f"press must be a press object with a select method, got {press!r}")
-        install(model)
-        warm_up = getattr(press, "warm_up", None)
-        if callable(warm_up):
-            warm_up()  # e.g. load a compiled kernel now, not inside the timed compression
+        prepare(model, press)
         super().__init__(config=model.config)
         arm(self, press, model.config)
 

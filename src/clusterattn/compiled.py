@@ -23,6 +23,7 @@ from transformers.cache_utils import StaticCache
 
 from clusterattn.integration import cache_kwarg
 from clusterattn.static_cache import CompressedStaticCache
+from clusterattn.steps import answer_texts, eos_ids, feed_rest
 
 BACKENDS = ("inductor", "eager", "aot_eager")
 
@@ -55,30 +56,20 @@ def compiled_step(model, backend: str = "inductor"):
 
 def compiled_greedy_decode(
     model, tokenizer, inputs, cache, logits, next_pos, *, max_new_tokens: int, backend: str = "inductor",
-    ignore_eos: bool = False, eos_ids: set[int] = frozenset(),
+    ignore_eos: bool = False,
 ):  # fmt: skip
     """Greedy decoding with the compiled step (see the module docstring); returns
     ``(tokens (batch, n), texts, seconds)`` as :func:`clusterattn.steps.greedy_decode` does."""
     name, device = cache_kwarg(model), inputs.prompt_ids.device
     needs_position = "cache_position" in inspect.signature(model.forward).parameters  # transformers < 5.8
     batch, start = inputs.prompt_ids.shape[0], time.perf_counter()
-    mask = inputs.prompt_mask
-    logical = inputs.prompt_ids.shape[1]
-    if inputs.rest is not None:  # the question after compression, eagerly, in one chunk
-        rest = inputs.rest
-        mask = torch.cat([mask, torch.ones_like(rest)], -1)
-        positions = next_pos[:, None] + torch.arange(rest.shape[1], device=device)
-        extra = {"cache_position": torch.arange(logical, logical + rest.shape[1], device=device)}
-        logits = model(
-            input_ids=rest, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-            **{name: cache}, **(extra if needs_position else {}),
-        ).logits  # fmt: skip
-        next_pos, logical = next_pos + rest.shape[1], logical + rest.shape[1]
+    logits, mask, next_pos = feed_rest(model, inputs, cache, logits, next_pos)  # eagerly, in one chunk
+    logical = mask.shape[1]
     full_mask = torch.cat([mask, mask.new_ones(batch, max_new_tokens)], -1)  # fixed for every step
     step_fn = compiled_step(model, backend)
     out = torch.full((batch, max_new_tokens), inputs.pad_id, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    eos = torch.tensor(sorted(eos_ids) or [-1], device=device)
+    eos = torch.tensor(sorted(eos_ids(model, tokenizer)) or [-1], device=device)
     for step in range(max_new_tokens):
         token = logits[:, -1].argmax(-1)
         out[:, step] = torch.where(done, inputs.pad_id, token)
@@ -91,11 +82,5 @@ def compiled_greedy_decode(
             model, token[:, None], full_mask, (next_pos + step)[:, None], cache, name, cache_position
         )
         logits = logits.clone()  # a CUDA graph's output buffer is overwritten by the next replay
-    seconds = time.perf_counter() - start
     tokens = out[:, : step + 1]
-    skip = set(eos_ids) | {inputs.pad_id}
-    texts = [
-        tokenizer.decode([t for t in row.tolist() if t not in skip], skip_special_tokens=True)
-        for row in tokens
-    ]
-    return tokens, texts, seconds
+    return tokens, answer_texts(model, tokenizer, tokens, inputs.pad_id), time.perf_counter() - start

@@ -11,7 +11,7 @@ from clusterattn.cache import CompressedCache
 from clusterattn.compiled import BACKENDS, compiled_greedy_decode, static_cache
 from clusterattn.integration import kv_bytes, new_cache
 from clusterattn.shared_prefill import compressing, run_presses
-from clusterattn.steps import build_prompt, eos_ids, greedy_decode, prefill, prepare_inputs  # noqa: F401
+from clusterattn.steps import build_prompt, greedy_decode, prefill, prepare_inputs  # noqa: F401
 
 
 @dataclass
@@ -99,7 +99,7 @@ def generate(
     if compile:
         tokens, texts, decode_s = compiled_greedy_decode(
             model, tokenizer, inputs, cache, logits, next_pos, max_new_tokens=max_new_tokens,
-            backend=backend, eos_ids=eos_ids(model, tokenizer),
+            backend=backend,
         )  # fmt: skip
     else:
         tokens, texts, decode_s = greedy_decode(

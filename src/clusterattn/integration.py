@@ -43,6 +43,7 @@ from clusterattn.cache import (  # noqa: F401 (re-exported)
     arm,
     compress_layer,
     gather_kv,
+    holds_tokens,
     is_compressed,
     take,
 )
@@ -254,9 +255,7 @@ def _before_forward(model, args, kwargs):
         return args, kwargs
     if is_compressed(cache):
         return None  # an armed or compressed cache carries its own press
-    if cache.get_seq_length() == 0 and not any(
-        getattr(layer, "keys", None) is not None and layer.keys.numel() for layer in cache.layers
-    ):
+    if not holds_tokens(cache):
         session.stats = arm(cache, session.press, model.config)
     elif q_len > 1:
         raise ValueError(

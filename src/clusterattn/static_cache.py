@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import StaticCache
 
-from clusterattn.cache import CompressedLayer, CompressionStats, Plan, arm, cache_stats
+from clusterattn.cache import CompressedLayer, CompressionStats, Plan, announce, arm, cache_stats, prepare
 
 
 class CompressedStaticLayer(CompressedLayer):
@@ -60,8 +60,6 @@ class CompressedStaticLayer(CompressedLayer):
         if not self.is_initialized:
             if self.plan is not None and key_states.shape[-2] > 1:  # the armed prefill
                 self.device, self.awaiting = key_states.device, True
-                from clusterattn.cache import announce
-
                 announce(self, key_states)
                 return key_states, value_states
             self.plan = None  # unarmed (or a one-token prompt): a plain static layer
@@ -104,10 +102,7 @@ class CompressedStaticLayer(CompressedLayer):
         self.keys = self.values = None
         self.is_initialized = False
         self.length = torch.zeros((), dtype=torch.long)
-        self.dropped, self.prompt_slots, self.slot_mask, self.awaiting = 0, 0, None, False
-        if self.armed is not None and self.armed.stats.prompt_tokens:
-            self.armed.stats = CompressionStats()
-        self.plan = self.armed
+        self._rearm()
 
 
 class CompressedStaticCache(StaticCache):
@@ -117,12 +112,7 @@ class CompressedStaticCache(StaticCache):
     :class:`~clusterattn.cache.CompressedCache`."""
 
     def __init__(self, model, press, max_cache_len: int) -> None:
-        from clusterattn.integration import install
-
-        if press is None or not callable(getattr(press, "select", None)):
-            raise TypeError(f"press must be a press object with a select method, got {press!r}")
-        install(model)
-        press.warm_up()
+        prepare(model, press)
         super().__init__(config=model.config, max_cache_len=max_cache_len)
         arm(self, press, model.config)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from clusterattn.batching import select_rows
-from clusterattn.cache import CompressedCache
+from clusterattn.cache import CompressedCache, CompressedLayer
 from clusterattn.integration import cache_kwarg
 from clusterattn.replay import PrefillRecord, Recorder
 
@@ -148,18 +148,8 @@ def greedy_decode(
 ):
     """Append the uncompressed rest (if any), then greedy-decode; returns (tokens, texts, seconds)."""
     name, device = cache_kwarg(model), inputs.prompt_ids.device
-    mask, start = inputs.prompt_mask, time.perf_counter()
-    if inputs.rest is not None:
-        # in one forward: the compressed layers' masks follow from their own lengths (and layers of
-        # unequal length, PyramidKV, get theirs fitted per layer by integration.fit_mask)
-        rest = inputs.rest
-        mask = torch.cat([mask, torch.ones_like(rest)], -1)
-        step_pos = next_pos[:, None] + torch.arange(rest.shape[1], device=device)
-        logits = model(
-            input_ids=rest, attention_mask=mask, position_ids=step_pos, use_cache=True,
-            logits_to_keep=1, **{name: cache},
-        ).logits  # fmt: skip
-        next_pos = next_pos + rest.shape[1]
+    start = time.perf_counter()
+    logits, mask, next_pos = feed_rest(model, inputs, cache, logits, next_pos)
     eos = set() if ignore_eos else eos_ids(model, tokenizer)
     # rows still decoding (their index in the batch); a row that emits EOS leaves the batch, and
     # its later tokens stay pad_id
@@ -183,12 +173,34 @@ def greedy_decode(
         next_pos = next_pos + 1
     seconds = time.perf_counter() - start
     tokens = out[:, : step + 1]
-    skip = eos_ids(model, tokenizer) | {inputs.pad_id}
-    texts = [
+    return tokens, answer_texts(model, tokenizer, tokens, inputs.pad_id), seconds
+
+
+def feed_rest(model, inputs: Inputs, cache, logits, next_pos):
+    """Append ``inputs.rest`` (the question after compression, query-agnostic) in one forward;
+    returns the last logits, the 2-D mask over prompt and rest, and the next positions."""
+    mask = inputs.prompt_mask
+    if inputs.rest is None:
+        return logits, mask, next_pos
+    # in one forward: the compressed layers' masks follow from their own lengths (and layers of
+    # unequal length, PyramidKV, get theirs fitted per layer by integration.fit_mask)
+    rest = inputs.rest
+    mask = torch.cat([mask, torch.ones_like(rest)], -1)
+    positions = next_pos[:, None] + torch.arange(rest.shape[1], device=rest.device)
+    logits = model(
+        input_ids=rest, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+        **{cache_kwarg(model): cache},
+    ).logits  # fmt: skip
+    return logits, mask, next_pos + rest.shape[1]
+
+
+def answer_texts(model, tokenizer, tokens: torch.Tensor, pad_id: int) -> list[str]:
+    """Each row of ``tokens`` as text, without EOS and padding."""
+    skip = eos_ids(model, tokenizer) | {pad_id}
+    return [
         tokenizer.decode([t for t in row.tolist() if t not in skip], skip_special_tokens=True)
         for row in tokens
     ]
-    return tokens, texts, seconds
 
 
 def record_prefill(model, inputs: Inputs) -> tuple[PrefillRecord, float]:
@@ -198,7 +210,7 @@ def record_prefill(model, inputs: Inputs) -> tuple[PrefillRecord, float]:
     start = time.perf_counter()
     logits, next_pos = prefill(model, inputs, cache)
     prefill_s = time.perf_counter() - start
-    layers = [i for i, layer in enumerate(cache.layers) if hasattr(layer, "dropped")]
+    layers = [i for i, layer in enumerate(cache.layers) if isinstance(layer, CompressedLayer)]
     record = PrefillRecord(
         cache=cache, queries=recorder.queries, scaling=recorder.scaling, layers=layers,
         pad_mask=recorder.pad_mask, next_pos=next_pos, logits=logits,
