@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -42,12 +40,6 @@ BAD = [
     "clusterattn:budget=256,theta=nan",
     "clusterattn:budget=256,alpha=inf", "quest:budget=64", "pyramidkv:budget=256", "clusterattn:budget=8",
 ]  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def post(base: str, body: dict, timeout: float = 900.0) -> tuple[int, dict | str]:
@@ -88,46 +80,6 @@ def server_rss(proc: subprocess.Popen) -> int:
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)] if p.is_running())
 
 
-def start_server(model: str, port: int, log: Path, kv_gib: str, max_len: int, mmap: int) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    if mmap:  # freed large blocks go back to the system: RSS then tracks live memory, not glibc's heap
-        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap)
-    env.update(
-        HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=kv_gib, CLUSTERATTN_VLLM_PRESS="clusterattn:budget=256",
-        TOKENIZERS_PARALLELISM="false",
-    )  # fmt: skip
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-        "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_len),
-        "--max-num-batched-tokens", str(max_len), "--served-model-name", "smollm2", "--seed", "0",
-        "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
-    ]  # fmt: skip
-    proc = subprocess.Popen(
-        command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-    deadline = time.monotonic() + 900
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
-                return proc
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the server did not become healthy; see {log}") from None
-            time.sleep(2)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 SERVER: dict = {}  # the server process, once started (run_phase records its RSS after each phase)
 
 
@@ -163,7 +115,7 @@ def run_phase(name: str, jobs: list, concurrency: int) -> dict:
 
 
 def main(argv=None) -> None:
-    from conftest import haystack  # tests_vllm's deterministic filler text
+    from conftest import free_port, haystack, start_server, stop_server  # tests_vllm's helpers
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for soak.json and soak.md")
@@ -183,15 +135,13 @@ def main(argv=None) -> None:
     if not (converted_dir("smollm2-135m") / "config.json").is_file():
         load_model("smollm2-135m")
     rng = random.Random(args.seed)
-    port, max_len = _free_port(), 4096
+    port, max_len = free_port(), 4096
     base = f"http://127.0.0.1:{port}"
+    env = {"VLLM_CPU_KVCACHE_SPACE": args.kv_gib}
+    if args.mmap_threshold:  # freed large blocks go back to the system: RSS tracks live memory
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     proc = start_server(
-        str(converted_dir("smollm2-135m")),
-        port,
-        args.out / "server.log",
-        args.kv_gib,
-        max_len,
-        args.mmap_threshold,
+        str(converted_dir("smollm2-135m")), port, args.out / "server.log", env=env, max_len=max_len
     )
     SERVER["proc"] = proc
     fixed = {"model": "smollm2", "prompt": haystack(900, 7, "The code word is: tangerine."), "max_tokens": 32,

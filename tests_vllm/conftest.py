@@ -10,8 +10,12 @@ import json
 import os
 import pathlib
 import random
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 import torch
@@ -81,3 +85,54 @@ def run_engine(job: dict, *, press_env: str | None, tmp_path, timeout: int = 900
         return done
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(pathlib.Path(str(path) + ".out").read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(model: str, port: int, log: pathlib.Path, *, env: dict, max_len: int = 4096):
+    """The OpenAI server with the plugin (``CLUSTERATTN_VLLM_PRESS=clusterattn:budget=256``), fp32,
+    on loopback, in its own process group; returns once ``/health`` answers. ``env`` adds to or
+    overrides the environment (e.g. ``VLLM_CPU_KVCACHE_SPACE``)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    full_env.update(
+        HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", CLUSTERATTN_VLLM_PRESS="clusterattn:budget=256",
+        TOKENIZERS_PARALLELISM="false", **env,
+    )  # fmt: skip
+    command = [
+        # `vllm serve` itself: vllm-cpu's `vllm` script looks up the distribution "vllm" and fails
+        # (PackageNotFoundError), so the same server is started through its module.
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+        "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_len),
+        "--max-num-batched-tokens", str(max_len), "--served-model-name", "smollm2", "--seed", "0",
+        "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, env=full_env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.monotonic() + 900
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                return proc
+        except OSError:
+            if time.monotonic() > deadline:
+                stop_server(proc)
+                raise TimeoutError(f"the server did not become healthy; see {log}") from None
+            time.sleep(2)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group, SIGKILL after 60 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -7,9 +7,7 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +17,7 @@ import pytest
 
 import clusterattn as ca
 from clusterattn.vllm.spec import parse_press
-from conftest import needle_case
+from conftest import free_port, needle_case, start_server, stop_server
 
 MAX_TOKENS = 24
 N_REQUESTS = 6  # bounded: one burst of concurrent requests, then the server stops
@@ -32,12 +30,6 @@ BAD_SPECS = [  # specs that once reached the worker and killed the engine, or we
     ("clusterattn:budget=256,theta=nan", "theta"),
     ("clusterattn:budget=256,alpha=inf", "alpha"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _get(url: str, timeout: float = 5.0) -> str:
@@ -55,46 +47,13 @@ def _post(url: str, body: dict, timeout: float = 600.0) -> dict:
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    env.update(
-        HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", CLUSTERATTN_VLLM_PRESS="clusterattn:budget=256",
-        TOKENIZERS_PARALLELISM="false",
-    )  # fmt: skip
-    command = [
-        # `vllm serve` itself: vllm-cpu's `vllm` script looks up the distribution "vllm" and fails
-        # (PackageNotFoundError), so the same server is started through its module.
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-        "--max-model-len", "4096", "--max-num-batched-tokens", "4096", "--served-model-name", "smollm2",
-        "--no-enable-prefix-caching", "--no-enable-chunked-prefill", "--seed", "0",
-    ]  # fmt: skip
-    log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
-    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    proc = start_server(str(model_dir), port, log, env={})
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}; see {log.name}")
-            try:
-                if _get(base + "/health") == "":
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"vllm serve did not become healthy; see {log.name}")
-            time.sleep(2)
-        yield base, proc
+        yield f"http://127.0.0.1:{port}", proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
+        stop_server(proc)
 
 
 def test_concurrent_requests_match_the_transformers_path(server, hf_model):

@@ -82,13 +82,10 @@ def run_presses(
     runs = {}
     for key, names in groups.items():
         caches = [pressed[name][0] for name in names]
-        merged = (
-            caches[0]
-            if len(names) == 1
-            else stack_padded(caches)[0]
-            if is_padded(key)
-            else stack_caches(caches)
-        )
+        if len(names) == 1:
+            merged = caches[0]
+        else:
+            merged = stack_padded(caches)[0] if is_padded(key) else stack_caches(caches)
         rows = len(names)
         many = _repeat(inputs, rows) if rows > 1 else inputs
         with masked_gqa(is_padded(key) and rows > 1):
