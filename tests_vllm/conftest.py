@@ -100,8 +100,9 @@ def start_server(model: str, port: int, log: pathlib.Path, *, env: dict, max_len
     full_env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     full_env.update(
         HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", CLUSTERATTN_VLLM_PRESS="clusterattn:budget=256",
-        TOKENIZERS_PARALLELISM="false", **env,
+        TOKENIZERS_PARALLELISM="false",
     )  # fmt: skip
+    full_env.update(env)
     command = [
         # `vllm serve` itself: vllm-cpu's `vllm` script looks up the distribution "vllm" and fails
         # (PackageNotFoundError), so the same server is started through its module.
