@@ -8,14 +8,21 @@ How: one prefill per prompt with forward hooks recording what kvpress's hook rec
 attention layer (its keyword arguments and output); then, for each press, kvpress's own
 ``press.forward_hook`` runs on a copy of the full cache layer by layer. kvpress compresses after a
 layer's attention and never changes the prefill's activations, so this is exactly the cache
-``with press(model): model(...)`` leaves (tested in ``tests_peers``). Decoding is the plain greedy
-loop of kvpress's pipeline: positions continue from the prompt length. Presses that leave one
-length across layers decode together as one left-padded batch with an attention mask over the
+``with press(model): model(...)`` leaves (tested in ``tests_peers``). Presses that re-run the
+prompt inside their own context manager (KVzip, KVgrad, KVCompose) or score eager attention weights
+(ObservedAttention) run kvpress's own ``with press(model): model(...)`` instead, one prefill each.
+How each press is built and driven: :mod:`clusterattn.eval.peer_presses`.
+
+Decoding is the plain greedy loop of kvpress's pipeline: positions continue from the prompt length
+(from the kept length for presses that re-rotate keys: Finch, KeyRerotation). Presses that leave
+one length across layers decode together as one left-padded batch with an attention mask over the
 real slots (a batch reads the weights once per step, so this is most of the speed); others batch
-by equal shapes, and AdaKV, whose masks live on the attention modules, decodes alone.
+by equal shapes; head-wise presses (AdaKV, CriticalAdaKV, DuoAttention, KVzip, ...), whose masks
+live on the attention modules, and presses with their own prefill decode alone.
 
 A token budget ``B`` is passed as the compression ratio that makes kvpress keep ``B`` tokens per
-head (``1 - (B + 0.5) / L``; PyramidKV's own budget adds its window, which is subtracted).
+head (``1 - (B + 0.5) / L``; PyramidKV's own budget adds its window, which is subtracted; for
+DuoAttention, the share of streaming heads that keeps ``B`` per head on average).
 """
 
 from __future__ import annotations
@@ -27,42 +34,17 @@ from pathlib import Path
 
 import torch
 
+from clusterattn.eval.peer_presses import (
+    EAGER,
+    NEEDS,
+    OWN_PREFILL,
+    build_press,
+    decode_start,
+    kvpress_ratio,
+)
+
 JOB_VERSION = 1
-
-
-def kvpress_ratio(name: str, budget: int | float, prompt_tokens: int, window: int) -> float:
-    """The compression ratio that makes kvpress keep ``budget`` tokens of a ``prompt_tokens`` prompt."""
-    if isinstance(budget, float):
-        return budget
-    kept = budget - window if name == "pyramidkv" else budget
-    return min(max(0.0, 1.0 - (kept + 0.5) / prompt_tokens), 1.0 - 1.0 / prompt_tokens)
-
-
-def build_press(name: str, params: dict, budget, prompt_tokens: int):
-    """A kvpress press for ``budget``; wrapper presses (ChunkKV, AdaKV) wrap kvpress's SnapKV, and
-    parameters go to whichever of the two has a field of that name."""
-    import dataclasses
-
-    import kvpress
-
-    from clusterattn.eval.spec import PEER_PRESSES
-
-    outer_name, inner_name = PEER_PRESSES[name]
-    outer_cls = getattr(kvpress, outer_name)
-    outer_fields = {f.name for f in dataclasses.fields(outer_cls)}
-    if inner_name is None:
-        window = params.get("window_size", getattr(outer_cls, "window_size", 0))
-        ratio = kvpress_ratio(name, budget, prompt_tokens, window)
-        return outer_cls(compression_ratio=ratio, **params)
-    inner_cls = getattr(kvpress, inner_name)
-    inner_fields = {f.name for f in dataclasses.fields(inner_cls)}
-    outer = {k: v for k, v in params.items() if k in outer_fields and k != "press"}
-    inner = {k: v for k, v in params.items() if k not in outer}
-    unknown = set(inner) - inner_fields
-    if unknown:
-        raise ValueError(f"kvpress {name}: unknown parameters {sorted(unknown)}")
-    ratio = kvpress_ratio(name, budget, prompt_tokens, 0)
-    return outer_cls(press=inner_cls(compression_ratio=ratio, **inner), **outer)
+__all__ = ["answer_job", "apply_recorded", "build_press", "greedy", "kvpress_ratio", "main", "press_cache"]
 
 
 def _language_model(model):
@@ -104,15 +86,55 @@ def copy_cache(cache):
 def apply_recorded(press, model, cache, captured):
     """kvpress's own hook on every recorded layer, on a copy of ``cache``; returns the copy."""
     pressed = copy_cache(cache)
+    _reset_modules(model)
     press.post_init_from_model(model)
-    for module in _attention_layers(model):  # what kvpress's context manager sets on each layer
-        module.masked_key_indices = None
-        module.rotary_emb = _language_model(model).rotary_emb
     for _, (module, kwargs, output) in sorted(captured.items()):
         if getattr(module, "is_sliding", False):
             continue
         press.forward_hook(module, (), {**kwargs, "past_key_values": pressed}, output)
     return pressed
+
+
+def _reset_modules(model):
+    """What kvpress's context manager sets on each layer, and no head masks left by a previous press."""
+    for module in _attention_layers(model):
+        module.masked_key_indices = None
+        module.rotary_emb = _language_model(model).rotary_emb
+
+
+@torch.no_grad()
+def own_prefill(press, model, ids: torch.Tensor, eager: bool = False):
+    """``with press(model): model(...)`` on a fresh cache, for presses that re-run the prompt inside
+    their context manager (KVzip, KVgrad, KVCompose) or score eager attention weights
+    (ObservedAttention, ``eager``); returns (cache, last logits)."""
+    from transformers import DynamicCache
+
+    _reset_modules(model)
+    before = model.config._attn_implementation
+    if eager:
+        model.config._attn_implementation = "eager"
+    try:
+        cache = DynamicCache(config=model.config)
+        with press(model):
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    finally:
+        model.config._attn_implementation = before
+    return cache, logits
+
+
+def press_cache(name: str, press, model, ids: torch.Tensor, cache, captured):
+    """The cache ``press`` leaves, and the last logits when the press ran its own prefill (else None):
+    kvpress's hook replayed on the record, or kvpress's own prefill for :data:`OWN_PREFILL`. What a
+    press fails to load (a tokenizer, a dataset: an OSError) names what it needs (:data:`NEEDS`)."""
+    torch.manual_seed(0)  # Compactor's and LeverageScore's sketches draw from torch's generator
+    try:
+        if name in OWN_PREFILL:
+            return own_prefill(press, model, ids, eager=name in EAGER)
+        return apply_recorded(press, model, cache, captured), None
+    except OSError as err:
+        if name in NEEDS:
+            raise RuntimeError(f"kvpress {name} needs {NEEDS[name]}: {type(err).__name__}: {err}") from err
+        raise
 
 
 @torch.no_grad()
@@ -215,37 +237,54 @@ def answer_job(model, tokenizer, job: dict) -> list[dict]:
             row.update(prediction=None, score=None, error=f"{type(err).__name__}: {err}")
         return rows
     groups: dict[tuple, list] = {}
-    decode = lambda caches, kept=None: greedy(  # noqa: E731
-        model, tokenizer, caches, logits, ids.shape[1], inputs.rest, sample.max_new_tokens, kept
+    decode = lambda caches, kept=None, start=ids.shape[1], first=logits: greedy(  # noqa: E731
+        model, tokenizer, caches, first, start, inputs.rest, sample.max_new_tokens, kept
     )
+    finch = setting == "query_aware" and any(press[0] == "finch" for press in job["presses"])
+    question = _question_tokens(model, tokenizer, sample) if finch else None
     for row, (name, params, _, budget) in zip(rows, job["presses"], strict=True):
         try:
-            press = build_press(name, params, budget, ids.shape[1])
-            pressed = apply_recorded(press, model, cache, captured)
+            press = build_press(name, params, budget, ids.shape[1], question)
+            pressed, own_logits = press_cache(name, press, model, ids, cache, captured)
             row["kept"] = max(layer.keys.shape[2] for layer in pressed.layers)
-            if _masked(model):  # masks live on the modules: decode now, alone
-                text = decode(pressed)[0]
+            start = decode_start(press, pressed, ids.shape[1])
+            if _masked(model) or own_logits is not None:  # masks on the modules, or its own prefill
+                text = decode(pressed, start=start, first=logits if own_logits is None else own_logits)[0]
                 row.update(prediction=text, score=score(sample, text), error=None)
             else:  # one batch for every cache with one length across its layers (left-padded)
-                groups.setdefault(batch_key(pressed, plain=True), []).append((row, pressed))
+                groups.setdefault((start, batch_key(pressed, plain=True)), []).append((row, pressed))
         except Exception as err:  # recorded as failed; the run goes on
             row.update(prediction=None, score=None, error=f"{type(err).__name__}: {err}")
     for _module in _attention_layers(model):
         _module.masked_key_indices = None
-    for key, members in groups.items():
+    for (start, key), members in groups.items():
         try:
             caches = [pressed for _, pressed in members]
             if key == PADDED:
                 with masked_gqa(len(caches) > 1):
-                    texts = decode(*stack_padded(caches))
+                    texts = decode(*stack_padded(caches), start=start)
             else:
-                texts = decode(stack_caches(caches))
+                texts = decode(stack_caches(caches), start=start)
             for (row, _), text in zip(members, texts, strict=True):
                 row.update(prediction=text, score=score(sample, text), error=None)
         except Exception as err:
             for row, _ in members:
                 row.update(prediction=None, score=None, error=f"{type(err).__name__}: {err}")
     return rows
+
+
+def _question_tokens(model, tokenizer, sample) -> int | None:
+    """How many tokens follow the context in the query-aware prompt (Finch's window), or None."""
+    from clusterattn.steps import prepare_inputs
+
+    try:
+        rest = prepare_inputs(
+            model, tokenizer, sample.context, sample.question, max_new_tokens=sample.max_new_tokens,
+            query_aware=False, answer_prefix=sample.answer_prefix, chat=True,
+        ).rest  # fmt: skip
+    except ValueError:  # nothing follows the context
+        return None
+    return rest.shape[1]
 
 
 def main(argv: list[str] | None = None) -> int:

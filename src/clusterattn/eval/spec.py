@@ -13,16 +13,62 @@ from dataclasses import dataclass, field
 from clusterattn.presses import PRESSES
 from clusterattn.presses.spec import build_press, parse_fields, parse_value
 
-# kvpress presses the peers environment knows: name -> (kvpress class, wrapped press or None).
+# kvpress 0.5.5 presses the peers environment runs: name -> (kvpress class, wrapped press or None).
+# A wrapper alone wraps SnapKV; ``wrapper_inner`` names another inner press (kvpress's own pairings).
+# How each is driven (replayed hook, own prefill, question window) is in eval.peer_presses.
 PEER_PRESSES = {
     "snapkv": ("SnapKVPress", None),
-    "chunkkv": ("ChunkKVPress", "SnapKVPress"),
     "streamingllm": ("StreamingLLMPress", None),
     "knorm": ("KnormPress", None),
     "tova": ("TOVAPress", None),
     "expectedattention": ("ExpectedAttentionPress", None),
     "pyramidkv": ("PyramidKVPress", None),
+    "keydiff": ("KeyDiffPress", None),
+    "lagkv": ("LagKVPress", None),
+    "cur": ("CURPress", None),
+    "compactor": ("CompactorPress", None),
+    "leveragescore": ("LeverageScorePress", None),
+    "noncausalattn": ("NonCausalAttnPress", None),
+    "cap": ("CapPress", None),
+    "random": ("RandomPress", None),
+    "observedattention": ("ObservedAttentionPress", None),
+    "finch": ("FinchPress", None),
+    "duoattention_onthefly": ("DuoAttentionPress", None),
+    "kvzip": ("KVzipPress", None),
+    "kvgrad": ("KVgradPress", None),
+    "kvcompose": ("KVComposePress", None),
+    "chunkkv": ("ChunkKVPress", "SnapKVPress"),
+    "entropygatedchunkkv": ("EntropyGatedChunkKVPress", "SnapKVPress"),
+    "chunk": ("ChunkPress", "SnapKVPress"),
+    "block_keydiff": ("BlockPress", "KeyDiffPress"),
+    "keyrerotation": ("KeyRerotationPress", "SnapKVPress"),
+    "merging": ("MergingPress", "SnapKVPress"),
     "adakv": ("AdaKVPress", "SnapKVPress"),
+    "adakv_expectedattention": ("AdaKVPress", "ExpectedAttentionPress"),
+    "criticalkv": ("CriticalKVPress", "SnapKVPress"),
+    "criticalkv_expectedattention": ("CriticalKVPress", "ExpectedAttentionPress"),
+    "criticaladakv": ("CriticalAdaKVPress", "SnapKVPress"),
+    "criticaladakv_expectedattention": ("CriticalAdaKVPress", "ExpectedAttentionPress"),
+}
+# kvpress 0.5.5 presses that do not run here, with the reason (README.md lists them too).
+PEER_REFUSED = {
+    "duoattention": "its head patterns are downloaded from the DuoAttention repository for six checkpoints; "
+    "duoattention_onthefly estimates them instead",
+    "qfilter": "needs Q-filters trained per model, downloaded from the Hugging Face Hub",
+    "expectedattentionstats": "needs query statistics downloaded from the Hugging Face Hub",
+    "kvzap": "needs trained KVzap scorer weights downloaded from the Hugging Face Hub",
+    "fastkvzip": "needs trained Fast-KVzip gate weights downloaded from the Hugging Face Hub",
+    "restorekv": "needs learned restoration embeddings downloaded from the Hugging Face Hub",
+    "lukv": "needs per-model budget curves downloaded from the LU-KV repository",
+    "think": "prunes key channels, not tokens: no token budget maps onto it",
+    "simlayerkv": "keeps a share set by lazy_threshold and the prompt, not a budget",
+    "dms": "evicts below a score threshold, not to a budget",
+    "perlayercompression": "takes one ratio per layer and needs flash attention (kvpress: experimental)",
+    "composed": "takes a list of presses, which name:key=value cannot express",
+    "decoding": "compresses while decoding; the worker compresses the prefill",
+    "prefilldecoding": "compresses while decoding; the worker compresses the prefill",
+    "compressionratiodecoding": "compresses while decoding; the worker compresses the prefill",
+    "cam": "compresses while decoding; the worker compresses the prefill",
 }
 PEER_SOURCES = ("kvpress",)
 
@@ -71,6 +117,8 @@ def parse_press(text: str) -> PressSpec:
     if not parts or len(parts) > 2 or not parts[0]:
         raise ValueError(f"press {text!r}: expected name[:key=value,...] or kvpress:name[:key=value,...]")
     name = parts[0].lower()
+    if source != "clusterattn" and name in PEER_REFUSED:
+        raise ValueError(f"press {text!r}: kvpress {name} does not run here: {PEER_REFUSED[name]}")
     known = PEER_PRESSES if source != "clusterattn" else PRESSES
     if name not in known:
         raise ValueError(f"press {text!r}: unknown {source} press {name!r}; choose from {sorted(known)}")
