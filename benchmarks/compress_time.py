@@ -20,7 +20,7 @@ import torch
 
 import clusterattn as ca
 from clusterattn.bench import prompt_inputs, selection_markdown, selection_timing
-from clusterattn.integration import new_cache
+from clusterattn.hf import new_cache
 from clusterattn.steps import prefill
 
 

@@ -130,11 +130,12 @@ def run(args) -> int:
         short = min(4096, *args.lengths)
         warm = Case(shape, short, "clusterattn", args.budget, new_tokens=4, repeats=1, **common)
         measure_model(model, tokenizer, warm, ids)
-        for length, press in itertools.product(args.lengths, args.presses):
+        for length, decode, press in itertools.product(args.lengths, args.decode, args.presses):
             budget = None if press == "full" else args.budget
             case = Case(
-                shape, length, press, budget, new_tokens=args.new_tokens, repeats=args.repeats, **common
-            )
+                shape, length, press, budget, new_tokens=args.new_tokens, repeats=args.repeats, **common,
+                compile=None if decode == "eager" else args.compile_backend, mlp_chunk=args.mlp_chunk,
+            )  # fmt: skip
             attempt("cases", partial(measure_model, model, tokenizer, ids=ids), case)
         measure_cap = partial(throughput_model, model, tokenizer, cap_bytes=int(cap_gb * 2**30),
                               max_batch=args.max_batch, ids=ids)  # fmt: skip
@@ -174,19 +175,26 @@ def markdown(report: dict) -> str:
     """Latency / memory and throughput tables, ratios against the full cache of the same shape and
     length."""
     from clusterattn.bench import ratio_rows
+    from clusterattn.bench_report import decode_path
 
     gib, lines = 2**30, []
     rows = ratio_rows([r for r in report["cases"] if "error" not in r])
     lines += [
-        "| shape | length | press | budget | prefill s | compress s (share) | decode ms/tok "
-        "| decode speed-up | KV GiB | peak GPU GiB (x full) |",
-        "|" + "---|" * 10,
+        "| shape | length | decode | press | budget | prefill s | compress s (share) | decode ms/tok "
+        "| floor ms/tok (x floor) | decode speed-up | KV GiB | peak GPU GiB (x full) |",
+        "|" + "---|" * 12,
     ]
-    for r in rows:  # ratios against the full cache of the same shape and length (bench.ratio_rows)
+    for r in rows:  # ratios against the full cache of the same shape, length and path (bench.ratio_rows)
+        floor = (
+            "-"
+            if "floor_ms_per_token" not in r
+            else f"{r['floor_ms_per_token']:.2f} ({r['decode_vs_floor']:.2f}x)"
+        )
         lines.append(
-            f"| {r['model']} | {r['length']} | {r['press']} | {r['budget'] or '-'} | {r['prefill_s']:.2f} "
+            f"| {r['model']} | {r['length']} | {decode_path(r)} | {r['press']} | {r['budget'] or '-'} "
+            f"| {r['prefill_s']:.2f} "
             f"| {r['compress_s']:.3f} ({100 * r['compress_share']:.1f} %) | {r['decode_ms_per_token']:.2f} "
-            f"| {r.get('decode_speedup', 1):.2f}x | {r['kv_bytes'] / gib:.3f} "
+            f"| {floor} | {r.get('decode_speedup', 1):.2f}x | {r['kv_bytes'] / gib:.3f} "
             f"| {r['peak_device_bytes'] / gib:.1f} ({r.get('peak_device_ratio', 1):.2f}) |"
         )
     lines += ["", "| shape | length | press | budget | cap GiB | largest batch | decode tok/s | peak GiB "
@@ -261,6 +269,17 @@ def main(argv=None) -> int:
     go.add_argument("--max-batch", type=int, default=512)
     go.add_argument("--device", default="cuda")
     go.add_argument("--dtype", default="bfloat16")
+    go.add_argument(
+        "--decode",
+        nargs="+",
+        default=["eager", "compiled"],
+        choices=["eager", "compiled"],
+        help="decode paths: eager (dynamic cache) and/or compiled (static cache, compiled step)",
+    )
+    go.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend of the compiled path"
+    )
+    go.add_argument("--mlp-chunk", type=int, default=None, help="MLP chunk of the prefill (tokens)")
     go.add_argument("--deadline", type=float, default=420.0, help="seconds after which cases are skipped")
     rep = sub.add_parser("report", help="print the Markdown tables of a gpu_bench.json")
     rep.add_argument("path")

@@ -6,7 +6,6 @@ clusterattn.bench``, the measurement of ``clusterattn bench``) with the tree's `
 shared and noisy: a ratio within a round compares like with like).
 
     git worktree add /tmp/base <commit>
-    cp src/clusterattn/_dbac_c*.so /tmp/base/src/clusterattn/   # the same compiled DBAC kernel
     .venv/bin/python benchmarks/side_by_side.py --baseline /tmp/base --length 8192 --budget 512
 """
 

@@ -20,7 +20,8 @@ from transformers import DynamicCache, StaticCache
 
 import clusterattn as ca
 from clusterattn.cache import CompressedCache, CompressedLayer
-from clusterattn.integration import cache_kwarg, capturing_queries, compressible_layers
+from clusterattn.hf import cache_kwarg
+from clusterattn.integration import capturing_queries, compressible_layers
 from clusterattn.static_cache import CompressedStaticCache
 from conftest import FAMILIES, tiny_model
 from test_integration import TOK, ids_text

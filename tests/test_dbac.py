@@ -2,35 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import math
-import os
-import subprocess
-import sys
-import warnings
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clusterattn import dbac_compiled
 from clusterattn.dbac import dbac, default_num_block, topk_indices
 
 dbac_module = importlib.import_module("clusterattn.dbac")  # the package exports the function as `dbac`
-BACKENDS = pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "tensor"])
-
-
-@contextlib.contextmanager
-def backend(compiled: bool):
-    """Run DBAC on the compiled (C) path or on the tensor path only."""
-    previous = dbac_compiled.set_enabled(compiled)
-    try:
-        yield
-    finally:
-        dbac_compiled.set_enabled(previous)
 
 
 def naive_dbac(scores: list[float], budget, num_block, theta, span_before, n_sink=0, variant="A", expand=1):
@@ -72,24 +54,22 @@ def naive_dbac(scores: list[float], budget, num_block, theta, span_before, n_sin
     n_sink=st.integers(0, 3),
     rows=st.integers(1, 3),
     seed=st.integers(0, 2**16),
-    compiled=st.booleans(),
 )
 def test_dbac_matches_naive_reference(
-    n, budget_share, num_block, theta_q, span_before, variant, n_sink, rows, seed, compiled
+    n, budget_share, num_block, theta_q, span_before, variant, n_sink, rows, seed
 ):
     budget = max(n_sink, 1, min(n, round(n * budget_share)))
     scores = torch.rand(rows, 2, n, generator=torch.Generator().manual_seed(seed))
     theta = None if theta_q is None else float(scores.quantile(theta_q))
-    with backend(compiled):
-        fast = dbac(
-            scores,
-            budget,
-            num_block=num_block,
-            theta=theta,
-            span_before=span_before,
-            n_sink=n_sink,
-            variant=variant,
-        )
+    fast = dbac(
+        scores,
+        budget,
+        num_block=num_block,
+        theta=theta,
+        span_before=span_before,
+        n_sink=n_sink,
+        variant=variant,
+    )
     assert fast.shape == (rows, 2, budget)
     for r in range(rows):
         for h in range(2):
@@ -250,12 +230,11 @@ def _scores(kind: str, shape: tuple, seed: int) -> torch.Tensor:
     n_sink=st.sampled_from([0, 0, 2]),
     kind=st.sampled_from(["softmax", "ties", "bf16", "rand", "padded", "signed"]),
     seed=st.integers(0, 2**16),
-    compiled=st.booleans(),
 )
 def test_dbac_matches_the_naive_reference_on_ties_padding_and_low_precision(
-    n, budget_share, span_width, theta_mode, span_before, n_sink, kind, seed, compiled
+    n, budget_share, span_width, theta_mode, span_before, n_sink, kind, seed
 ):
-    """The fast paths (compiled, int32 plain, tensor) against the spec's loop transcription, ties,
+    """The one fast path (int32 plain scores, int64 otherwise) against the spec's loop transcription, ties,
     padding, bf16 and signed scores included (equal block peaks: the later block; equal scores: the
     earlier token)."""
     scores = _scores(kind, (2, 3, n), seed)
@@ -272,68 +251,34 @@ def test_dbac_matches_the_naive_reference_on_ties_padding_and_low_precision(
     expected = naive_batch(scores, budget, **kwargs)
     if theta_mode == "relative":  # the same threshold, found by dbac itself (a float when unpadded)
         kwargs = {**kwargs, "theta": None, "relative_theta": 32.0}
-    with backend(compiled):
-        assert torch.equal(dbac(scores, budget, **kwargs), expected)
+    assert torch.equal(dbac(scores, budget, **kwargs), expected)
     assert torch.equal(topk_indices(scores, budget), naive_topk(scores, budget))
 
 
-@BACKENDS
 @pytest.mark.parametrize(("length", "budget"), [(4096, 128), (8192, 512), (16384, 1024)])
-def test_dbac_matches_the_naive_reference_at_benchmark_shapes(length, budget, compiled):
+def test_dbac_matches_the_naive_reference_at_benchmark_shapes(length, budget):
     """SmolLM2 shapes (batch 1, 3 KV heads, window 32) with the press's relative threshold."""
     scores = _scores("softmax", (1, 3, length - 32), length)
     theta = 32 / torch.isfinite(scores[:, :1]).sum(dim=-1, keepdim=True)
     for num_block in (max(1, (budget - 32) // 16), 1, budget - 32):
         kwargs = {"num_block": num_block, "theta": theta}
         expected = naive_batch(scores, budget - 32, num_block, theta, 0.0)
-        with backend(compiled):
-            assert torch.equal(dbac(scores, budget - 32, **kwargs), expected)
-            assert torch.equal(dbac(scores, budget - 32, num_block=num_block, relative_theta=32.0), expected)
-    assert dbac_module._plain(scores) is not None  # the int32 fast path is the one exercised
+        assert torch.equal(dbac(scores, budget - 32, **kwargs), expected)
+        assert torch.equal(dbac(scores, budget - 32, num_block=num_block, relative_theta=32.0), expected)
+    assert dbac_module._plain(scores) is not None  # the int32 key is the one exercised
     assert dbac_module._plain(_scores("padded", (2, 3, 50), 0)) is None
 
 
-def test_compiled_path_runs_where_it_applies(monkeypatch):
-    """Plain CPU float32/bf16 scores take the compiled key; everything else returns None (tensor path)."""
-    assert dbac_compiled.available(), "the C kernel was not built: reinstall with a C compiler"
-    plain = _scores("softmax", (2, 3, 200), 0)
-    args = (10, 3, dbac_module._theta_int(0.5), 0)  # spans of 10: a budget of 30 in 3 clusters
-    with backend(True):
-        assert dbac_compiled.enabled()
-        assert dbac_compiled.plain_key(plain, *args) is not None
-        assert dbac_compiled.plain_key(plain.bfloat16(), *args) is not None
-        for kind in ("padded", "signed"):
-            assert dbac_compiled.plain_key(_scores(kind, (2, 3, 200), 0), *args) is None
-        assert dbac_compiled.plain_key(plain.double(), *args) is None
-        assert dbac_compiled.plain_key(plain.clone().requires_grad_(), *args) is None
-        nan = plain.clone()
-        nan[1, 2, 7] = float("nan")
-        assert dbac_compiled.plain_key(nan, *args) is None
-        assert dbac_compiled.plain_key(plain[:0], *args) is None
-        calls = []
-        monkeypatch.setattr(dbac_module, "_dbac_plain", lambda *a: calls.append(a))
-        dbac(plain, 30, relative_theta=32.0)  # compiled: the tensor plain path is not reached
-        assert not calls
-    with backend(False):
-        assert not dbac_compiled.enabled()
-        assert dbac_compiled.plain_key(plain, *args) is None
-    with pytest.raises(TypeError, match="bool"):
-        dbac_compiled.set_enabled(1)
-
-
-@BACKENDS
-def test_non_contiguous_and_batched_rows_match(compiled):
+def test_non_contiguous_and_batched_rows_match():
     """A transposed (non-contiguous) view and extra leading dimensions select what each row alone does."""
     scores = _scores("softmax", (3, 2, 4, 300), 5).transpose(1, 2)
-    with backend(compiled):
-        whole = dbac(scores, 40, relative_theta=32.0)
-        for index in ((0, 0), (2, 3), (1, 1)):
-            alone = dbac(scores[index].contiguous(), 40, relative_theta=32.0)
-            assert torch.equal(whole[index], alone)
+    whole = dbac(scores, 40, relative_theta=32.0)
+    for index in ((0, 0), (2, 3), (1, 1)):
+        alone = dbac(scores[index].contiguous(), 40, relative_theta=32.0)
+        assert torch.equal(whole[index], alone)
 
 
-@BACKENDS
-def test_equal_block_peaks_go_to_the_later_block(compiled):
+def test_equal_block_peaks_go_to_the_later_block():
     """Three blocks share the top peak and two clusters fit: the later two win, on every path (plain,
     padded, with a threshold) and whatever ``topk`` would do with the tie on a device."""
     scores = torch.full((64,), 0.1)
@@ -342,89 +287,8 @@ def test_equal_block_peaks_go_to_the_later_block(compiled):
         scores[block * 8 + 2] = 0.9
     expected = list(range(26, 34)) + list(range(42, 50))  # spans of 8 from the arg-max at 26 and 42
     padded = torch.cat([torch.full((5,), float("-inf")), scores])
-    with backend(compiled):
-        assert dbac(scores, 16, num_block=2).tolist() == expected
-        assert dbac(scores, 16, num_block=2, theta=0.5).tolist() == expected
-        assert dbac(scores.bfloat16(), 16, num_block=2).tolist() == expected
-        assert dbac(padded, 16, num_block=2).tolist() == [i + 5 for i in expected]
+    assert dbac(scores, 16, num_block=2).tolist() == expected
+    assert dbac(scores, 16, num_block=2, theta=0.5).tolist() == expected
+    assert dbac(scores.bfloat16(), 16, num_block=2).tolist() == expected
+    assert dbac(padded, 16, num_block=2).tolist() == [i + 5 for i in expected]
     assert naive_dbac(scores.tolist(), 16, 2, None, 0.0) == expected
-
-
-def test_compiled_path_is_on_unless_turned_off():
-    """On by default where the kernel was built (it costs no dependency and no memory to speak of);
-    ``CLUSTERATTN_COMPILED=0`` turns it off."""
-    code = "from clusterattn import dbac_compiled as c; print(c.enabled())"
-    for env, expected in (
-        ({}, "True"),
-        ({"CLUSTERATTN_COMPILED": "0"}, "False"),
-        ({"CLUSTERATTN_COMPILED": "1"}, "True"),
-    ):
-        environ = {k: v for k, v in os.environ.items() if k != "CLUSTERATTN_COMPILED"} | env
-        out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True)
-        assert out.stdout.strip() == expected, out.stderr
-
-
-def test_kernel_checks_its_arguments():
-    """The C kernel refuses sizes that do not match its buffers, and impossible geometry."""
-    kernel = importlib.import_module("clusterattn._dbac_c")
-    bits = np.zeros((2, 10), dtype=np.int32)
-    key = np.empty_like(bits)
-    assert kernel.cluster_key(bits, key, 2, 10, 5, -(2**31), 2, 0) is True
-    with pytest.raises(ValueError, match="20 int32"):
-        kernel.cluster_key(bits, key[:1], 2, 10, 5, -(2**31), 2, 0)
-    with pytest.raises(ValueError, match="20 int32"):
-        kernel.cluster_key(bits.astype(np.int64), key, 2, 10, 5, -(2**31), 2, 0)
-    for blk, num_block, before in ((11, 1, 0), (0, 1, 0), (5, 0, 0), (5, 2, 5), (5, 2, -1)):
-        with pytest.raises(ValueError, match="need"):
-            kernel.cluster_key(bits, key, 2, 10, blk, -(2**31), num_block, before)
-    with pytest.raises(TypeError):
-        kernel.cluster_key(bits, bits.copy().tobytes(), 2, 10, 5, -(2**31), 2, 0)  # read-only key
-    assert kernel.cluster_key(-np.ones((1, 10), dtype=np.int32), key[:1], 1, 10, 5, 0, 1, 0) is False
-
-
-def test_compiled_path_falls_back_to_the_tensor_path(monkeypatch):
-    """Kernel not built: the tensor path, with one warning if ``CLUSTERATTN_COMPILED=1`` (or
-    ``set_enabled(True)``) asked for it; a broken build: the tensor path with one warning. The
-    selections are the same either way."""
-    scores = _scores("softmax", (2, 3, 300), 1)
-    expected = dbac(scores, 40, relative_theta=32.0)
-    state = dbac_compiled._STATE
-    monkeypatch.setitem(state, "enabled", True)
-    monkeypatch.setitem(state, "requested", True)
-
-    monkeypatch.setitem(state, "kernel", None)
-    monkeypatch.setitem(sys.modules, "clusterattn._dbac_c", None)  # import fails: not built
-    with pytest.warns(RuntimeWarning, match="compiled DBAC unavailable"):  # it was asked for
-        assert not dbac_compiled.available() and not dbac_compiled.enabled()
-    assert torch.equal(dbac(scores, 40, relative_theta=32.0), expected)
-    monkeypatch.setitem(state, "kernel", None)
-    monkeypatch.setitem(state, "requested", False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # on by default only: no warning
-        assert not dbac_compiled.available()
-    assert torch.equal(dbac(scores, 40, relative_theta=32.0), expected)
-
-    def broken_import(name):
-        raise OSError("undefined symbol: PyInit__dbac_c")
-
-    monkeypatch.setitem(state, "kernel", None)
-    monkeypatch.setattr(dbac_compiled.importlib, "import_module", broken_import)
-    with pytest.warns(RuntimeWarning, match="undefined symbol"):
-        assert not dbac_compiled.available()
-    assert state["kernel"] is False  # given up for the rest of the process
-    assert torch.equal(dbac(scores, 40, relative_theta=32.0), expected)
-
-
-def test_warm_up_loads_the_kernel_before_the_first_compression(monkeypatch):
-    """A session warms its press up when it starts; ClusterAttn's warm-up loads the kernel once."""
-    from clusterattn.presses import PRESSES
-
-    with backend(True):
-        assert dbac_compiled.warm_up() is True
-    with backend(False):
-        assert dbac_compiled.warm_up() is False  # turned off: nothing to load
-    calls = []
-    monkeypatch.setattr(dbac_compiled, "warm_up", lambda: calls.append(1) or True)
-    PRESSES["clusterattn"](budget=64).warm_up()
-    PRESSES["snapkv"](budget=64).warm_up()  # the default warm-up does nothing
-    assert calls == [1]

@@ -16,7 +16,7 @@ from clusterattn.batching import (
 )
 from clusterattn.cache import CompressedLayer
 from clusterattn.eval.grid import answer_all
-from clusterattn.integration import cache_kwarg, masked_gqa, new_cache
+from clusterattn.hf import cache_kwarg, masked_gqa, new_cache
 from clusterattn.replay import replay
 from conftest import tiny_model
 from test_integration import TOK, ids_text

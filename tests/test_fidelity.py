@@ -12,7 +12,7 @@ import clusterattn as ca
 from clusterattn.analysis.data import TaskSample
 from clusterattn.analysis.fidelity import answer_logprobs, teacher_forced_logprob
 from clusterattn.analysis.trace import trace_decode
-from clusterattn.integration import cache_kwarg, new_cache
+from clusterattn.hf import cache_kwarg, new_cache
 from clusterattn.steps import prefill, prepare_inputs
 from conftest import tiny_model
 from test_integration import TOK, ids_text

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import clusterattn as ca
-from clusterattn.integration import new_cache
+from clusterattn.hf import new_cache
 from conftest import tiny_model
 from test_presses import PRESS_FACTORIES
 
@@ -107,14 +107,14 @@ def test_layer_wise_compression_inside_prefill(llama):
     attn1 = llama.model.layers[1].self_attn
 
     def record(module, args, kwargs):
-        cache = next(v for v in kwargs.values() if isinstance(v, ca.integration.Cache))
+        cache = next(v for v in kwargs.values() if isinstance(v, ca.hf.Cache))
         lengths.append(cache.layers[0].keys.shape[2])
 
     handle = attn1.register_forward_pre_hook(record, with_kwargs=True)
     try:
         cache = new_cache(llama)
         with ca.ClusterAttnPress(budget=40, window_size=8)(llama), torch.no_grad():
-            llama(torch.randint(1, 120, (1, 150)), **{ca.integration.cache_kwarg(llama): cache})
+            llama(torch.randint(1, 120, (1, 150)), **{ca.hf.cache_kwarg(llama): cache})
     finally:
         handle.remove()
     assert lengths == [40]
@@ -228,7 +228,7 @@ def test_appended_tokens_in_one_chunk_match_token_by_token(family_model, name):
     family, model = family_model
     ids = torch.tensor([[int(t) for t in ids_text(150, seed=5).split()]])
     question = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
-    kwarg = ca.integration.cache_kwarg(model)
+    kwarg = ca.hf.cache_kwarg(model)
     last = {}
     for chunk in (question.shape[1], 1):
         cache = new_cache(model)
@@ -269,7 +269,7 @@ def test_gather_kv_matches_a_naive_per_head_gather():
 
 
 def test_a_session_warms_its_press_up_before_compressing(llama, monkeypatch):
-    """The press's warm-up (ClusterAttn: loading its compiled kernel) runs when the session starts,
+    """The press's warm-up (its one-time set-up, if any) runs when the session starts,
     before any compression, so the first prompt's compression time does not include it."""
     events = []
     press = ca.ClusterAttnPress(budget=40, window_size=8)

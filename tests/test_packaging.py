@@ -93,7 +93,40 @@ def test_every_module_imports():
     import clusterattn
 
     names = [m.name for m in pkgutil.walk_packages(clusterattn.__path__, "clusterattn.")]
-    skipped = {"clusterattn.vllm.hooks", "clusterattn._dbac_c"}
+    skipped = {"clusterattn.vllm.hooks"}
     for name in sorted(set(names) - skipped):
         importlib.import_module(name)
     assert "clusterattn.eval.figures" in names
+
+
+def test_transformers_internals_live_in_one_module():
+    """Only ``clusterattn.hf`` imports transformers' submodules or touches its internals (the
+    attention registry, the attention implementation, lazily built cache layers, sdpa's GQA switch).
+    Elsewhere: the Auto classes that load checkpoints (``models.py``), and the kvpress worker, which
+    runs in the peers environment against kvpress's own transformers."""
+    import ast
+    import re
+
+    package = ROOT / "src" / "clusterattn"
+    allowed_top = {"AutoModelForCausalLM", "AutoTokenizer", "PreTrainedModel", "PreTrainedTokenizerBase"}
+    internals = re.compile(
+        r"\b_attn_implementation\b|\.lazy_initialization\(|layer_class_to_replicate|use_gqa_in_sdpa"
+        r"|AttentionInterface|ALL_ATTENTION_FUNCTIONS|ALL_MASK_ATTENTION_FUNCTIONS"
+    )
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package).as_posix()
+        if name in ("hf.py", "eval/peer_worker.py"):
+            continue
+        text = path.read_text()
+        offenders += [f"{name}: {m.group(0)}" for m in internals.finditer(text)]
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                offenders += [
+                    f"{name}: import {a.name}" for a in node.names if a.name.startswith("transformers")
+                ]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("transformers"):
+                names = {a.name for a in node.names}
+                if node.module != "transformers" or not names <= allowed_top:
+                    offenders.append(f"{name}: from {node.module} import {sorted(names)}")
+    assert offenders == []

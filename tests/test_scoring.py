@@ -41,6 +41,19 @@ def test_accumulated_scores_match_full_attention_in_chunks():
         torch.testing.assert_close(accumulated_scores(query, key, 0.35, chunk_size=chunk), expected)
 
 
+@pytest.mark.parametrize("observed", [1, 9, 70])
+def test_accumulated_scores_of_the_last_queries_only(observed):
+    """While decoding only the last queries exist: their causal attention rows, summed."""
+    torch.manual_seed(4)
+    query, key = torch.randn(1, 4, 70, 8), torch.randn(1, 2, 70, 8)
+    expected = naive_probs(query, key, 0.35)[:, :, -observed:].sum(2).view(1, 2, 2, 70).mean(2)
+    for chunk in (4, 128):
+        got = accumulated_scores(query[:, :, -observed:], key, 0.35, chunk_size=chunk)
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="queries"):
+        accumulated_scores(torch.randn(1, 4, 71, 8), key, 0.35)
+
+
 def test_padding_scores_minus_inf_and_real_rows_unchanged():
     torch.manual_seed(2)
     query, key = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8)

@@ -1,6 +1,7 @@
 """clusterattn: ClusterAttn prompt-KV compression for Hugging Face causal LMs, with its baselines."""
 
 from clusterattn.cache import CompressedCache, CompressionStats
+from clusterattn.chunked import mlp_chunks
 from clusterattn.dbac import dbac, topk_indices
 from clusterattn.generation import GenerationOutput, generate, generate_many
 from clusterattn.models import load_model
@@ -9,6 +10,7 @@ from clusterattn.presses import (
     BasePress,
     ChunkKVPress,
     ClusterAttnPress,
+    DecodingPress,
     FullKV,
     H2OPress,
     PyramidKVPress,
@@ -30,6 +32,7 @@ __all__ = [
     "CompressedCache",
     "CompressedStaticCache",
     "CompressionStats",
+    "DecodingPress",
     "FullKV",
     "GenerationOutput",
     "H2OPress",
@@ -42,6 +45,7 @@ __all__ = [
     "generate",
     "generate_many",
     "load_model",
+    "mlp_chunks",
     "topk_indices",
     "window_scores",
 ]

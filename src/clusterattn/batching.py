@@ -13,12 +13,13 @@ presses and kvpress's alike.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache
 
 from clusterattn.cache import CompressedLayer
+from clusterattn.hf import Cache, fill_layer
 
 PADDED = ("padded",)
 """The :func:`batch_key` of plain caches that share one left-padded batch (the prefix of every
@@ -85,9 +86,11 @@ def _stack_compressed(caches: list[Cache]) -> Cache:
             continue
         width = max(widths)
         layer = CompressedLayer(i)
-        layer.lazy_initialization(first.keys, first.values)
-        layer.keys = torch.cat([_pad(source.keys, width) for source in sources])
-        layer.values = torch.cat([_pad(source.values, width) for source in sources])
+        fill_layer(
+            layer,
+            torch.cat([_pad(source.keys, width) for source in sources]),
+            torch.cat([_pad(source.values, width) for source in sources]),
+        )
         layer.dropped = first.get_seq_length() - width
         layer.prompt_slots = width - (widths[0] - first.prompt_slots) if first.prompt_slots else 0
         layer.armed = first.armed
@@ -99,6 +102,9 @@ def _stack_compressed(caches: list[Cache]) -> Cache:
             rows.append(F.pad(own, (width - w, 0), value=False))
         real = torch.cat(rows)
         layer.slot_mask = None if bool(real.all()) else real
+        if first.decoder is not None:  # decode-phase compression: one window per row
+            windows = [source.decoder.queries for source in sources]
+            layer.decoder = dataclasses.replace(first.decoder, queries=torch.cat(windows))
         merged.layers.append(layer)
     return merged
 

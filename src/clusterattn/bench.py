@@ -24,124 +24,31 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
+from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from clusterattn.bench_case import (  # noqa: F401 (re-exported)
+    CachePeak,
+    Case,
+    _allocated,
+    _load,
+    _peak_allocated,
+    make_press,
+    peak_rss_bytes,
+    prompt_inputs,
+    reset_peak_rss,
+    rss_bytes,
+)
+from clusterattn.bench_floor import copy_bandwidth, floor_ms, weight_bytes
 from clusterattn.bench_report import markdown, plot, ratio_rows, write_report  # noqa: F401 (re-exported)
 from clusterattn.bench_selection import selection_markdown, selection_timing  # noqa: F401 (re-exported)
-from clusterattn.integration import attention_modules, find_cache, kv_bytes, new_cache
-from clusterattn.presses import PRESSES
-from clusterattn.steps import Inputs, greedy_decode, prefill
+from clusterattn.compiled import compiled_greedy_decode, static_cache, static_prompt_bytes
+from clusterattn.hf import kv_bytes, new_cache
+from clusterattn.steps import greedy_decode, prefill
 from clusterattn.timing import synchronize
-
-
-@dataclass
-class Case:
-    """One measured configuration."""
-
-    model: str = "smollm2-135m"
-    length: int = 4096
-    press: str = "full"
-    budget: int | None = None
-    batch: int = 1
-    new_tokens: int = 32
-    repeats: int = 3
-    threads: int = 2
-    device: str = "cpu"
-    dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        if self.length < 2 or self.batch < 1 or self.new_tokens < 2 or self.repeats < 1:
-            raise ValueError(f"bench case needs length, new_tokens >= 2 and batch, repeats >= 1: {self}")
-        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
-            raise ValueError(f"dtype {self.dtype!r} is not a torch dtype name (float32, bfloat16, ...)")
-
-
-def make_press(name: str, budget: int | None):
-    if name not in PRESSES:
-        raise ValueError(f"press {name!r} unknown; choose from {sorted(PRESSES)}")
-    if name == "full":
-        return None
-    if budget is None:
-        raise ValueError(f"press {name!r} needs a budget")
-    return PRESSES[name](budget=budget)
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux)."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def rss_bytes() -> int:
-    return _status_kb("VmRSS") * 1024
-
-
-def peak_rss_bytes() -> int:
-    return _status_kb("VmHWM") * 1024
-
-
-@lru_cache(maxsize=4)
-def _essay_ids(tokenizer, length: int) -> tuple[int, ...]:
-    from clusterattn.eval.niah import load_essays
-
-    text = load_essays()[: length * 8]
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) < length:
-        raise ValueError(f"length {length} exceeds the essay text")
-    return tuple(ids[:length])
-
-
-def prompt_inputs(tokenizer, length: int, batch: int, device, ids: torch.Tensor | None = None) -> Inputs:
-    """A batch of ``batch`` identical prompts of exactly ``length`` tokens: the first ``length`` of
-    ``ids`` (1-D token ids) when given, else of the essay haystack in ``tokenizer``'s tokens."""
-    if ids is None:
-        row = torch.tensor([_essay_ids(tokenizer, length)], device=device)
-    elif ids.ndim != 1 or ids.shape[0] < length:
-        raise ValueError(f"ids: need a 1-D tensor of >= {length} token ids, got shape {tuple(ids.shape)}")
-    else:
-        row = ids[None, :length].to(device=device, dtype=torch.long)
-    ids = row.repeat(batch, 1)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return Inputs(ids, torch.ones_like(ids), None, True, pad)
-
-
-class CachePeak:
-    """Largest KV-cache size seen during prefill, sampled as each attention layer finishes (before
-    a press swaps that layer's compressed selection in, so the transient full layer counts)."""
-
-    def __init__(self, model) -> None:
-        self.peak = 0
-        self.handles = [
-            m.register_forward_hook(self._hook, with_kwargs=True) for m in attention_modules(model).values()
-        ]
-
-    def _hook(self, module, args, kwargs, output):
-        cache = find_cache(args, kwargs)
-        if cache is not None:
-            self.peak = max(self.peak, kv_bytes(cache))
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def _load(case: Case):
-    """``case.model`` and its tokenizer on ``case.device`` in ``case.dtype``, with ``case.threads``."""
-    import clusterattn as ca
-
-    torch.set_num_threads(case.threads)
-    return ca.load_model(case.model, device=case.device, dtype=getattr(torch, case.dtype))
 
 
 @torch.no_grad()
@@ -159,11 +66,11 @@ def measure_model(model, tokenizer, case: Case, ids: torch.Tensor | None = None)
     prefill; on CUDA ``peak_device_bytes`` is the allocator's peak over prefill and decode, and
     ``device_before_bytes`` what was allocated before (the weights).
     """
-    press = make_press(case.press, case.budget)
+    press = make_press(case.press, case.budget, case.decode_budget, case.interval)
     device = next(model.parameters()).device
     inputs = prompt_inputs(tokenizer, case.length, case.batch, device, ids)
     runs = []
-    for _ in range(case.repeats):
+    for repeat in range(case.repeats + (case.compile is not None)):  # a compiled step: one warm-up
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -172,52 +79,60 @@ def measure_model(model, tokenizer, case: Case, ids: torch.Tensor | None = None)
         reset_peak_rss()
         # registered before the press (sees each full layer before the swap), removed after prefill
         tracker = CachePeak(model)
-        cache = new_cache(model)
-        with press(model) if press is not None else contextlib.nullcontext() as session:
+        if case.compile is not None:  # a static cache carries its press
+            cache = static_cache(model, press, case.length + case.new_tokens)
+            context = contextlib.nullcontext()
+        else:
+            cache = new_cache(model)
+            context = press(model) if press is not None else contextlib.nullcontext()
+        with context as session:
             try:
                 synchronize(device)
                 start = time.perf_counter()
-                logits, next_pos = prefill(model, inputs, cache)
+                logits, next_pos = prefill(model, inputs, cache, chunk=case.mlp_chunk)
                 synchronize(device)
                 total = time.perf_counter() - start
             finally:  # a failed case leaves no hooks on a model that later cases reuse
                 tracker.close()
-            compress = session.stats.seconds if session is not None else 0.0
-            kv = kv_bytes(cache)
-            kept = max(session.stats.kept_tokens.values(), default=case.length) if session else case.length
-            _, _, decode_s = greedy_decode(
-                model,
-                tokenizer,
-                inputs,
-                cache,
-                logits,
-                next_pos,
-                max_new_tokens=case.new_tokens,
-                ignore_eos=True,
+            stats = session.stats if session is not None else getattr(cache, "stats", None)
+            compress = stats.seconds if stats is not None else 0.0
+            kv = kv_bytes(cache) if case.compile is None else static_prompt_bytes(cache)
+            kept = max(stats.kept_tokens.values(), default=case.length) if stats else case.length
+            decode = (
+                greedy_decode
+                if case.compile is None
+                else partial(compiled_greedy_decode, backend=case.compile)
             )
+            _, _, decode_s = decode(
+                model, tokenizer, inputs, cache, logits, next_pos, max_new_tokens=case.new_tokens,
+                ignore_eos=True,
+            )  # fmt: skip
         steps = case.new_tokens - 1
-        runs.append({
-            "prefill_s": total - compress, "compress_s": compress, "kv_bytes": kv, "kept_tokens": kept,
-            "decode_ms_per_token": 1000 * decode_s / steps,
-            "decode_tokens_per_s": case.batch * steps / decode_s,
-            "peak_kv_bytes": tracker.peak, "peak_rss_bytes": peak_rss_bytes(), "rss_before_bytes": base,
-            "peak_device_bytes": _peak_allocated(device), "device_before_bytes": device_base,
-        })  # fmt: skip
+        final = kv_bytes(cache) if case.compile is None else static_prompt_bytes(cache)
+        if case.compile is None or repeat > 0:
+            runs.append({
+                "prefill_s": total - compress, "compress_s": compress, "kv_bytes": kv, "kept_tokens": kept,
+                "decode_ms_per_token": 1000 * decode_s / steps,
+                "decode_tokens_per_s": case.batch * steps / decode_s,
+                "peak_kv_bytes": tracker.peak, "peak_rss_bytes": peak_rss_bytes(), "rss_before_bytes": base,
+                "peak_device_bytes": _peak_allocated(device), "device_before_bytes": device_base,
+                "step_cache_bytes": (kv + final) / 2,  # the mean cache a decode step reads
+                "final_kv_bytes": final,
+                "decode_compressions": stats.decode_compressions if stats else 0,
+                "decode_compress_s": stats.decode_seconds if stats else 0.0,
+            })  # fmt: skip
         del cache, logits
     row = asdict(case)
     for key in runs[0]:
         row[key] = statistics.median(r[key] for r in runs)
     row["compress_share"] = row["compress_s"] / (row["prefill_s"] + row["compress_s"])
     row["peak_rss_above_model_bytes"] = row["peak_rss_bytes"] - row["rss_before_bytes"]
+    # the bandwidth floor, measured after the runs (its buffers would count in their peak memory)
+    row["weight_bytes"] = weight_bytes(model)
+    row["copy_bandwidth"] = copy_bandwidth(device)
+    row["floor_ms_per_token"] = floor_ms(row["weight_bytes"], row["step_cache_bytes"], row["copy_bandwidth"])
+    row["decode_vs_floor"] = row["decode_ms_per_token"] / row["floor_ms_per_token"]
     return row
-
-
-def _allocated(device: torch.device) -> int:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-
-
-def _peak_allocated(device: torch.device) -> int:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
 
 
 def throughput(case: Case, cap_bytes: int, max_batch: int = 1024) -> dict:
@@ -319,7 +234,8 @@ def run_isolated(
 def run_bench(
     *, models, lengths, presses, budgets, batches=(1,), new_tokens=32, repeats=3, threads=2,
     throughput_lengths=(), cap_gb=8.0, out_dir="runs/bench", mmap_threshold=MMAP_THRESHOLD,
-    rss_mmap_threshold=RSS_MMAP_THRESHOLD,
+    rss_mmap_threshold=RSS_MMAP_THRESHOLD, decodes=(None,), mlp_chunks=(None,), decode_budgets=(None,),
+    interval=128,
 ) -> dict:  # fmt: skip
     """The whole grid, each case in a fresh process (``mmap_threshold``: see :func:`run_isolated`);
     writes bench.json, bench.md and bench.png.
@@ -329,19 +245,28 @@ def run_bench(
     process's (``peak_rss_fixed_mmap_bytes``): reproducible peak memory, while every time comes from
     the process with ``mmap_threshold`` (by default the environment's malloc, where a fixed
     threshold would slow the full cache's decode most, its growing cache being the largest blocks).
+    ``decodes``: the decode paths, each a set of cases (None: eager; a backend name: compiled, see
+    :class:`Case`); ``mlp_chunks``: the prefill's MLP chunks, each a set of cases (None: one pass);
+    ``decode_budgets``: each a set of cases whose presses also compress while decoding
+    (``DecodingPress`` with ``interval``; None: the prompt only; the full cache runs once).
     """
     from tqdm import tqdm
 
     for name in presses:
         make_press(name, budgets[0] if budgets else None)  # bad names fail before any model loads
+    for decode_budget in decode_budgets:
+        if decode_budget is not None:
+            make_press("snapkv", decode_budget, decode_budget, interval)
     _check_mmap_threshold(mmap_threshold)
     _check_mmap_threshold(rss_mmap_threshold)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cases = [
-        Case(model, length, name, None if name == "full" else budget, batch, new_tokens, repeats, threads)
-        for model in models for length in lengths for batch in batches for name in presses
-        for budget in ([None] if name == "full" else budgets)
+        Case(model, length, name, None if name == "full" else budget, batch, new_tokens, repeats, threads,
+             mlp_chunk=chunk, compile=decode, decode_budget=kept, interval=interval)
+        for model in models for length in lengths for batch in batches for decode in decodes
+        for chunk in mlp_chunks for name in presses for budget in ([None] if name == "full" else budgets)
+        for kept in ([None] if name == "full" else decode_budgets)
     ]  # fmt: skip
     isolated = functools.partial(run_isolated, mmap_threshold=mmap_threshold)
     rows = [isolated(case) for case in tqdm(cases, desc="bench cases", unit="case")]

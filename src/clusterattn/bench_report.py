@@ -10,10 +10,15 @@ from clusterattn.bench_selection import selection_markdown
 
 
 def ratio_rows(rows: list[dict]) -> list[dict]:
-    """Add ratios against the full-cache row of the same model, length and batch."""
-    full = {(r["model"], r["length"], r["batch"]): r for r in rows if r["press"] == "full"}
+    """Add ratios against the full-cache row of the same model, length, batch, decode path and
+    prefill chunk."""
+
+    def key(r: dict) -> tuple:  # the full cache on the same decode path and prefill
+        return r["model"], r["length"], r["batch"], r.get("compile"), r.get("mlp_chunk")
+
+    full = {key(r): r for r in rows if r["press"] == "full"}
     for r in rows:
-        ref = full.get((r["model"], r["length"], r["batch"]))
+        ref = full.get(key(r))
         if ref is None:
             continue
         r["decode_speedup"] = ref["decode_ms_per_token"] / r["decode_ms_per_token"]
@@ -33,18 +38,31 @@ def _ratio(row: dict, key: str, spec: str, unit: str = "") -> str:
     return "-" if key not in row else f"{row[key]:{spec}}{unit}"
 
 
+def decode_path(row: dict) -> str:
+    """``eager`` (the dynamic cache, step by step) or ``compiled (backend)``; then ``, decode
+    budget B / I`` for a press that also compresses while decoding, ``, MLP chunk N`` for a prefill
+    whose MLPs ran in chunks."""
+    path = "eager" if not row.get("compile") else f"compiled ({row['compile']})"
+    if row.get("decode_budget"):
+        path += f", decode budget {row['decode_budget']} / {row.get('interval', 128)}"
+    return path if not row.get("mlp_chunk") else f"{path}, MLP chunk {row['mlp_chunk']}"
+
+
 def markdown(rows: list[dict]) -> str:
-    """The side-by-side table: one row per configuration, ratios against the full cache. A "peak RSS,
-    fixed mmap" column appears when the rows carry that second measurement."""
+    """The side-by-side table: one row per configuration, ratios against the full cache on the same
+    decode path, and each decode time beside its memory-bandwidth floor (weights + the cache a step
+    reads, over the copy bandwidth measured in the case's process: :mod:`clusterattn.bench_floor`).
+    A "peak RSS, fixed mmap" column appears when the rows carry that second measurement."""
     mb = 2**20
     fixed = any("peak_rss_fixed_mmap_bytes" in r for r in rows)
     head = (
-        "| model | length | batch | press | budget | prefill s | compress s (share) | decode ms/tok | tok/s "
-        "| KV MB (x full) | peak KV MB (x full) | peak RSS MB (x full) |"
+        "| model | length | batch | decode | press | budget | prefill s | compress s (share) "
+        "| decode ms/tok | floor ms/tok (x floor) | tok/s "
+        "| KV MB (x full) | KV MB after decode | peak KV MB (x full) | peak RSS MB (x full) |"
         + (" peak RSS MB, fixed mmap (x full) |" if fixed else "")
         + " decode speed-up |"
     )
-    lines = [head, "|" + "---|" * (14 if fixed else 13)]
+    lines = [head, "|" + "---|" * (17 if fixed else 16)]
     for r in rows:
         extra = ""
         if fixed:
@@ -54,11 +72,17 @@ def markdown(rows: list[dict]) -> str:
                 if value is None
                 else f" {value / mb:.0f} ({_ratio(r, 'peak_rss_fixed_mmap_ratio', '.2f')}) |"
             )
+        final = "-" if "final_kv_bytes" not in r else f"{r['final_kv_bytes'] / mb:.1f}"
+        floor = "-"
+        if "floor_ms_per_token" in r:  # rows of older runs have no floor
+            floor = f"{r['floor_ms_per_token']:.1f} ({r['decode_vs_floor']:.2f}x)"
         lines.append(
-            f"| {r['model']} | {r['length']} | {r['batch']} | {r['press']} | {r['budget'] or '-'} "
+            f"| {r['model']} | {r['length']} | {r['batch']} | {decode_path(r)} | {r['press']} "
+            f"| {r['budget'] or '-'} "
             f"| {r['prefill_s']:.2f} | {r['compress_s']:.3f} ({100 * r['compress_share']:.1f} %) "
-            f"| {r['decode_ms_per_token']:.1f} | {r['decode_tokens_per_s']:.1f} "
+            f"| {r['decode_ms_per_token']:.1f} | {floor} | {r['decode_tokens_per_s']:.1f} "
             f"| {r['kv_bytes'] / mb:.1f} ({_ratio(r, 'kv_ratio', '.3f')}) "
+            f"| {final} "
             f"| {r['peak_kv_bytes'] / mb:.1f} ({_ratio(r, 'peak_kv_ratio', '.2f')}) "
             f"| {r['peak_rss_bytes'] / mb:.0f} ({_ratio(r, 'peak_rss_ratio', '.2f')}) |{extra}"
             f" {_ratio(r, 'decode_speedup', '.2f', 'x')} |"
@@ -78,6 +102,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         if r["batch"] == 1:
             label = r["press"] if r["budget"] is None else f"{r['press']} B={r['budget']}"
+            label += "" if decode_path(r) == "eager" else f" ({decode_path(r)})"
             groups.setdefault(f"{r['model']}: {label}", []).append(r)
     for label, group in groups.items():
         group.sort(key=lambda r: r["length"])

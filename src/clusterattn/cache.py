@@ -27,8 +27,16 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 
+from clusterattn.hf import (
+    Cache,
+    DynamicCache,
+    DynamicLayer,
+    StaticCache,
+    StaticLayer,
+    extend_layers,
+    text_config,
+)
 from clusterattn.timing import timer
 
 _local = threading.local()
@@ -55,7 +63,9 @@ class CompressionStats:
 
     ``prompt_tokens``: prompt length (padded); ``kept_tokens``: ``{layer_idx: tokens kept per KV
     head}`` for compressed layers; ``full_bytes`` / ``kept_bytes``: KV bytes of the compressed layers
-    before and after; ``seconds``: time spent scoring, selecting and gathering.
+    before and after; ``seconds``: time spent scoring, selecting and gathering;
+    ``decode_compressions`` / ``decode_seconds``: layer re-selections while decoding and their time
+    (:class:`~clusterattn.presses.decoding.DecodingPress`).
     """
 
     prompt_tokens: int = 0
@@ -63,6 +73,8 @@ class CompressionStats:
     full_bytes: int = 0
     kept_bytes: int = 0
     seconds: float = 0.0
+    decode_compressions: int = 0
+    decode_seconds: float = 0.0
 
 
 @dataclass
@@ -161,6 +173,7 @@ class CompressedLayer(DynamicLayer):
         self.slot_mask: torch.Tensor | None = None
         self.prompt_slots = 0  # physical slots of the compressed prompt
         self.awaiting = False  # the prefill is in this layer; the attention call compresses it
+        self.decoder = None  # a DecodingPress's state after the prefill (clusterattn.decoding)
 
     @property
     def stats(self) -> CompressionStats | None:
@@ -182,7 +195,7 @@ class CompressedLayer(DynamicLayer):
         if self.plan is not None and not prefill:
             self.plan = None  # a one-token prompt: nothing to compress
         self.awaiting = prefill
-        if prefill or self.slot_mask is not None:
+        if prefill or self.slot_mask is not None or self.decoder is not None:
             announce(self, keys)
         return keys, values
 
@@ -231,20 +244,24 @@ class CompressedLayer(DynamicLayer):
         keep = target - self.dropped
         self.keys, self.values = self.keys[..., :keep, :], self.values[..., :keep, :]
 
+    def _rows(self, pick) -> None:
+        """Apply a batch-row operation to the slot mask and the decode window (per-row state)."""
+        if self.slot_mask is not None:
+            self.slot_mask = pick(self.slot_mask)
+        if self.decoder is not None:
+            self.decoder.queries = pick(self.decoder.queries)
+
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.slot_mask is not None:
-            self.slot_mask = self.slot_mask.repeat_interleave(repeats, dim=0)
+        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        if self.slot_mask is not None:
-            self.slot_mask = self.slot_mask[indices.to(self.slot_mask.device)]
+        self._rows(lambda t: t[indices.to(t.device)])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.slot_mask is not None:
-            self.slot_mask = self.slot_mask.index_select(0, beam_idx.to(self.slot_mask.device))
+        self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def reset(self) -> None:
         """Empty the layer; an armed cache compresses its next prefill again (fresh stats)."""
@@ -253,6 +270,7 @@ class CompressedLayer(DynamicLayer):
 
     def _rearm(self) -> None:
         self.dropped, self.prompt_slots, self.slot_mask, self.awaiting = 0, 0, None, False
+        self.decoder = None
         if self.armed is not None and self.armed.stats.prompt_tokens:
             self.armed.stats = CompressionStats()  # shared by the cache's layers: replaced once
         self.plan = self.armed
@@ -301,7 +319,7 @@ def arm(cache: Cache, press, config) -> CompressionStats:
             "a press compresses the prefill of an empty cache; this cache already holds tokens "
             "(chunked prefill into a non-empty cache is not supported)"
         )
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     n_layers = text.num_hidden_layers
     layers = compressible_layers(text)
     if not layers:
@@ -310,9 +328,7 @@ def arm(cache: Cache, press, config) -> CompressionStats:
             f"sliding_window={getattr(text, 'sliding_window', None)})"
         )
     plan = Plan(press=press, layers=layers)
-    if len(cache.layers) < n_layers:  # a cache built without a config replicates layers lazily
-        cache.layers.extend(DynamicLayer() for _ in range(n_layers - len(cache.layers)))
-        cache.layer_class_to_replicate = None
+    extend_layers(cache, n_layers)
     for i in layers:
         layer = cache.layers[i]
         if getattr(layer, "is_sliding", False):
@@ -321,6 +337,12 @@ def arm(cache: Cache, press, config) -> CompressionStats:
             )
         if isinstance(layer, StaticLayer):
             from clusterattn.static_cache import CompressedStaticLayer
+
+            if hasattr(press, "decode_press"):  # a DecodingPress
+                raise ValueError(
+                    "DecodingPress shrinks the cache while decoding, which a static cache's fixed "
+                    "shapes cannot; use a dynamic cache (no compile=, no cache_implementation='static')"
+                )
 
             cache.layers[i] = CompressedStaticLayer(i, layer.max_cache_len, plan)
         else:

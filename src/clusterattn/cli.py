@@ -87,6 +87,9 @@ def _bench(args) -> int:
         batches=args.batches, new_tokens=args.new_tokens, repeats=args.repeats, threads=args.bench_threads,
         throughput_lengths=args.throughput_lengths, cap_gb=args.cap_gb, out_dir=args.out,
         mmap_threshold=args.mmap_threshold, rss_mmap_threshold=args.rss_mmap_threshold,
+        decodes=[None if d == "eager" else args.compile_backend for d in args.decode],
+        mlp_chunks=[chunk or None for chunk in args.mlp_chunk],
+        decode_budgets=[kept or None for kept in args.decode_budget], interval=args.interval,
     )  # fmt: skip
     print((Path(args.out) / "bench.md").read_text())
     return 0
@@ -263,6 +266,29 @@ def main(argv: list[str] | None = None) -> int:
         help="run each case once more with MALLOC_MMAP_THRESHOLD_ fixed at this many bytes and report "
         "that process's peak RSS too: freed memory goes back to the system, so the peak is "
         "reproducible (131072 is glibc's starting value; 0: skip this second process)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--decode", nargs="+", default=["eager"], choices=["eager", "compiled"],
+        help="decode paths, each a set of cases: eager (the dynamic cache, step by step from Python), "
+        "compiled (a static cache and the step compiled by --compile-backend; one untimed run compiles)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--compile-backend", default="inductor", choices=["inductor", "eager", "aot_eager"],
+        help="torch.compile backend of the compiled decode path",
+    )  # fmt: skip
+    bench.add_argument(
+        "--mlp-chunk", type=int, nargs="+", default=[0],
+        help="prefill variants, each a set of cases: run each layer's MLP over at most this many prompt "
+        "tokens at a time (same outputs, lower peak memory at long prompts); 0: one pass",
+    )  # fmt: skip
+    bench.add_argument(
+        "--decode-budget", type=int, nargs="+", default=[0],
+        help="long-output variants, each a set of cases: the presses also compress while decoding "
+        "(DecodingPress), keeping this many tokens per KV head; 0: the prompt only",
+    )  # fmt: skip
+    bench.add_argument(
+        "--interval", type=int, default=128,
+        help="tokens appended between two re-selections of a decode budget",
     )  # fmt: skip
     bench.set_defaults(func=_bench)
     _add_eval(sub)

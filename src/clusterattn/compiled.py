@@ -19,9 +19,8 @@ import inspect
 import time
 
 import torch
-from transformers.cache_utils import StaticCache
 
-from clusterattn.integration import cache_kwarg
+from clusterattn.hf import StaticCache, cache_kwarg
 from clusterattn.static_cache import CompressedStaticCache
 from clusterattn.steps import answer_texts, eos_ids, feed_rest
 
@@ -33,6 +32,19 @@ def static_cache(model, press, max_cache_len: int):
     if press is None:
         return StaticCache(config=model.config, max_cache_len=max_cache_len)
     return CompressedStaticCache(model, press, max_cache_len=max_cache_len)
+
+
+def static_prompt_bytes(cache) -> int:
+    """KV bytes a static cache's prompt occupies after prefill (its buffers also hold the room
+    reserved for the new tokens, which a dynamic cache does not count yet)."""
+    total = 0
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if not isinstance(keys, torch.Tensor):
+            continue
+        filled = int(layer.length) if hasattr(layer, "length") else int(layer.get_seq_length())
+        total += 2 * keys[:, :, :filled].numel() * keys.element_size()
+    return total
 
 
 def _step(model, token, mask, position, cache, name: str, cache_position):

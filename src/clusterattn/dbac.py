@@ -34,8 +34,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from clusterattn import dbac_compiled
-
 VARIANTS = ("A", "B")
 
 
@@ -131,43 +129,21 @@ def _span_geometry(budget: int, num_block: int, span_before: float) -> tuple[int
     return blk, min(blk - 1, int(round(span_before * blk)))
 
 
-def _spans_variant_a(scores: torch.Tensor, budget: int, num_block: int, theta, span_before: float, length):
-    n = scores.shape[-1]
-    blk, before = _span_geometry(budget, num_block, span_before)
-    n_blocks = math.ceil(n / blk)
-    padded = scores.float()
-    if n_blocks * blk != n:
-        padded = F.pad(padded, (0, n_blocks * blk - n), value=float("-inf"))
-    peaks, arg = padded.view(*scores.shape[:-1], n_blocks, blk).max(dim=-1)
-    centres = torch.arange(n_blocks, device=scores.device) * blk + arg
-    if theta is not None:
-        peaks = peaks.masked_fill(peaks < theta, float("-inf"))
-    top_blocks = _top_blocks(_order_key(peaks), min(num_block, n_blocks))
-    top_peaks = peaks.gather(-1, top_blocks)
-    start = (centres.gather(-1, top_blocks) - before).clamp_min(0)
-    if isinstance(length, torch.Tensor):  # per-row real lengths (left-padded rows)
-        start = torch.minimum(start, (length - blk).clamp_min(0))
-    else:
-        start = start.clamp_max(max(length - blk, 0))
-    span = (start.unsqueeze(-1) + torch.arange(blk, device=scores.device)).clamp_max(n - 1)  # (..., k, blk)
-    span = torch.where(
-        torch.isfinite(top_peaks).unsqueeze(-1), span, n
-    )  # noise centres write to a spare slot
-    mask = torch.zeros((*scores.shape[:-1], n + 1), dtype=torch.bool, device=scores.device)
-    return mask.scatter_(-1, span.flatten(-2), True)[..., :n]
-
-
 def _top_blocks(peaks: torch.Tensor, k: int) -> torch.Tensor:
     """Indices ``(..., k)`` of the ``k`` highest int32 ``peaks`` ``(..., n_blocks)`` (an order key of
     the block peaks), in no particular order. Equal peaks go to the later block: the top-k runs on
-    the unique int64 code ``peak * 2**32 + block``, as the compiled path ranks them, so the choice
-    does not depend on how ``topk`` breaks ties on a device."""
+    the unique int64 code ``peak * 2**32 + block``, so the choice does not depend on how ``topk``
+    breaks ties on a device."""
     code = torch.add(_offsets(peaks.shape[-1], peaks.device), peaks, alpha=1 << 32)  # int64, one op
     return code.topk(k, dim=-1, sorted=False).indices
 
 
 _FINITE_BITS = 0x7F800000  # float32 bit patterns below this with the sign bit clear: +0.0 .. max finite
 _INT32_MIN = -(2**31)
+_INT32_MAX = 2**31 - 1
+_NEG_INF_KEY = -0x7F800001  # _order_key(-inf): every key at or below it is -inf or a NaN
+_IN_CLUSTER = 1 << 32  # the cluster tier of the int64 key, above every order key
+_SINK_TIER = 1 << 33  # the sink tier of the int64 key, above every clustered token
 
 
 def _plain(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -194,78 +170,112 @@ def _relative_theta(relative_theta: float, n: int) -> float:
     return (relative_theta / torch.tensor(n)).item()
 
 
-def _dbac_plain(scores, bits, budget: int, num_block: int, theta, span_before: float) -> torch.Tensor:
-    """Variant A without sinks for float32 ``scores`` ``(..., n)`` and their ``bits``, from :func:`_plain`.
-
-    The same selection as :func:`_spans_variant_a` + :func:`rank_and_select` on such scores (no
-    padding to roll, every token finite), in fewer and cheaper passes over ``n``. Everything runs on
-    the int32 bits, which order exactly like the values here (an int32 ``amax`` over short blocks is
-    2-4x faster than a float32 one on CPU): block peaks by a values-only ``amax``, the arg-max found
-    inside the ``k`` top blocks only, and an int32 ranking key, ``bits - 2**31`` outside the clusters
-    and the raw ``bits >= 0`` inside them (a scatter over the ``(..., k * blk)`` span positions),
-    which orders tokens exactly like the int64 ``(in cluster, score)`` key of :func:`rank_and_select`.
-    """
-    n = scores.shape[-1]
-    blk, before = _span_geometry(budget, num_block, span_before)
-    n_blocks = math.ceil(n / blk)
-    int_min = _int32_min(bits.device)
-    # the short last block is padded with INT32_MIN, below every plain score's bits
-    padded = F.pad(bits, (0, n_blocks * blk - n), value=_INT32_MIN) if n % blk else bits
-    # amax, not max / max_pool1d: those also fork threads, which stall for ms on a busy machine
-    peaks = padded.view(*scores.shape[:-1], n_blocks, blk).amax(dim=-1)
-    if theta is not None:  # masked before the top-k, as in _spans_variant_a: ties break the same way
-        if isinstance(theta, float) and theta == theta:  # float32(theta)'s bits order like its value
-            peaks.masked_fill_(peaks < _theta_bits(theta, bits.device), int_min)
-        else:  # a tensor: the float comparison itself, on a free bit view (a peak is never padding)
-            peaks.masked_fill_(peaks.view(torch.float32) < theta, int_min)
-    top_blocks = _top_blocks(peaks, min(num_block, n_blocks))
-    top_peaks = peaks.gather(-1, top_blocks)
-    offsets = _offsets(blk, bits.device)
-    cells = torch.add(offsets, top_blocks.unsqueeze(-1), alpha=blk)  # (..., k, blk) top blocks' tokens
-    if n % blk:
-        cells = cells.clamp_max_(n - 1)  # the short last block repeats its last token
-    arg = bits.gather(-1, cells.flatten(-2)).view(cells.shape).argmax(dim=-1, keepdim=True)
-    start = cells.gather(-1, arg)  # (..., k, 1) centres: first arg-max of each top block
-    start = start.sub_(before).clamp_(0, n - blk) if before else start.clamp_max_(n - blk)
-    span = (start + offsets).flatten(-2)  # (..., k * blk)
-    key = torch.bitwise_xor(bits, int_min)  # a 0-dim tensor: a Python int operand costs 2x here
-    src = bits.gather(-1, span)
-    if theta is not None and top_peaks.amin().item() == _INT32_MIN:  # noise centres: no span
-        src.view(*top_peaks.shape, blk).masked_fill_((top_peaks == _INT32_MIN).unsqueeze(-1), _INT32_MIN)
-        return _select(key.scatter_reduce_(-1, span, src, "amax"), budget)
-    return _select(key.scatter_(-1, span, src), budget)
-
-
-def _compiled_key(scores, budget: int, num_block: int, theta, span_before: float) -> torch.Tensor | None:
-    """The plain path's int32 key from :func:`clusterattn.dbac_compiled.plain_key`, or None where it
-    does not apply (a tensor threshold included: those stay on the tensor path). Turned off, it
-    returns at once."""
-    if not dbac_compiled.enabled() or isinstance(theta, torch.Tensor):
-        return None
-    blk, before = _span_geometry(budget, num_block, span_before)
-    return dbac_compiled.plain_key(scores, blk, num_block, _theta_int(theta), before)
-
-
 @functools.lru_cache(maxsize=256)
-def _theta_int(theta: float | None) -> int:
-    """``float32(theta)``'s bits as a Python int, ``-2**31`` (nothing below it) for None or NaN."""
-    if theta is None or theta != theta:
-        return _INT32_MIN
-    return _theta_bits(float(theta), torch.device("cpu")).item()
+def _theta_key(theta: float, device: torch.device) -> torch.Tensor:
+    """:func:`_threshold_key` of a float ``theta``, as a cached 0-dim tensor."""
+    return _threshold_key(torch.tensor(theta, dtype=torch.float32, device=device))
 
 
-@functools.lru_cache(maxsize=256)
-def _theta_bits(theta: float, device: torch.device) -> torch.Tensor:
-    """The int32 bits of ``float32(theta)`` as a 0-dim tensor, cached. For scores with the sign bit
-    clear, ``bits < _theta_bits(theta)`` is ``scores < theta`` (a negative theta has the sign bit set:
-    nothing is below it, as nothing is below it as a float)."""
-    return torch.tensor(theta, dtype=torch.float32, device=device).view(torch.int32)
+def _threshold_key(theta: torch.Tensor) -> torch.Tensor:
+    """Order key ``t`` of a float threshold such that ``key(peak) < t`` exactly when ``peak < theta``
+    in float32: the smallest key of theta's value (``-0.0``'s for a zero, as ``-0.0 == 0.0``), and
+    ``INT32_MIN`` (nothing below it) for NaN, which no float is below."""
+    theta = theta.float()
+    key = _order_key(theta)
+    key = torch.where(theta == 0, torch.full_like(key, -1), key)  # _order_key(-0.0) == -1
+    return torch.where(theta.isnan(), torch.full_like(key, _INT32_MIN), key)
 
 
 @functools.lru_cache(maxsize=8)
 def _int32_min(device: torch.device) -> torch.Tensor:
     """``-2**31`` as a 0-dim int32 tensor on ``device``, cached (read only)."""
     return torch.tensor(_INT32_MIN, dtype=torch.int32, device=device)
+
+
+def _leading_padding(scores: torch.Tensor) -> torch.Tensor | None:
+    """``(..., 1)`` count of leading ``-inf`` per row (left padding), or None when no row starts
+    with one."""
+    if bool(torch.isfinite(scores[..., 0]).all()):
+        return None
+    return (~torch.isfinite(scores)).long().cumprod(dim=-1).sum(dim=-1, keepdim=True)
+
+
+def _dbac_a(scores, budget: int, num_block: int, theta, relative_theta, span_before: float, n_sink: int):
+    """Variant A: the one implementation (CPU and GPU, every input). See :func:`dbac` for the args.
+
+    Every comparison runs on int32 order keys of the float32 scores (:func:`_order_key`), which order
+    exactly like the values, so block peaks, thresholds and the final ranking are integer ops (an
+    int32 ``amax`` over short blocks is 2-4x faster than a float32 one on CPU):
+
+    1. Left-padded rows (leading ``-inf``) are rolled so that their padding sits at the end: each
+       row's block grid and span clamping start at its first real token, as if it were alone.
+    2. Block peaks are a values-only ``amax``; the top ``num_block`` blocks above ``theta`` are the
+       centres, and the first arg-max is found inside those blocks only.
+    3. One ranking key per token: the score's key outside the clusters, the score's key plus a
+       cluster tier inside them (written by one scatter over the ``(..., k * blk)`` span positions),
+       and a sink tier above both; the top ``budget`` keys are kept.
+
+    Plain scores (every score finite and ``>= +0.0``, as softmax-based ones; the common case) keep
+    the whole key in int32: their float bits are their order key and the sign bit is free for the
+    cluster tier (``bits - 2**31`` outside, ``bits`` inside, ``INT32_MAX`` for a sink). Other scores
+    use an int64 key with the tiers above bit 32; ``-inf`` and NaN never enter a cluster.
+    """
+    n = scores.shape[-1]
+    plain = _plain(scores)
+    lead = None if plain is not None else _leading_padding(scores)
+    if lead is not None:
+        scores = scores.gather(-1, (_offsets(n, scores.device) + lead) % n)
+    order = plain[1] if plain is not None else _order_key(scores)
+    if relative_theta is not None:  # the uniform mass over each row's real tokens
+        if plain is not None or bool(torch.isfinite(scores).all()):
+            theta = _relative_theta(relative_theta, n)
+        else:
+            theta = relative_theta / torch.isfinite(scores).sum(dim=-1, keepdim=True).clamp_min_(1)
+    blk, before = _span_geometry(budget, num_block, span_before)
+    n_blocks = math.ceil(n / blk)
+    int_min = _int32_min(order.device)
+    # the short last block is padded with INT32_MIN, below every key
+    padded = F.pad(order, (0, n_blocks * blk - n), value=_INT32_MIN) if n % blk else order
+    # amax, not max / max_pool1d: those also fork threads, which stall for ms on a busy machine
+    peaks = padded.view(*order.shape[:-1], n_blocks, blk).amax(dim=-1)
+    if plain is None:  # a block with no real token (all -inf or NaN) seeds no cluster
+        peaks.masked_fill_(peaks <= _NEG_INF_KEY, int_min)
+    if theta is not None:  # noise blocks are masked before the top-k: ties break the same way
+        limit = _theta_key(theta, order.device) if isinstance(theta, float) else _threshold_key(theta)
+        peaks.masked_fill_(peaks < limit, int_min)
+    top_blocks = _top_blocks(peaks, min(num_block, n_blocks))
+    top_peaks = peaks.gather(-1, top_blocks)
+    offsets = _offsets(blk, order.device)
+    cells = torch.add(offsets, top_blocks.unsqueeze(-1), alpha=blk)  # (..., k, blk) top blocks' tokens
+    if n % blk:
+        cells = cells.clamp_max_(n - 1)  # the short last block repeats its last token
+    arg = order.gather(-1, cells.flatten(-2)).view(cells.shape).argmax(dim=-1, keepdim=True)
+    start = cells.gather(-1, arg)  # (..., k, 1) centres: first arg-max of each top block
+    if before:
+        start = start.sub_(before).clamp_min_(0)
+    if lead is None:
+        start = start.clamp_max_(n - blk)
+    else:  # each row's real length
+        start = torch.minimum(start, (n - lead - blk).clamp_min_(0).unsqueeze(-1))
+    span = (start + offsets).flatten(-2)  # (..., k * blk), inside each row's real tokens
+    src = order.gather(-1, span)
+    if plain is not None:
+        key = torch.bitwise_xor(order, int_min)  # a 0-dim tensor: a Python int operand costs 2x here
+        low, sink = _INT32_MIN, _INT32_MAX
+    else:
+        key = order.to(torch.int64)
+        src = src.to(torch.int64).add_((src > _NEG_INF_KEY).to(torch.int64), alpha=_IN_CLUSTER)
+        low, sink = -(1 << 62), _SINK_TIER
+    if top_peaks.amin().item() == _INT32_MIN:  # noise centres write no span: their slots take a max
+        noise = (top_peaks == _INT32_MIN).unsqueeze(-1)
+        src.view(*top_peaks.shape, blk).masked_fill_(noise, low)
+        key = key.scatter_reduce_(-1, span, src, "amax")
+    else:
+        key = key.scatter_(-1, span, src)
+    if n_sink:
+        key.masked_fill_(sink_mask(scores, n_sink), sink)
+    kept = _select(key, budget)
+    return kept if lead is None else ((kept + lead) % n).sort(dim=-1).values
 
 
 def _blocks_variant_b(scores: torch.Tensor, num_block: int, theta, expand: int):
@@ -345,29 +355,18 @@ def dbac(
             raise ValueError("give theta or relative_theta, not both")
         if not relative_theta >= 0:
             raise ValueError(f"relative_theta must be >= 0, got {relative_theta}")
-    if variant == "A" and n_sink == 0:
-        # plain scores have every score finite: m = n in every row
-        plain_theta = theta if relative_theta is None else _relative_theta(relative_theta, n)
-        if (key := _compiled_key(scores, budget, num_block, plain_theta, span_before)) is not None:
-            return _select(key, budget)
-        if (plain := _plain(scores)) is not None:
-            return _dbac_plain(*plain, budget, num_block, plain_theta, span_before)
-    if relative_theta is not None:
-        finite = torch.isfinite(scores).sum(dim=-1, keepdim=True).clamp_min_(1)
-        theta = relative_theta / finite
-    # Left padding (leading -inf) is rolled to the end, so that every row's block grid and span
-    # clamping start at its first real token: a padded row selects what it would select alone.
-    padded = not bool(torch.isfinite(scores[..., 0]).all())
-    lead = 0
-    if padded:
-        lead = (~torch.isfinite(scores)).long().cumprod(dim=-1).sum(dim=-1, keepdim=True)
-        scores = scores.gather(-1, (torch.arange(n, device=scores.device) + lead) % n)
     if variant == "A":
-        clusters = _spans_variant_a(scores, budget, num_block, theta, span_before, n - lead)
-    else:
-        clusters = _blocks_variant_b(scores, num_block, theta, expand)
-    kept = rank_and_select(scores, budget, sink_mask(scores, n_sink), clusters)
-    return ((kept + lead) % n).sort(dim=-1).values if padded else kept
+        return _dbac_a(scores, budget, num_block, theta, relative_theta, span_before, n_sink)
+    if relative_theta is not None:
+        theta = relative_theta / torch.isfinite(scores).sum(dim=-1, keepdim=True).clamp_min_(1)
+    # Left padding is rolled to the end, as in variant A: the blocks start at the first real token.
+    lead = _leading_padding(scores)
+    if lead is not None:
+        scores = scores.gather(-1, (_offsets(n, scores.device) + lead) % n)
+    kept = rank_and_select(
+        scores, budget, sink_mask(scores, n_sink), _blocks_variant_b(scores, num_block, theta, expand)
+    )
+    return kept if lead is None else ((kept + lead) % n).sort(dim=-1).values
 
 
 def topk_indices(scores: torch.Tensor, budget: int, n_sink: int = 0) -> torch.Tensor:

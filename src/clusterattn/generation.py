@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 import torch
 
 from clusterattn.cache import CompressedCache
-from clusterattn.compiled import BACKENDS, compiled_greedy_decode, static_cache
-from clusterattn.integration import kv_bytes, new_cache
+from clusterattn.chunked import check_chunk
+from clusterattn.compiled import BACKENDS, compiled_greedy_decode, static_cache, static_prompt_bytes
+from clusterattn.hf import kv_bytes, new_cache
 from clusterattn.shared_prefill import compressing, run_presses
 from clusterattn.steps import build_prompt, greedy_decode, prefill, prepare_inputs  # noqa: F401
 
@@ -57,6 +58,7 @@ def generate(
     answer_prefix: str = "",
     chat: bool = True,
     compile: bool | str = False,
+    mlp_chunk: int | None = None,
 ) -> GenerationOutput:
     """Greedy generation from a long ``context`` with the prompt cache compressed by ``press``.
 
@@ -72,10 +74,14 @@ def generate(
             (:mod:`clusterattn.compiled`; on CUDA captured in a CUDA graph), for the full cache and
             every press alike; ``True`` uses inductor, a string names the backend (``"eager"``,
             ``"aot_eager"``). Token-identical to the eager path in fp32. The first call compiles.
+        mlp_chunk: run each layer's MLP over at most this many prompt tokens at a time during
+            the prefill (:mod:`clusterattn.chunked`): the same outputs, a lower memory peak at long
+            prompts (the MLP's activations, not the cache, set it there). None: one pass.
 
     Returns:
         :class:`GenerationOutput`; ``stats["prefill_s"]`` excludes ``stats["compress_s"]``.
     """
+    check_chunk(mlp_chunk)
     inputs = prepare_inputs(
         model, tokenizer, context, question, max_new_tokens=max_new_tokens, query_aware=query_aware,
         answer_prefix=answer_prefix, chat=chat,
@@ -93,9 +99,9 @@ def generate(
         cache = CompressedCache(model, press) if selecting else new_cache(model)
     stats = getattr(cache, "stats", None)
     start = time.perf_counter()
-    logits, next_pos = prefill(model, inputs, cache)
+    logits, next_pos = prefill(model, inputs, cache, chunk=mlp_chunk)
     prefill_s = time.perf_counter() - start - (stats.seconds if stats else 0.0)
-    prompt_bytes = kv_bytes(cache) if not compile else _prompt_bytes(cache)
+    prompt_bytes = kv_bytes(cache) if not compile else static_prompt_bytes(cache)
     if compile:
         tokens, texts, decode_s = compiled_greedy_decode(
             model, tokenizer, inputs, cache, logits, next_pos, max_new_tokens=max_new_tokens,
@@ -138,16 +144,3 @@ def generate_many(
         name: _output(inputs, run.tokens, run.texts, run.kv_bytes, run.stats, prefill_s, run.decode_s)
         for name, run in runs.items()
     }
-
-
-def _prompt_bytes(cache) -> int:
-    """KV bytes a static cache's prompt occupies after prefill (its buffers also hold the room
-    reserved for the new tokens, which a dynamic cache does not count yet)."""
-    total = 0
-    for layer in cache.layers:
-        keys = getattr(layer, "keys", None)
-        if not isinstance(keys, torch.Tensor):
-            continue
-        filled = int(layer.length) if hasattr(layer, "length") else int(layer.get_seq_length())
-        total += 2 * keys[:, :, :filled].numel() * keys.element_size()
-    return total

@@ -1,12 +1,13 @@
-"""How a press runs inside a Hugging Face model (transformers 5.2 through 5.24): the attention side.
+"""How a press runs inside a Hugging Face model: the attention side.
 
 The cache side is :mod:`clusterattn.cache` (a compressed layer reports its logical and physical
 lengths, so positions and masks follow from transformers' own code). This module:
 
 - :func:`install` (once per model, idempotent) routes the model's attention through a wrapper
-  registered with ``AttentionInterface`` around its own (sdpa or eager), and adds a forward
-  pre-hook. Both are inert for calls that carry no press: the wrapper calls the model's own
-  attention with the same arguments.
+  around its own (sdpa or eager), registered with transformers through :mod:`clusterattn.hf` (the
+  one module that touches transformers' internals), and adds a forward pre-hook. Both are inert
+  for calls that carry no press: the wrapper calls the model's own attention with the same
+  arguments.
 - The wrapper acts only for a :class:`~clusterattn.cache.CompressedLayer` that announced its keys
   in this thread (:func:`clusterattn.cache.take`): at the end of an armed prefill it hands the
   post-RoPE queries and the layer's full keys to the press and keeps the selection in that layer,
@@ -24,18 +25,12 @@ Sliding-window layers (Gemma3) are never compressed.
 from __future__ import annotations
 
 import contextlib
-import inspect
-import os
-import sys
 import threading
 from collections.abc import Iterator
 
 import torch
-from transformers import AttentionInterface
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from clusterattn import decoding
 from clusterattn.cache import (  # noqa: F401 (re-exported)
     CompressedCache,
     CompressedLayer,
@@ -49,17 +44,29 @@ from clusterattn.cache import (  # noqa: F401 (re-exported)
 )
 from clusterattn.cache import compressible_layers as _config_layers
 from clusterattn.capture import QueryCapture
+from clusterattn.hf import (  # noqa: F401 (cache_kwarg, kv_bytes, masked_gqa, new_cache re-exported)
+    DynamicCache,
+    attn_implementation,
+    base_attention,
+    cache_kwarg,
+    find_cache,
+    is_registered,
+    is_sliding,
+    kv_bytes,
+    masked_gqa,
+    new_cache,
+    prompt_mask,
+    register_attention,
+    set_attn_implementation,
+    text_config,
+)
+from clusterattn.presses.decoding import DecodingPress
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 _PREFIX = "clusterattn_"
 _local = threading.local()  # this thread's active sessions and captures, by id(model)
 _install_lock = threading.Lock()
-
-
-def text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def check_model(model) -> None:
@@ -81,12 +88,6 @@ def attention_modules(model) -> dict[int, torch.nn.Module]:
         if name.endswith("self_attn") and hasattr(module, "layer_idx"):
             found[module.layer_idx] = module
     return found
-
-
-def _base_attention(module, implementation: str):
-    if implementation == "eager":
-        return sys.modules[type(module).__module__].eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
 def _active(kind: str) -> dict:
@@ -112,28 +113,22 @@ def _prompt_padding(mask, batch: int) -> torch.Tensor | None:
     return real
 
 
-def _wider(mask, kv_len: int) -> bool:
-    return isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[-1] > kv_len
-
-
 def _register(implementation: str) -> str:
     name = _PREFIX + implementation
-    if name in ALL_ATTENTION_FUNCTIONS:
+    if is_registered(name):
         return name
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         layer = take(key)
-        if layer is not None and layer.awaiting and _wider(attention_mask, key.shape[2]):
-            # a static cache's prefill under a mask sized for the whole cache (transformers < 5.8
-            # builds it before the forward): the columns past the prompt are the future
-            attention_mask = attention_mask[..., : key.shape[2]]
+        if layer is not None and layer.awaiting:  # the prefill (a static cache's mask may be wider)
+            attention_mask = fit_mask(prompt_mask(attention_mask, key.shape[2]), key.shape[2])
         elif layer is not None and layer.slot_mask is not None and not layer.awaiting:
             attention_mask = layer.slot_attention_mask(
                 attention_mask, query.shape[2], key.shape[2], query.dtype
             )
-        elif not _sliding(module):  # full-attention layers: their own cache length (PyramidKV)
+        elif not is_sliding(module):  # full-attention layers: their own cache length (PyramidKV)
             attention_mask = fit_mask(attention_mask, key.shape[2])
-        output = _base_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
+        output = base_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
         scaling = kwargs.get("scaling", module.scaling)
         if layer is not None and layer.awaiting:
             layer.awaiting = False
@@ -145,20 +140,17 @@ def _register(implementation: str) -> str:
                     "different padding; pass equal-length prompts"
                 )
             compress_layer(layer, plan, query, key, value, scaling, pad_mask)
+            if isinstance(plan.press, DecodingPress):
+                decoding.start(layer, plan.press, query)
+        elif layer is not None and layer.decoder is not None:
+            decoding.observe(layer, query, scaling)
         capture = _active("captures").get(getattr(module, "_clusterattn_owner", None))
         if capture is not None:
             capture.on_attention(module, query, key, value, scaling)
         return output
 
-    AttentionInterface.register(name, attention)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
+    register_attention(name, attention, like=implementation)
     return name
-
-
-def _sliding(module) -> bool:
-    """True for the attention module of a sliding-window layer (``config.layer_types``)."""
-    kinds = getattr(getattr(module, "config", None), "layer_types", None)
-    return bool(kinds) and kinds[module.layer_idx] == "sliding_attention"
 
 
 def fit_mask(mask, kv_len: int):
@@ -180,34 +172,6 @@ def fit_mask(mask, kv_len: int):
         return mask[..., -kv_len:]
     visible = torch.ones if mask.dtype == torch.bool else torch.zeros
     return torch.cat([visible((*mask.shape[:-1], extra), dtype=mask.dtype, device=mask.device), mask], -1)
-
-
-def cache_kwarg(model) -> str:
-    """Name of ``model.forward``'s cache argument (``cache`` from 5.24, ``past_key_values`` before)."""
-    parameters = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
-def new_cache(model) -> Cache:
-    """An empty dynamic cache with the right layer type per layer (sliding layers for Gemma3)."""
-    return DynamicCache(config=model.config)
-
-
-def find_cache(args, kwargs) -> Cache | None:
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, Cache):
-            return value
-    return None
-
-
-def kv_bytes(cache: Cache) -> int:
-    """Bytes held by the keys and values of every layer of ``cache``."""
-    total = 0
-    for layer in cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
 
 
 class PressSession:
@@ -267,7 +231,7 @@ def _before_forward(model, args, kwargs):
 
 
 def _check_wrapped(model) -> None:
-    implementation = text_config(model)._attn_implementation
+    implementation = attn_implementation(model)
     if not implementation.startswith(_PREFIX):
         raise RuntimeError(
             f"the model's attention implementation was changed to {implementation!r} after clusterattn "
@@ -280,7 +244,7 @@ def install(model) -> None:
     """Route ``model``'s attention through the press-aware wrapper and add the pre-hook; once per
     model (idempotent, thread-safe). Calls that carry no press compute exactly what they did."""
     with _install_lock:
-        implementation = text_config(model)._attn_implementation
+        implementation = attn_implementation(model)
         if getattr(model, "_clusterattn_hook", None) is not None and implementation.startswith(_PREFIX):
             return
         check_model(model)
@@ -290,7 +254,7 @@ def install(model) -> None:
                 f"attn_implementation in {SUPPORTED_ATTENTION}"
             )
         if not implementation.startswith(_PREFIX):
-            model.set_attn_implementation(_register(implementation))
+            set_attn_implementation(model, _register(implementation))
         for module in attention_modules(model).values():
             module._clusterattn_owner = id(model)
         if getattr(model, "_clusterattn_hook", None) is None:
@@ -300,9 +264,9 @@ def install(model) -> None:
 def uninstall(model) -> None:
     """Undo :func:`install`: the model's own attention again, no hook."""
     with _install_lock:
-        implementation = text_config(model)._attn_implementation
+        implementation = attn_implementation(model)
         if implementation.startswith(_PREFIX):
-            model.set_attn_implementation(implementation[len(_PREFIX) :])
+            set_attn_implementation(model, implementation[len(_PREFIX) :])
         handle = getattr(model, "_clusterattn_hook", None)
         if handle is not None:
             handle.remove()
@@ -330,7 +294,7 @@ def apply_press(model, press) -> Iterator[PressSession]:
             "this model has no full-attention layer to compress (every layer uses a sliding window: "
             f"sliding_window={getattr(text_config(model), 'sliding_window', None)})"
         )
-    press.warm_up()  # e.g. load a compiled kernel now, not inside the first timed compression
+    press.warm_up()  # its one-time set-up now, not inside the first timed compression
     with _scoped(model, "sessions", PressSession(model, press), "a press is already applied to this model"):
         yield _active("sessions")[id(model)]
 
@@ -347,31 +311,3 @@ def capturing_queries(model) -> Iterator[QueryCapture]:
     capture = QueryCapture(compressible_layers(model))
     with _scoped(model, "captures", capture, "queries are already being captured on this model"):
         yield capture
-
-
-_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
-
-
-@contextlib.contextmanager
-def masked_gqa(active: bool = True) -> Iterator[None]:
-    """Let sdpa take grouped KV heads together with an attention mask while decoding a padded batch.
-
-    With a mask, transformers' sdpa path copies every KV head to each of its query heads (the whole
-    cache, per layer and step: 2.0 s per step for 25 SmolLM2 rows at 2k against 0.36 s without the
-    copy). torch's CPU kernels accept grouped heads with a mask directly, with the same arithmetic,
-    so on CPU this swaps transformers' ``use_gqa_in_sdpa`` predicate for one that says yes (the same
-    in transformers 5.2 and 5.24; 5.24's ``TRANSFORMERS_SDPA_FORCE_GQA`` does not exist in 5.2). On
-    accelerators the copy is the fast path, and a user's own ``TRANSFORMERS_SDPA_FORCE_GQA`` is
-    respected: both leave transformers unchanged.
-    """
-    from transformers.integrations import sdpa_attention
-
-    if not active or torch.cuda.is_available() or os.environ.get(_FORCE_GQA) is not None:
-        yield
-        return
-    original = sdpa_attention.use_gqa_in_sdpa
-    sdpa_attention.use_gqa_in_sdpa = lambda *args, **kwargs: True
-    try:
-        yield
-    finally:
-        sdpa_attention.use_gqa_in_sdpa = original

@@ -13,9 +13,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache
 
+from clusterattn import decoding
 from clusterattn.cache import CompressedLayer, CompressionStats, Plan, compress_layer
+from clusterattn.hf import Cache, fill_layer
+from clusterattn.presses.decoding import DecodingPress
 
 
 class Recorder:
@@ -68,12 +70,14 @@ def replay(record: PrefillRecord, press) -> tuple[Cache, CompressionStats]:
         for rank, layer_idx in enumerate(record.layers):
             source = record.cache.layers[layer_idx]
             layer = CompressedLayer(layer_idx, plan)
-            layer.lazy_initialization(source.keys, source.values)
-            layer.keys, layer.values, layer.plan = source.keys, source.values, None
+            fill_layer(layer, source.keys, source.values)
+            layer.plan = None
             compress_layer(
                 layer, plan, record.queries[rank], source.keys, source.values, record.scaling[rank],
                 record.pad_mask,
             )  # fmt: skip
+            if isinstance(press, DecodingPress):  # its window starts with the prompt's last queries
+                decoding.start(layer, press, record.queries[rank])
             cache.layers[layer_idx] = layer
     plan.stats.seconds = time.perf_counter() - start
     return cache, plan.stats

@@ -134,27 +134,32 @@ def accumulated_scores(
     pad_mask: torch.Tensor | None = None,
     chunk_size: int = 128,
 ) -> torch.Tensor:
-    """H2O heavy-hitter scores: attention received from *every* prompt query, summed.
+    """H2O heavy-hitter scores: attention received from *every* observed query, summed.
 
     Computed in query chunks of ``chunk_size`` so at most ``chunk_size x seq`` scores per head exist
-    at once. ``query`` must cover the whole prompt (``q_len == seq``). Each chunk goes through
-    :func:`_column_sums`, which never materialises probabilities (a 4-5x saving over softmax + sum
-    on CPU at 2k-4k tokens).
+    at once. ``query`` ``(batch, q_heads, q_len, head_dim)`` holds the queries of the last ``q_len``
+    of the ``seq`` key positions: the whole prompt at prefill (``q_len == seq``), the last observed
+    tokens while decoding. Each chunk goes through :func:`_column_sums`, which never materialises
+    probabilities (a 4-5x saving over softmax + sum on CPU at 2k-4k tokens).
 
     Returns:
         ``(batch, kv_heads, seq)`` fp32 scores; pads score ``-inf``.
     """
-    batch, q_heads, seq, dim = query.shape
-    if seq != key.shape[2]:
-        raise ValueError(f"accumulated_scores needs one query per key, got {seq} and {key.shape[2]}")
+    batch, q_heads, q_len, dim = query.shape
+    seq = key.shape[2]
+    if not 0 < q_len <= seq:
+        raise ValueError(f"accumulated_scores needs 1 to {seq} queries (one per key at most), got {q_len}")
+    offset = seq - q_len  # key position of the first query
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
-    scaled = (query.float() * scaling).view(batch, kv_heads, group, seq, dim)
+    scaled = (query.float() * scaling).view(batch, kv_heads, group, q_len, dim)
     keys_t = key.float().transpose(-1, -2)  # (batch, kv_heads, dim, seq)
     total = torch.zeros(batch, kv_heads, group, seq, dtype=torch.float32, device=key.device)
-    for start in range(0, seq, chunk_size):  # chunks bound memory; the work inside is vectorised
-        stop = min(start + chunk_size, seq)
-        total[..., :stop] += _column_sums(scaled[:, :, :, start:stop], keys_t, start, pad_mask)
+    for start in range(0, q_len, chunk_size):  # chunks bound memory; the work inside is vectorised
+        stop = min(start + chunk_size, q_len)
+        total[..., : offset + stop] += _column_sums(
+            scaled[:, :, :, start:stop], keys_t, offset + start, pad_mask
+        )
     scores = _group_reduce(total.view(batch, q_heads, seq), kv_heads, aggregation)
     if pad_mask is not None:
         scores = scores.masked_fill(~pad_mask[:, None, :], float("-inf"))

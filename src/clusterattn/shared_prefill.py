@@ -18,7 +18,7 @@ import torch
 
 from clusterattn.batching import batch_key, is_padded, stack_caches, stack_padded
 from clusterattn.cache import CompressionStats
-from clusterattn.integration import kv_bytes, masked_gqa
+from clusterattn.hf import kv_bytes, masked_gqa
 from clusterattn.replay import replay
 from clusterattn.steps import Inputs, NoPress, greedy_decode, record_prefill
 

@@ -14,9 +14,9 @@ written yet.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import StaticCache
 
 from clusterattn.cache import CompressedLayer, CompressionStats, Plan, announce, arm, cache_stats, prepare
+from clusterattn.hf import StaticCache
 
 
 class CompressedStaticLayer(CompressedLayer):

@@ -13,7 +13,8 @@ import torch
 
 from clusterattn.batching import select_rows
 from clusterattn.cache import CompressedCache, CompressedLayer
-from clusterattn.integration import cache_kwarg
+from clusterattn.chunked import mlp_chunks
+from clusterattn.hf import cache_kwarg
 from clusterattn.replay import PrefillRecord, Recorder
 
 _PLACEHOLDER = "\u2063clusterattn-context\u2063"
@@ -124,14 +125,16 @@ def prepare_inputs(
     return Inputs(prompt_ids.to(device), prompt_mask.to(device), rest, batched, pad_id)
 
 
-def prefill(model, inputs: Inputs, cache):
+def prefill(model, inputs: Inputs, cache, *, chunk: int | None = None):
     """One prefill of ``inputs.prompt_ids`` into ``cache`` (compressed when the cache is armed);
-    returns the last logits ``(batch, 1, vocab)`` and each row's next position ``(batch,)``."""
+    returns the last logits ``(batch, 1, vocab)`` and each row's next position ``(batch,)``.
+    ``chunk``: run the MLPs over at most that many tokens at a time (:mod:`clusterattn.chunked`)."""
     positions = (inputs.prompt_mask.cumsum(-1) - 1).clamp_min(0)
-    logits = model(
-        input_ids=inputs.prompt_ids, attention_mask=inputs.prompt_mask, position_ids=positions,
-        use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache},
-    ).logits  # fmt: skip
+    with mlp_chunks(model, chunk):
+        logits = model(
+            input_ids=inputs.prompt_ids, attention_mask=inputs.prompt_mask, position_ids=positions,
+            use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache},
+        ).logits  # fmt: skip
     return logits, positions[:, -1] + 1
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from clusterattn.analysis.data import TaskSample
-from clusterattn.integration import cache_kwarg
+from clusterattn.hf import cache_kwarg
 from clusterattn.presses.clusterattn import ClusterAttnPress
 from clusterattn.replay import replay
 from clusterattn.steps import NoPress, prepare_inputs, record_prefill

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from clusterattn.analysis.metrics import decode_attention
-from clusterattn.integration import capturing_queries, new_cache
+from clusterattn.hf import new_cache
+from clusterattn.integration import capturing_queries
 from clusterattn.steps import greedy_decode, prefill, prepare_inputs
 
 

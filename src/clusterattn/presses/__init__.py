@@ -3,6 +3,7 @@
 from clusterattn.presses.base import BasePress, WindowPress
 from clusterattn.presses.chunkkv import ChunkKVPress
 from clusterattn.presses.clusterattn import ClusterAttnPress
+from clusterattn.presses.decoding import DecodingPress
 from clusterattn.presses.full import FullKV
 from clusterattn.presses.h2o import H2OPress
 from clusterattn.presses.pyramidkv import PyramidKVPress
@@ -27,6 +28,7 @@ __all__ = [
     "WindowPress",
     "FullKV",
     "ClusterAttnPress",
+    "DecodingPress",
     "SnapKVPress",
     "ChunkKVPress",
     "StreamingLLMPress",

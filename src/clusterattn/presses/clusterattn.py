@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from clusterattn import dbac_compiled
 from clusterattn.dbac import MAX_CLUSTERS, VARIANTS, dbac
 from clusterattn.presses.base import WindowPress, check_choice, check_float, check_int
 from clusterattn.scoring import AGGREGATIONS, window_scores
@@ -99,10 +98,6 @@ class ClusterAttnPress(WindowPress):
         """Most recent prefix tokens kept outright out of a prefix budget of ``budget``:
         ``round(recent_ratio * budget)``, leaving room for the ``n_sink`` sinks."""
         return min(round(self.recent_ratio * budget), budget - self.n_sink)
-
-    def warm_up(self) -> None:
-        """Load the compiled DBAC kernel (:mod:`clusterattn.dbac_compiled`) before the first prompt."""
-        dbac_compiled.warm_up()
 
     def select_prefix(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
         """``(batch, kv_heads, budget)`` sorted prefix indices from ``scores``

@@ -44,7 +44,7 @@ def parse_press(spec: str | None) -> BasePress | None:
             f"{type(press).__name__} gives layers different budgets; the paged cache of vLLM holds "
             "one length per request for all layers: use a uniform press"
         )
-    press.warm_up()  # once per spec (cached): the first request does not load a compiled kernel
+    press.warm_up()  # once per spec (cached): a press's one-time set-up runs before the first request
     return press
 
 

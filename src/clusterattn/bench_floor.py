@@ -1,0 +1,57 @@
+"""The memory-bandwidth floor of a decode step, measured on the machine that runs the bench.
+
+A decode step reads every weight once and the whole cache once; nothing can make it faster than
+those bytes divided by the memory bandwidth. :func:`copy_bandwidth` measures the bandwidth the way
+STREAM's copy kernel does (bytes read plus bytes written, per second, of a large tensor copy on the
+bench's own device and threads), and :func:`floor_ms` turns a step's bytes into the floor that
+``clusterattn bench`` and ``benchmarks/gpu_bench.py`` print beside each decode time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from clusterattn.timing import synchronize
+
+__all__ = ["copy_bandwidth", "floor_ms", "weight_bytes"]
+
+
+def copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 2**28, repeats: int = 7) -> float:
+    """Median bytes/s (read + written) of ``dst.copy_(src)`` over ``nbytes``-byte float32 tensors on
+    ``device``, after one untimed copy; larger than any cache's last-level cache, so it measures
+    memory, not cache, bandwidth."""
+    device = torch.device(device)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / statistics.median(times)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every parameter once (tied ones once), except an
+    untied input embedding, of which a step reads one row per token."""
+    seen, total = set(), 0
+    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = output is not None and embedding is not None and output.weight is embedding
+    for param in model.parameters():
+        if id(param) in seen or (param is embedding and not tied):
+            continue
+        seen.add(id(param))
+        total += param.numel() * param.element_size()
+    return total
+
+
+def floor_ms(weights: int, cache: int, bandwidth: float) -> float:
+    """Milliseconds to read ``weights + cache`` bytes at ``bandwidth`` bytes/s."""
+    return 1000 * (weights + cache) / bandwidth

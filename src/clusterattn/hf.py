@@ -1,0 +1,178 @@
+"""Everything clusterattn uses of transformers beyond its Auto classes, in one module.
+
+Supported: transformers 5.2 through 5.24 (both ends are tested). What differs between them is
+handled here and nowhere else:
+
+- the name of ``model.forward``'s cache argument (``cache`` from 5.24, ``past_key_values`` before);
+- a static cache's prefill mask, which transformers < 5.8 sizes for the whole preallocated cache
+  (:func:`prompt_mask`);
+- sdpa's grouped-query predicate (``use_gqa_in_sdpa``; ``TRANSFORMERS_SDPA_FORCE_GQA`` exists only
+  in 5.24) behind :func:`masked_gqa`.
+
+The rest of the package reaches transformers through these names: the cache and layer classes the
+compressed cache builds on (:mod:`clusterattn.cache` and :mod:`clusterattn.static_cache` subclass
+the layers and override their public protocol: ``update``, ``get_seq_length``, ``get_mask_sizes``,
+...), the attention-function registry (:func:`register_attention`, :func:`base_attention`), the
+model's attention implementation, and the few layer internals a copied or stacked cache needs
+(:func:`fill_layer`, :func:`extend_layers`). ``tests/test_packaging.py`` checks that no other module
+imports transformers' submodules or touches these internals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import sys
+from collections.abc import Callable, Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+__all__ = [
+    "Cache",
+    "DynamicCache",
+    "DynamicLayer",
+    "StaticCache",
+    "StaticLayer",
+    "attn_implementation",
+    "base_attention",
+    "cache_kwarg",
+    "extend_layers",
+    "fill_layer",
+    "find_cache",
+    "is_registered",
+    "is_sliding",
+    "kv_bytes",
+    "masked_gqa",
+    "new_cache",
+    "prompt_mask",
+    "register_attention",
+    "set_attn_implementation",
+    "text_config",
+]
+
+
+def text_config(model_or_config):
+    """The text part of a model's (or a config's) configuration (Gemma3's multimodal config has one)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def attn_implementation(model) -> str:
+    """The name of the attention function ``model`` runs (``"sdpa"``, ``"eager"``, a registered one)."""
+    return text_config(model)._attn_implementation
+
+
+def set_attn_implementation(model, name: str) -> None:
+    """Make ``model`` run the attention function registered as ``name``."""
+    model.set_attn_implementation(name)
+
+
+def is_registered(name: str) -> bool:
+    """True when an attention function ``name`` is registered."""
+    return name in ALL_ATTENTION_FUNCTIONS
+
+
+def register_attention(name: str, function: Callable, like: str) -> None:
+    """Register ``function`` as attention implementation ``name``, masks built as for ``like``."""
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[like])
+
+
+def base_attention(module, implementation: str) -> Callable:
+    """The attention function ``implementation`` (``"sdpa"`` or ``"eager"``) of ``module``'s model
+    family (eager attention is defined per modeling file)."""
+    if implementation == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def is_sliding(module) -> bool:
+    """True for the attention module of a sliding-window layer (``config.layer_types``)."""
+    kinds = getattr(getattr(module, "config", None), "layer_types", None)
+    return bool(kinds) and kinds[module.layer_idx] == "sliding_attention"
+
+
+def prompt_mask(mask, kv_len: int):
+    """The prefill's 4-D mask cut to the ``kv_len`` prompt keys: a static cache's prefill runs under
+    a mask sized for the whole preallocated cache in transformers < 5.8 (built before the forward);
+    its columns past the prompt are the future. Other masks are returned as they are."""
+    if isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[-1] > kv_len:
+        return mask[..., :kv_len]
+    return mask
+
+
+def cache_kwarg(model) -> str:
+    """Name of ``model.forward``'s cache argument (``cache`` from 5.24, ``past_key_values`` before)."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def new_cache(model) -> Cache:
+    """An empty dynamic cache with the right layer type per layer (sliding layers for Gemma3)."""
+    return DynamicCache(config=model.config)
+
+
+def find_cache(args, kwargs) -> Cache | None:
+    """The first :class:`Cache` among a call's arguments, or None."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Cache):
+            return value
+    return None
+
+
+def kv_bytes(cache: Cache) -> int:
+    """Bytes held by the keys and values of every layer of ``cache``."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def fill_layer(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Make the empty ``layer`` hold ``keys`` and ``values`` ``(batch, kv_heads, seq, head_dim)``
+    (the tensors themselves, not copies), as if a prefill had written them."""
+    layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values
+
+
+def extend_layers(cache: Cache, n_layers: int) -> None:
+    """Give a cache built without a config (which adds layers lazily) its ``n_layers`` layers now,
+    so that individual layers can be replaced before the first forward."""
+    if len(cache.layers) < n_layers:
+        cache.layers.extend(DynamicLayer() for _ in range(n_layers - len(cache.layers)))
+        cache.layer_class_to_replicate = None
+
+
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+@contextlib.contextmanager
+def masked_gqa(active: bool = True) -> Iterator[None]:
+    """Let sdpa take grouped KV heads together with an attention mask while decoding a padded batch.
+
+    With a mask, transformers' sdpa path copies every KV head to each of its query heads (the whole
+    cache, per layer and step: 2.0 s per step for 25 SmolLM2 rows at 2k against 0.36 s without the
+    copy). torch's CPU kernels accept grouped heads with a mask directly, with the same arithmetic,
+    so on CPU this swaps transformers' ``use_gqa_in_sdpa`` predicate for one that says yes (the same
+    in transformers 5.2 and 5.24; 5.24's ``TRANSFORMERS_SDPA_FORCE_GQA`` does not exist in 5.2). On
+    accelerators the copy is the fast path, and a user's own ``TRANSFORMERS_SDPA_FORCE_GQA`` is
+    respected: both leave transformers unchanged.
+    """
+    from transformers.integrations import sdpa_attention
+
+    if not active or torch.cuda.is_available() or os.environ.get(_FORCE_GQA) is not None:
+        yield
+        return
+    original = sdpa_attention.use_gqa_in_sdpa
+    sdpa_attention.use_gqa_in_sdpa = lambda *args, **kwargs: True
+    try:
+        yield
+    finally:
+        sdpa_attention.use_gqa_in_sdpa = original
