@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 import clusterattn
 from clusterattn.eval import runner
@@ -37,7 +38,8 @@ def fake_samples(config, task, length, tokenizer):
 def patched(llama, monkeypatch):
     loads = []
 
-    def load_model(name):
+    def load_model(name, dtype=torch.float32):
+        assert dtype == torch.float32  # the default --dtype
         loads.append(name)
         return llama, TOK
 
@@ -172,14 +174,14 @@ def test_cli_forwards_every_option(tmp_path, monkeypatch):
         "eval", "--models", "smollm2-135m", "--tasks", "vt", "--lengths", "300", "--presses", "full",
         "--budgets", "64", "--settings", "query_agnostic", "--samples", "3",
         "--seed", "5", "--profile", str(profile), "--max-new-tokens", "7", "--retry-failed",
-        "--out", str(tmp_path / "out"),
+        "--dtype", "bfloat16", "--out", str(tmp_path / "out"),
     ])  # fmt: skip
     (config,) = seen
     expected = {
         "models": ["smollm2-135m"], "tasks": ["vt"], "lengths": [300], "presses": ["full"],
         "peers": [], "budgets": ["64"], "settings": ["query_agnostic"], "samples": 3, "seed": 5,
         "profile": str(profile), "max_new_tokens": 7, "retry_failed": True, "out": str(tmp_path / "out"),
-        "longbench": None,
+        "longbench": None, "dtype": "bfloat16",
     }  # fmt: skip
     missing = {f.name for f in dataclasses.fields(config)} - set(expected) - {"batch", "peer_python"}
     assert not missing, f"CLI options not checked: {missing}"
@@ -248,6 +250,17 @@ def test_run_json_names_the_commit_the_run_started_on(patched, tmp_path, monkeyp
     )
     info = json.loads((tmp_path / "run.json").read_text())
     assert info["finished"] and info["git_commit"] == "aaa"
+
+
+def test_a_run_folder_keeps_its_dtype(tmp_path):
+    from clusterattn.eval.runner import EvalConfig, _check_same_dtype
+
+    (tmp_path / "run.json").write_text('{"seed": 0, "arguments": {"samples": 3}}')  # before --dtype
+    _check_same_dtype(tmp_path / "run.json", "float32")
+    with pytest.raises(ValueError, match="--dtype float32"):
+        _check_same_dtype(tmp_path / "run.json", "bfloat16")
+    with pytest.raises(ValueError, match="dtype"):
+        EvalConfig(dtype="float16")
 
 
 def test_a_run_folder_keeps_its_seed(tmp_path):

@@ -114,6 +114,7 @@ def _eval(args) -> int:
         profile=args.profile,
         retry_failed=args.retry_failed,
         max_new_tokens=args.max_new_tokens,
+        dtype=args.dtype,
     )  # fmt: skip  (validated here, before any model loads)
     run_eval(config)
     write_report(args.out, doc=args.doc)
@@ -172,6 +173,10 @@ def _add_eval(sub) -> None:
     ev.add_argument(
         "--max-new-tokens", type=int, default=None, help="cap on each task's own generation length"
     )
+    ev.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"],
+        help="model dtype, ours and the kvpress worker's (one per output folder)",
+    )  # fmt: skip
     ev.add_argument("--retry-failed", action="store_true", help="rerun samples recorded as failed")
     ev.add_argument("--out", default="runs/eval", help="output folder (resumed when it exists)")
     ev.add_argument("--doc", default=None, help="Markdown file whose eval section is rewritten")

@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"job version {spec.get('version')} != {JOB_VERSION}")
     import kvpress  # noqa: F401  (patches attention for AdaKV's masked heads)
 
-    model, tokenizer = ca.load_model(spec["model"])
+    model, tokenizer = ca.load_model(spec["model"], dtype=getattr(torch, spec.get("dtype", "float32")))
     from clusterattn.eval.predictions import open_for_append
 
     with open_for_append(Path(argv[1])) as sink:

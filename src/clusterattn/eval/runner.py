@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from clusterattn.eval.grid import SETTINGS, answer_all
@@ -36,6 +37,10 @@ from clusterattn.eval.spec import PressSpec, budget_label, parse_budget, parse_p
 
 DEFAULT_PRESSES = ("full", "clusterattn", "snapkv", "chunkkv", "streamingllm", "h2o", "pyramidkv")
 ROOT = Path(__file__).resolve().parents[3]
+
+
+DTYPES = ("float32", "bfloat16")
+"""Model dtypes of an evaluation: fp32, or bf16 where it keeps answers (a check set decides)."""
 
 
 @dataclass
@@ -56,6 +61,7 @@ class EvalConfig:
     profile: str | None = None
     retry_failed: bool = False
     max_new_tokens: int | None = None  # caps each task's own generation length (recorded in run.json)
+    dtype: str = "float32"  # the models' weights and activations, ours and the kvpress worker's alike
     batch: bool = True
     peer_python: str = str(ROOT / ".venv-peers" / "bin" / "python")
 
@@ -85,6 +91,8 @@ class EvalConfig:
             or self.max_new_tokens < 1
         ):
             raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise ValueError(f"samples must be a positive int, got {self.samples!r}")
         if self.longbench is None:
@@ -209,12 +217,13 @@ def run_eval(config: EvalConfig, *, progress: bool = True) -> Path:
 
     out = Path(config.out)
     _check_same_seed(out / "run.json", config.seed)
+    _check_same_dtype(out / "run.json", config.dtype)
     out.mkdir(parents=True, exist_ok=True)
     pred_path = out / "predictions.jsonl"
     info = _run_info(config, time.time())
     _write_run_json(out, info, None)
     for model_name in config.models:
-        model, tokenizer = ca.load_model(model_name)
+        model, tokenizer = ca.load_model(model_name, dtype=getattr(torch, config.dtype))
         cells = [(length, task) for length in config.lengths for task in config.tasks]
         bar = tqdm(total=len(cells), desc=f"eval {model_name}", unit="cell", disable=not progress)
         for length, task in cells:
@@ -297,7 +306,8 @@ def _run_peers(config: EvalConfig, model_name: str, samples, out: Path, pred_pat
     if not jobs:
         return
     job_path = out / "peer_job.json"
-    job_path.write_text(json.dumps({"version": JOB_VERSION, "model": model_name, "jobs": jobs}))
+    job = {"version": JOB_VERSION, "model": model_name, "dtype": config.dtype, "jobs": jobs}
+    job_path.write_text(json.dumps(job))
     command = [config.peer_python, "-m", "clusterattn.eval.peer_worker", str(job_path), str(pred_path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     result = subprocess.run(command, env=env, check=False)
@@ -317,6 +327,20 @@ def _check_same_seed(path: Path, seed: int) -> None:
         raise ValueError(
             f"{path.parent} holds a run with --seed {earlier}; use another --out folder for --seed {seed} "
             f"(or --seed {earlier} to resume it)"
+        )
+
+
+def _check_same_dtype(path: Path, dtype: str) -> None:
+    """Refuse to resume or extend a run folder made in another dtype (older folders: float32): a
+    resumed run would mix the two in one table."""
+    try:
+        earlier = json.loads(path.read_text()).get("arguments", {}).get("dtype", "float32")
+    except (OSError, ValueError, AttributeError):
+        return
+    if earlier != dtype:
+        raise ValueError(
+            f"{path.parent} holds a run in {earlier}; use another --out folder for --dtype {dtype} "
+            f"(or --dtype {earlier} to resume it)"
         )
 
 
