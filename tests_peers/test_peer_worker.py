@@ -332,7 +332,10 @@ def test_worker_rows_equal_kvpress_pipeline_answers(sharp_model, tmp_path, monke
 
     model = sharp_model
 
-    monkeypatch.setattr(clusterattn, "load_model", lambda name: (model, IdTokenizer()))
+    loads = []
+    monkeypatch.setattr(
+        clusterattn, "load_model", lambda name, dtype: loads.append(dtype) or (model, IdTokenizer())
+    )
     context = " ".join(str(int(t)) for t in prompt_ids(3)[0])
     sample = Sample(
         task="niah_single_1", length=PROMPT, index=0, context=context, question="5 6", answer_prefix="",
@@ -342,6 +345,7 @@ def test_worker_rows_equal_kvpress_pipeline_answers(sharp_model, tmp_path, monke
     job_path, out = tmp_path / "job.json", tmp_path / "predictions.jsonl"
     job_path.write_text(json.dumps({"version": 1, "model": "tiny", "jobs": [job]}))
     assert main([str(job_path), str(out)]) == 0
+    assert loads == [torch.float32]  # a job without a dtype: fp32 (the runner writes its --dtype)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["press"] for r in rows] == [p[2] for p in presses]
     assert rows[0]["error"] is None and rows[0]["kept"] == 96 and rows[0]["score"] in (0.0, 1.0)
