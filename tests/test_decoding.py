@@ -11,6 +11,8 @@ from transformers import DynamicCache, StaticCache
 import clusterattn as ca
 from clusterattn.cache import gather_kv
 from clusterattn.integration import capturing_queries, compressible_layers
+from clusterattn.shared_prefill import run_presses
+from clusterattn.steps import prepare_inputs
 from conftest import tiny_model
 from test_presses import PRESS_FACTORIES
 
@@ -162,8 +164,16 @@ def test_every_way_of_driving_the_model_gives_the_same_tokens():
     explicit = model.generate(ids, past_key_values=ca.CompressedCache(model, wrapper), max_new_tokens=30,
                               min_new_tokens=30, do_sample=False)  # fmt: skip
     assert torch.equal(under, explicit)
-    many = ca.generate_many(model, TOK, text, presses={"dec": wrapper}, max_new_tokens=30, chat=False)
-    assert torch.equal(many["dec"].tokens, first.tokens)
+    other = ca.DecodingPress(ca.ClusterAttnPress(budget=40, window_size=8), budget=24, interval=4)
+    presses = {"dec": wrapper, "other": other, "prompt only": ca.ClusterAttnPress(budget=40, window_size=8)}
+    many = ca.generate_many(model, TOK, text, presses=presses, max_new_tokens=30, chat=False)
+    assert torch.equal(many["dec"].tokens, first.tokens)  # each keeps its own budget and schedule
+    inputs = prepare_inputs(model, TOK, text, None, max_new_tokens=30, query_aware=True, chat=False)
+    batched, _ = run_presses(model, TOK, inputs, presses, max_new_tokens=30, batch=True)  # the eval grid's
+    for name in ("other", "prompt only"):
+        alone = ca.generate(model, TOK, text, press=presses[name], max_new_tokens=30, chat=False)
+        assert torch.equal(many[name].tokens, alone.tokens), name
+        assert torch.equal(batched[name].tokens, alone.tokens), name
 
 
 def test_bad_arguments_and_static_caches_are_refused():

@@ -13,7 +13,6 @@ presses and kvpress's alike.
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -35,13 +34,16 @@ def batch_key(cache: Cache, *, plain: bool = False) -> tuple:
 
     A compressed cache (our presses) joins any compressed cache of the same prompt whose other
     (uncompressed, sliding-window) layers hold the same lengths: its key is
-    ``("padded", "compressed", those lengths...)``. With ``plain=True``, a cache without compression
+    ``("padded", "compressed", those lengths...)``. A cache that compresses while decoding
+    (``DecodingPress``) decodes alone. With ``plain=True``, a cache without compression
     and one length across its layers joins :data:`PADDED` (its decode passes the padding mask as
     ``attention_mask``, as kvpress's pipeline does). Any other plain cache batches only with caches
     of the very same shape. :func:`is_padded` tells the padded keys apart.
     """
     lengths = tuple(layer.keys.shape[2] for layer in cache.layers)
     compressed = _compressed(cache)
+    if any(cache.layers[i].decoder is not None for i in compressed):
+        return ("alone", id(cache))  # it re-selects while decoding, on its own budget and schedule
     if compressed:
         return (*PADDED, "compressed", *(n for i, n in enumerate(lengths) if i not in compressed))
     if plain and len(set(lengths)) == 1:
@@ -102,9 +104,8 @@ def _stack_compressed(caches: list[Cache]) -> Cache:
             rows.append(F.pad(own, (width - w, 0), value=False))
         real = torch.cat(rows)
         layer.slot_mask = None if bool(real.all()) else real
-        if first.decoder is not None:  # decode-phase compression: one window per row
-            windows = [source.decoder.queries for source in sources]
-            layer.decoder = dataclasses.replace(first.decoder, queries=torch.cat(windows))
+        if any(source.decoder is not None for source in sources):
+            raise ValueError("a cache that compresses while decoding decodes alone (see batch_key)")
         merged.layers.append(layer)
     return merged
 
