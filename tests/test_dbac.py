@@ -160,6 +160,16 @@ def test_bad_arguments(kwargs, error, word):
         dbac(torch.rand(1, 10), **kwargs)
 
 
+def test_an_int_threshold_is_the_same_number_as_a_float():
+    scores = torch.rand(2, 3, 300) * 2
+    for kwargs in ({}, {"n_sink": 2}):
+        assert torch.equal(dbac(scores, 60, theta=1, **kwargs), dbac(scores, 60, theta=1.0, **kwargs))
+    padded = scores.clone()
+    padded[0, :, :40] = float("-inf")
+    assert torch.equal(dbac(padded, 60, theta=1), dbac(padded, 60, theta=1.0))
+    assert torch.equal(dbac(scores, 60, theta=torch.tensor(1)), dbac(scores, 60, theta=1.0))
+
+
 def test_float64_scores_rank_like_float32():
     scores = torch.rand(3, 4, 500)
     for kwargs in ({}, {"n_sink": 2}, {"variant": "B", "num_block": 7}):

@@ -241,7 +241,10 @@ def _dbac_a(scores, budget: int, num_block: int, theta, relative_theta, span_bef
     if plain is None:  # a block with no real token (all -inf or NaN) seeds no cluster
         peaks.masked_fill_(peaks <= _NEG_INF_KEY, int_min)
     if theta is not None:  # noise blocks are masked before the top-k: ties break the same way
-        limit = _theta_key(theta, order.device) if isinstance(theta, float) else _threshold_key(theta)
+        if isinstance(theta, torch.Tensor):
+            limit = _threshold_key(theta.to(order.device))
+        else:  # a Python number (an int too)
+            limit = _theta_key(float(theta), order.device)
         peaks.masked_fill_(peaks < limit, int_min)
     top_blocks = _top_blocks(peaks, min(num_block, n_blocks))
     top_peaks = peaks.gather(-1, top_blocks)
