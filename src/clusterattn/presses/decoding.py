@@ -34,7 +34,8 @@ class DecodingPress:
 
     Args:
         press: the press whose rule selects, at prefill (with its own budget) and during decoding
-            (with ``budget``); any press of :data:`clusterattn.PRESSES` except ``full``.
+            (with ``budget``); any press of :data:`clusterattn.PRESSES` that keeps one budget in
+            every layer (not ``full``, not PyramidKV).
         budget: tokens per KV head left after each re-selection (window included).
         interval: tokens appended before the next re-selection: a layer holds at most
             ``budget + interval`` tokens. Larger intervals cost fewer re-selections.
