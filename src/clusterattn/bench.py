@@ -96,7 +96,10 @@ def measure_model(model, tokenizer, case: Case, ids: torch.Tensor | None = None)
                 tracker.close()
             stats = session.stats if session is not None else getattr(cache, "stats", None)
             compress = stats.seconds if stats is not None else 0.0
-            kv = kv_bytes(cache) if case.compile is None else static_prompt_bytes(cache)
+            held = (
+                kv_bytes if case.compile is None else static_prompt_bytes
+            )  # a static cache: its filled part
+            kv = held(cache)
             kept = max(stats.kept_tokens.values(), default=case.length) if stats else case.length
             decode = (
                 greedy_decode
@@ -108,7 +111,7 @@ def measure_model(model, tokenizer, case: Case, ids: torch.Tensor | None = None)
                 ignore_eos=True,
             )  # fmt: skip
         steps = case.new_tokens - 1
-        final = kv_bytes(cache) if case.compile is None else static_prompt_bytes(cache)
+        final = held(cache)
         if case.compile is None or repeat > 0:
             runs.append({
                 "prefill_s": total - compress, "compress_s": compress, "kv_bytes": kv, "kept_tokens": kept,
@@ -254,13 +257,11 @@ def run_bench(
 
     for name in presses:
         make_press(name, budgets[0] if budgets else None)  # bad names fail before any model loads
-    for decode_budget in decode_budgets:
-        if decode_budget is not None:
-            make_press("snapkv", decode_budget, decode_budget, interval)
     _check_mmap_threshold(mmap_threshold)
     _check_mmap_threshold(rss_mmap_threshold)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    for kept in decode_budgets:  # checked even when only the full cache runs (which ignores them)
+        if kept is not None and (isinstance(kept, bool) or not isinstance(kept, int) or kept < 1):
+            raise ValueError(f"decode budgets must be ints >= 1 (or None), got {kept!r}")
     cases = [
         Case(model, length, name, None if name == "full" else budget, batch, new_tokens, repeats, threads,
              mlp_chunk=chunk, compile=decode, decode_budget=kept, interval=interval)
@@ -268,6 +269,8 @@ def run_bench(
         for chunk in mlp_chunks for name in presses for budget in ([None] if name == "full" else budgets)
         for kept in ([None] if name == "full" else decode_budgets)
     ]  # fmt: skip
+    out = Path(out_dir)  # every case is validated above, before any folder or model
+    out.mkdir(parents=True, exist_ok=True)
     isolated = functools.partial(run_isolated, mmap_threshold=mmap_threshold)
     rows = [isolated(case) for case in tqdm(cases, desc="bench cases", unit="case")]
     if rss_mmap_threshold:

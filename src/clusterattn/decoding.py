@@ -103,6 +103,5 @@ def reselect(layer: CompressedLayer, scaling: float) -> None:
     layer.keys, layer.values = gather_kv(keys, values, idx)
     layer.dropped += dropped
     layer.prompt_slots = idx.shape[-1]  # nothing kept so far can be cropped away
-    if plan is not None:
-        plan.stats.decode_compressions += 1
-        plan.stats.decode_seconds += timer(layer.keys) - start_time
+    plan.stats.decode_compressions += 1
+    plan.stats.decode_seconds += timer(layer.keys) - start_time
