@@ -134,7 +134,7 @@ def run(args) -> int:
             budget = None if press == "full" else args.budget
             case = Case(
                 shape, length, press, budget, new_tokens=args.new_tokens, repeats=args.repeats, **common,
-                compile=None if decode == "eager" else args.compile_backend, mlp_chunk=args.mlp_chunk,
+                compile=None if decode == "eager" else args.compile_backend, prefill_chunk=args.prefill_chunk,
             )  # fmt: skip
             attempt("cases", partial(measure_model, model, tokenizer, ids=ids), case)
         measure_cap = partial(throughput_model, model, tokenizer, cap_bytes=int(cap_gb * 2**30),
@@ -279,7 +279,9 @@ def main(argv=None) -> int:
     go.add_argument(
         "--compile-backend", default="inductor", help="torch.compile backend of the compiled path"
     )
-    go.add_argument("--mlp-chunk", type=int, default=None, help="MLP chunk of the prefill (tokens)")
+    go.add_argument(
+        "--prefill-chunk", type=int, default=None, help="prefill tokens per layer call (default: all)"
+    )
     go.add_argument("--deadline", type=float, default=420.0, help="seconds after which cases are skipped")
     rep = sub.add_parser("report", help="print the Markdown tables of a gpu_bench.json")
     rep.add_argument("path")

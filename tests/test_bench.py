@@ -177,7 +177,7 @@ def test_compiled_decode_chunked_prefill_and_the_floor_in_one_run():
         bench.measure_model(
             model, _Tokenizer(), bench.Case("tiny", 256, press, budget, **common, **extra), ids
         )
-        for extra in ({}, {"compile": "eager", "mlp_chunk": 50})
+        for extra in ({}, {"compile": "eager", "prefill_chunk": 50})
         for press, budget in (("full", None), ("snapkv", 64))
     ]
     eager_full, eager_snap, compiled_full, compiled_snap = bench.ratio_rows(rows)
@@ -192,12 +192,12 @@ def test_compiled_decode_chunked_prefill_and_the_floor_in_one_run():
         expected = 1000 * (row["weight_bytes"] + row["step_cache_bytes"]) / row["copy_bandwidth"]
         assert row["floor_ms_per_token"] == pytest.approx(expected)
     table = bench.markdown([eager_full, eager_snap, compiled_full, compiled_snap])
-    assert "| compiled (eager), MLP chunk 50 | snapkv |" in table and "| eager | snapkv |" in table
+    assert "| compiled (eager), prefill chunk 50 | snapkv |" in table and "| eager | snapkv |" in table
     assert f"({compiled_snap['decode_vs_floor']:.2f}x)" in table
     with pytest.raises(ValueError, match="compile"):
         bench.Case(compile="tensorrt")
-    with pytest.raises(ValueError, match="mlp_chunk"):
-        bench.Case(mlp_chunk=0)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        bench.Case(prefill_chunk=0)
 
 
 def test_a_long_generation_with_and_without_a_decode_budget():

@@ -1,7 +1,7 @@
 """clusterattn: ClusterAttn prompt-KV compression for Hugging Face causal LMs, with its baselines."""
 
 from clusterattn.cache import CompressedCache, CompressionStats
-from clusterattn.chunked import mlp_chunks
+from clusterattn.chunked import prefill_chunks
 from clusterattn.dbac import dbac, topk_indices
 from clusterattn.generation import GenerationOutput, generate, generate_many
 from clusterattn.models import load_model
@@ -45,7 +45,7 @@ __all__ = [
     "generate",
     "generate_many",
     "load_model",
-    "mlp_chunks",
+    "prefill_chunks",
     "topk_indices",
     "window_scores",
 ]

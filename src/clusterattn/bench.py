@@ -89,7 +89,7 @@ def measure_model(model, tokenizer, case: Case, ids: torch.Tensor | None = None)
             try:
                 synchronize(device)
                 start = time.perf_counter()
-                logits, next_pos = prefill(model, inputs, cache, chunk=case.mlp_chunk)
+                logits, next_pos = prefill(model, inputs, cache, chunk=case.prefill_chunk)
                 synchronize(device)
                 total = time.perf_counter() - start
             finally:  # a failed case leaves no hooks on a model that later cases reuse
@@ -237,7 +237,7 @@ def run_isolated(
 def run_bench(
     *, models, lengths, presses, budgets, batches=(1,), new_tokens=32, repeats=3, threads=2,
     throughput_lengths=(), cap_gb=8.0, out_dir="runs/bench", mmap_threshold=MMAP_THRESHOLD,
-    rss_mmap_threshold=RSS_MMAP_THRESHOLD, decodes=(None,), mlp_chunks=(None,), decode_budgets=(None,),
+    rss_mmap_threshold=RSS_MMAP_THRESHOLD, decodes=(None,), prefill_chunks=(None,), decode_budgets=(None,),
     interval=128,
 ) -> dict:  # fmt: skip
     """The whole grid, each case in a fresh process (``mmap_threshold``: see :func:`run_isolated`);
@@ -249,7 +249,8 @@ def run_bench(
     the process with ``mmap_threshold`` (by default the environment's malloc, where a fixed
     threshold would slow the full cache's decode most, its growing cache being the largest blocks).
     ``decodes``: the decode paths, each a set of cases (None: eager; a backend name: compiled, see
-    :class:`Case`); ``mlp_chunks``: the prefill's MLP chunks, each a set of cases (None: one pass);
+    :class:`Case`); ``prefill_chunks``: the prefill's chunks (tokens per layer call), each a set of
+    cases (None: one pass);
     ``decode_budgets``: each a set of cases whose presses also compress while decoding
     (``DecodingPress`` with ``interval``; None: the prompt only; the full cache runs once).
     """
@@ -264,9 +265,9 @@ def run_bench(
             raise ValueError(f"decode budgets must be ints >= 1 (or None), got {kept!r}")
     cases = [
         Case(model, length, name, None if name == "full" else budget, batch, new_tokens, repeats, threads,
-             mlp_chunk=chunk, compile=decode, decode_budget=kept, interval=interval)
+             prefill_chunk=chunk, compile=decode, decode_budget=kept, interval=interval)
         for model in models for length in lengths for batch in batches for decode in decodes
-        for chunk in mlp_chunks for name in presses for budget in ([None] if name == "full" else budgets)
+        for chunk in prefill_chunks for name in presses for budget in ([None] if name == "full" else budgets)
         for kept in ([None] if name == "full" else decode_budgets)
     ]  # fmt: skip
     out = Path(out_dir)  # every case is validated above, before any folder or model

@@ -33,7 +33,7 @@ class Case:
     threads: int = 2
     device: str = "cpu"
     dtype: str = "float32"
-    mlp_chunk: int | None = None  # MLP chunk of the prefill (clusterattn.chunked); None: one pass
+    prefill_chunk: int | None = None  # tokens per layer call of the prefill; None: one pass
     compile: str | None = None  # decode from a static cache with the step compiled by this backend
     decode_budget: int | None = None  # DecodingPress(press, decode_budget, interval); None: prompt only
     interval: int = 128
@@ -43,7 +43,7 @@ class Case:
             raise ValueError(f"bench case needs length, new_tokens >= 2 and batch, repeats >= 1: {self}")
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ValueError(f"dtype {self.dtype!r} is not a torch dtype name (float32, bfloat16, ...)")
-        check_chunk(self.mlp_chunk)
+        check_chunk(self.prefill_chunk)
         if self.compile is not None and self.compile not in BACKENDS:
             raise ValueError(f"compile must be None or one of {BACKENDS}, got {self.compile!r}")
         if self.decode_budget is not None and self.compile is not None:

@@ -14,7 +14,7 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
     prefill chunk."""
 
     def key(r: dict) -> tuple:  # the full cache on the same decode path and prefill
-        return r["model"], r["length"], r["batch"], r.get("compile"), r.get("mlp_chunk")
+        return r["model"], r["length"], r["batch"], r.get("compile"), r.get("prefill_chunk")
 
     full = {key(r): r for r in rows if r["press"] == "full"}
     for r in rows:
@@ -40,12 +40,12 @@ def _ratio(row: dict, key: str, spec: str, unit: str = "") -> str:
 
 def decode_path(row: dict) -> str:
     """``eager`` (the dynamic cache, step by step) or ``compiled (backend)``; then ``, decode
-    budget B / I`` for a press that also compresses while decoding, ``, MLP chunk N`` for a prefill
-    whose MLPs ran in chunks."""
+    budget B / I`` for a press that also compresses while decoding, ``, prefill chunk N`` for a prefill
+    run N tokens at a time through each layer."""
     path = "eager" if not row.get("compile") else f"compiled ({row['compile']})"
     if row.get("decode_budget"):
         path += f", decode budget {row['decode_budget']} / {row.get('interval', 128)}"
-    return path if not row.get("mlp_chunk") else f"{path}, MLP chunk {row['mlp_chunk']}"
+    return path if not row.get("prefill_chunk") else f"{path}, prefill chunk {row['prefill_chunk']}"
 
 
 def markdown(rows: list[dict]) -> str:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from clusterattn.chunked import current as current_chunk
 from clusterattn.hf import (
     Cache,
     DynamicCache,
@@ -173,6 +174,8 @@ class CompressedLayer(DynamicLayer):
         self.slot_mask: torch.Tensor | None = None
         self.prompt_slots = 0  # physical slots of the compressed prompt
         self.awaiting = False  # the prefill is in this layer; the attention call compresses it
+        self.collecting = False  # a chunked prefill's earlier chunk is in this layer (not compressed yet)
+        self.prefill_queries: torch.Tensor | None = None  # the earlier chunks' last queries
         self.decoder = None  # a DecodingPress's state after the prefill (clusterattn.decoding)
 
     @property
@@ -189,12 +192,37 @@ class CompressedLayer(DynamicLayer):
     def physical_length(self) -> int:
         return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
 
+    def prefill_step(self, key_states) -> bool:
+        """True when ``key_states`` are (part of) the armed prefill; sets ``awaiting`` (the attention
+        call compresses) or ``collecting`` (a chunked prefill's earlier chunk: keys gathered, not
+        compressed yet)."""
+        chunk = current_chunk()
+        if self.plan is not None and chunk is not None:  # chunks only run into an empty cache
+            prefill, final = True, chunk.final
+        else:
+            prefill = self.plan is not None and self.physical_length == 0 and key_states.shape[-2] > 1
+            final = True
+            if self.plan is not None and not prefill:
+                self.plan = None  # a one-token prompt: nothing to compress
+        self.awaiting, self.collecting = prefill and final, prefill and not final
+        return prefill
+
+    def collect_queries(self, query: torch.Tensor) -> torch.Tensor:
+        """The prefill's queries ``(batch, q_heads, seq, head_dim)`` seen so far: ``query`` (this
+        call's) after the earlier chunks' kept ones. While collecting, keeps the last ones the press
+        reads (``queries_read``) for the next chunk; after the last chunk, drops them."""
+        if self.prefill_queries is not None:
+            query = torch.cat([self.prefill_queries, query], dim=2)
+        self.prefill_queries = None
+        if self.collecting:
+            read = getattr(self.plan.press, "queries_read", None)
+            first = 0 if read is None else query.shape[2] - min(read, query.shape[2])
+            self.prefill_queries = query[:, :, first:]
+        return query
+
     def update(self, key_states, value_states, *args, **kwargs):
-        prefill = self.plan is not None and self.physical_length == 0 and key_states.shape[-2] > 1
+        prefill = self.prefill_step(key_states)
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        if self.plan is not None and not prefill:
-            self.plan = None  # a one-token prompt: nothing to compress
-        self.awaiting = prefill
         if prefill or self.slot_mask is not None or self.decoder is not None:
             announce(self, keys)
         return keys, values
@@ -270,6 +298,7 @@ class CompressedLayer(DynamicLayer):
 
     def _rearm(self) -> None:
         self.dropped, self.prompt_slots, self.slot_mask, self.awaiting = 0, 0, None, False
+        self.collecting, self.prefill_queries = False, None
         self.decoder = None
         if self.armed is not None and self.armed.stats.prompt_tokens:
             self.armed.stats = CompressionStats()  # shared by the cache's layers: replaced once

@@ -88,7 +88,7 @@ def _bench(args) -> int:
         throughput_lengths=args.throughput_lengths, cap_gb=args.cap_gb, out_dir=args.out,
         mmap_threshold=args.mmap_threshold, rss_mmap_threshold=args.rss_mmap_threshold,
         decodes=[None if d == "eager" else args.compile_backend for d in args.decode],
-        mlp_chunks=[chunk or None for chunk in args.mlp_chunk],
+        prefill_chunks=[chunk or None for chunk in args.prefill_chunk],
         decode_budgets=[kept or None for kept in args.decode_budget], interval=args.interval,
     )  # fmt: skip
     print((Path(args.out) / "bench.md").read_text())
@@ -282,9 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         help="torch.compile backend of the compiled decode path",
     )  # fmt: skip
     bench.add_argument(
-        "--mlp-chunk", type=int, nargs="+", default=[0],
-        help="prefill variants, each a set of cases: run each layer's MLP over at most this many prompt "
-        "tokens at a time (same outputs, lower peak memory at long prompts); 0: one pass",
+        "--prefill-chunk", type=int, nargs="+", default=[0],
+        help="prefill variants, each a set of cases: run each decoder layer over at most this many prompt "
+        "tokens at a time (same outputs; lower peak memory at long prompts; multiples of 512 are "
+        "bit-identical with sdpa on CPU); 0: one pass (default)",
     )  # fmt: skip
     bench.add_argument(
         "--decode-budget", type=int, nargs="+", default=[0],

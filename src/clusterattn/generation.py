@@ -58,7 +58,7 @@ def generate(
     answer_prefix: str = "",
     chat: bool = True,
     compile: bool | str = False,
-    mlp_chunk: int | None = None,
+    prefill_chunk: int | None = None,
 ) -> GenerationOutput:
     """Greedy generation from a long ``context`` with the prompt cache compressed by ``press``.
 
@@ -74,14 +74,16 @@ def generate(
             (:mod:`clusterattn.compiled`; on CUDA captured in a CUDA graph), for the full cache and
             every press alike; ``True`` uses inductor, a string names the backend (``"eager"``,
             ``"aot_eager"``). Token-identical to the eager path in fp32. The first call compiles.
-        mlp_chunk: run each layer's MLP over at most this many prompt tokens at a time during
-            the prefill (:mod:`clusterattn.chunked`): the same outputs, a lower memory peak at long
-            prompts (the MLP's activations, not the cache, set it there). None: one pass.
+        prefill_chunk: run each decoder layer over at most this many prompt tokens at a time
+            during the prefill (:mod:`clusterattn.chunked`: each chunk's queries attend to every
+            earlier token): the same outputs, a lower memory peak at long prompts, where a layer's
+            activations, not the cache, set it. Multiples of 512 are bit-identical with sdpa on CPU;
+            other sizes agree to float rounding. None: one pass.
 
     Returns:
         :class:`GenerationOutput`; ``stats["prefill_s"]`` excludes ``stats["compress_s"]``.
     """
-    check_chunk(mlp_chunk)
+    check_chunk(prefill_chunk)
     inputs = prepare_inputs(
         model, tokenizer, context, question, max_new_tokens=max_new_tokens, query_aware=query_aware,
         answer_prefix=answer_prefix, chat=chat,
@@ -99,7 +101,7 @@ def generate(
         cache = CompressedCache(model, press) if selecting else new_cache(model)
     stats = getattr(cache, "stats", None)
     start = time.perf_counter()
-    logits, next_pos = prefill(model, inputs, cache, chunk=mlp_chunk)
+    logits, next_pos = prefill(model, inputs, cache, chunk=prefill_chunk)
     prefill_s = time.perf_counter() - start - (stats.seconds if stats else 0.0)
     prompt_bytes = kv_bytes(cache) if not compile else static_prompt_bytes(cache)
     if compile:

@@ -46,6 +46,7 @@ __all__ = [
     "find_cache",
     "is_registered",
     "is_sliding",
+    "is_static_sliding",
     "kv_bytes",
     "masked_gqa",
     "new_cache",
@@ -95,6 +96,11 @@ def is_sliding(module) -> bool:
     """True for the attention module of a sliding-window layer (``config.layer_types``)."""
     kinds = getattr(getattr(module, "config", None), "layer_types", None)
     return bool(kinds) and kinds[module.layer_idx] == "sliding_attention"
+
+
+def is_static_sliding(layer) -> bool:
+    """True for a static cache's sliding-window layer (a ring buffer of the last window's keys)."""
+    return isinstance(layer, StaticLayer) and bool(getattr(layer, "is_sliding", False))
 
 
 def prompt_mask(mask, kv_len: int):

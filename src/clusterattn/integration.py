@@ -44,6 +44,7 @@ from clusterattn.cache import (  # noqa: F401 (re-exported)
 )
 from clusterattn.cache import compressible_layers as _config_layers
 from clusterattn.capture import QueryCapture
+from clusterattn.chunked import current as current_chunk
 from clusterattn.hf import (  # noqa: F401 (cache_kwarg, kv_bytes, masked_gqa, new_cache re-exported)
     DynamicCache,
     attn_implementation,
@@ -119,6 +120,9 @@ def _register(implementation: str) -> str:
         return name
 
     def attention(module, query, key, value, attention_mask, **kwargs):
+        chunk = current_chunk()
+        if chunk is not None:  # one chunk of a chunked prefill: its rows, the layer's keys
+            attention_mask = chunk.mask(attention_mask, key.shape[2], query.dtype, query.device)
         layer = take(key)
         if layer is not None and layer.awaiting:  # the prefill (a static cache's mask may be wider)
             attention_mask = fit_mask(prompt_mask(attention_mask, key.shape[2]), key.shape[2])
@@ -130,7 +134,10 @@ def _register(implementation: str) -> str:
             attention_mask = fit_mask(attention_mask, key.shape[2])
         output = base_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
         scaling = kwargs.get("scaling", module.scaling)
-        if layer is not None and layer.awaiting:
+        if layer is not None and layer.collecting:  # not the last chunk: keep what the press reads
+            layer.collect_queries(query)
+        elif layer is not None and layer.awaiting:
+            observed = layer.collect_queries(query)  # with a chunked prefill's earlier ones
             layer.awaiting = False
             plan, layer.plan = layer.plan, None
             pad_mask = _prompt_padding(attention_mask, query.shape[0])
@@ -139,9 +146,9 @@ def _register(implementation: str) -> str:
                     f"padded batches are not supported with {type(plan.press).__name__}: layers would keep "
                     "different padding; pass equal-length prompts"
                 )
-            compress_layer(layer, plan, query, key, value, scaling, pad_mask)
+            compress_layer(layer, plan, observed, key, value, scaling, pad_mask)
             if isinstance(plan.press, DecodingPress):
-                decoding.start(layer, plan.press, query)
+                decoding.start(layer, plan.press, observed)
         elif layer is not None and layer.decoder is not None:
             decoding.observe(layer, query, scaling)
         capture = _active("captures").get(getattr(module, "_clusterattn_owner", None))

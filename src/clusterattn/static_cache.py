@@ -32,6 +32,7 @@ class CompressedStaticLayer(CompressedLayer):
         super().__init__(layer_idx, plan)
         self.max_cache_len = max_cache_len
         self.length = torch.zeros((), dtype=torch.long)  # physical slots written
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # a chunked prefill's keys so far
 
     @property
     def physical_length(self) -> int:
@@ -58,12 +59,15 @@ class CompressedStaticLayer(CompressedLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
-            if self.plan is not None and key_states.shape[-2] > 1:  # the armed prefill
-                self.device, self.awaiting = key_states.device, True
+            if self.prefill_step(key_states):  # the armed prefill (or a chunk of it)
+                self.device = key_states.device
+                if self.pending is not None:  # a chunked prefill's earlier chunks
+                    key_states = torch.cat([self.pending[0], key_states], dim=-2)
+                    value_states = torch.cat([self.pending[1], value_states], dim=-2)
+                self.pending = (key_states, value_states) if self.collecting else None
                 announce(self, key_states)
                 return key_states, value_states
-            self.plan = None  # unarmed (or a one-token prompt): a plain static layer
-            self.keep(key_states[:, :, :0], value_states[:, :, :0], 0)
+            self.keep(key_states[:, :, :0], value_states[:, :, :0], 0)  # unarmed or a one-token prompt
         positions = torch.arange(key_states.shape[-2], device=self.keys.device) + self.length
         self.keys.index_copy_(2, positions, key_states)
         self.values.index_copy_(2, positions, value_states)
@@ -102,6 +106,7 @@ class CompressedStaticLayer(CompressedLayer):
         self.keys = self.values = None
         self.is_initialized = False
         self.length = torch.zeros((), dtype=torch.long)
+        self.pending = None
         self._rearm()
 
 

@@ -13,7 +13,7 @@ import torch
 
 from clusterattn.batching import select_rows
 from clusterattn.cache import CompressedCache, CompressedLayer
-from clusterattn.chunked import mlp_chunks
+from clusterattn.chunked import prefill_chunks
 from clusterattn.hf import cache_kwarg
 from clusterattn.replay import PrefillRecord, Recorder
 
@@ -128,9 +128,9 @@ def prepare_inputs(
 def prefill(model, inputs: Inputs, cache, *, chunk: int | None = None):
     """One prefill of ``inputs.prompt_ids`` into ``cache`` (compressed when the cache is armed);
     returns the last logits ``(batch, 1, vocab)`` and each row's next position ``(batch,)``.
-    ``chunk``: run the MLPs over at most that many tokens at a time (:mod:`clusterattn.chunked`)."""
+    ``chunk``: run each decoder layer over at most that many tokens at a time (:mod:`clusterattn.chunked`)."""
     positions = (inputs.prompt_mask.cumsum(-1) - 1).clamp_min(0)
-    with mlp_chunks(model, chunk):
+    with prefill_chunks(model, chunk):
         logits = model(
             input_ids=inputs.prompt_ids, attention_mask=inputs.prompt_mask, position_ids=positions,
             use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache},

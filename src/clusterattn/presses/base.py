@@ -102,6 +102,12 @@ class BasePress:
         """True when every layer keeps the same number of tokens."""
         return True
 
+    @property
+    def queries_read(self) -> int | None:
+        """How many of the prompt's last queries :meth:`select` reads (None: all of them). A
+        chunked prefill (:mod:`clusterattn.chunked`) keeps only these from the earlier chunks."""
+        return None
+
     # -- selection ----------------------------------------------------------------------------
     def select(
         self,
@@ -167,6 +173,10 @@ class WindowPress(BasePress):
     @property
     def budget_floor_reason(self) -> str:
         return f"the budget includes the window of {self.window_size} tokens and must exceed it"
+
+    @property
+    def queries_read(self) -> int | None:
+        return self.window_size  # the observation window's queries
 
     def prefix_scores(self, query, key, scaling, *, layer, pad_mask) -> torch.Tensor:
         """``(batch, kv_heads, seq - window_size)`` scores of the prefix tokens."""

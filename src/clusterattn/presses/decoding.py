@@ -86,6 +86,12 @@ class DecodingPress:
         return getattr(self.press, "window_size", OBSERVED_QUERIES)
 
     @property
+    def queries_read(self) -> int | None:
+        """The prefill's last queries the prompt's selection and the first decode window read."""
+        inner = getattr(self.press, "queries_read", None)
+        return None if inner is None else max(inner, self.observed_queries)
+
+    @property
     def uniform_layers(self) -> bool:
         return True
 

@@ -31,6 +31,10 @@ class H2OPress(WindowPress):
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_int("chunk_size", self.chunk_size, 1)
 
+    @property
+    def queries_read(self) -> None:
+        return None  # attention accumulated over every prompt query
+
     def prefix_scores(self, query, key, scaling, *, layer, pad_mask):
         # The scores cost as much as the prefill's attention and do not depend on the budget; when
         # the same recorded tensors are scored again (``generate_many`` over several budgets), the

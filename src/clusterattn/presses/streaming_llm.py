@@ -35,6 +35,10 @@ class StreamingLLMPress(BasePress):
     def budget_floor_reason(self) -> str:
         return f"the budget includes the {self.n_sink} sink tokens and must exceed them"
 
+    @property
+    def queries_read(self) -> int:
+        return 0  # positions only
+
     def select_indices(self, query, key, scaling, budget, *, layer, pad_mask):
         batch, kv_heads, seq = key.shape[:3]
         recency = torch.arange(seq, device=key.device, dtype=torch.float32).expand(batch, kv_heads, seq)
