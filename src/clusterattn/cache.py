@@ -36,6 +36,7 @@ from clusterattn.hf import (
     StaticCache,
     StaticLayer,
     extend_layers,
+    fill_layer,
     text_config,
 )
 from clusterattn.timing import timer
@@ -176,6 +177,7 @@ class CompressedLayer(DynamicLayer):
         self.awaiting = False  # the prefill is in this layer; the attention call compresses it
         self.collecting = False  # a chunked prefill's earlier chunk is in this layer (not compressed yet)
         self.prefill_queries: torch.Tensor | None = None  # the earlier chunks' last queries
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # a chunked prefill's prompt K/V
         self.decoder = None  # a DecodingPress's state after the prefill (clusterattn.decoding)
 
     @property
@@ -207,6 +209,22 @@ class CompressedLayer(DynamicLayer):
         self.awaiting, self.collecting = prefill and final, prefill and not final
         return prefill
 
+    def gather_chunk(self, key_states, value_states) -> tuple[torch.Tensor, torch.Tensor]:
+        """During a chunked prefill: this chunk's keys and values written into buffers of the whole
+        prompt (allocated at its first chunk, so the prompt's keys are never copied as they grow);
+        returns the prompt's keys and values so far ``(batch, kv_heads, end, head_dim)`` (views)."""
+        chunk = current_chunk()
+        if chunk.start == 0:
+            self.pending = tuple(
+                t.new_empty((*t.shape[:2], chunk.total, t.shape[-1])) for t in (key_states, value_states)
+            )
+        keys, values = self.pending
+        keys[:, :, chunk.start : chunk.end] = key_states
+        values[:, :, chunk.start : chunk.end] = value_states
+        if chunk.final:
+            self.pending = None
+        return keys[:, :, : chunk.end], values[:, :, : chunk.end]
+
     def collect_queries(self, query: torch.Tensor) -> torch.Tensor:
         """The prefill's queries ``(batch, q_heads, seq, head_dim)`` seen so far: ``query`` (this
         call's) after the earlier chunks' kept ones. While collecting, keeps the last ones the press
@@ -222,7 +240,11 @@ class CompressedLayer(DynamicLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         prefill = self.prefill_step(key_states)
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if prefill and (self.collecting or self.pending is not None):  # a chunked prefill
+            keys, values = self.gather_chunk(key_states, value_states)
+            fill_layer(self, keys, values)
+        else:
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
         if prefill or self.slot_mask is not None or self.decoder is not None:
             announce(self, keys)
         return keys, values
@@ -298,7 +320,7 @@ class CompressedLayer(DynamicLayer):
 
     def _rearm(self) -> None:
         self.dropped, self.prompt_slots, self.slot_mask, self.awaiting = 0, 0, None, False
-        self.collecting, self.prefill_queries = False, None
+        self.collecting, self.prefill_queries, self.pending = False, None, None
         self.decoder = None
         if self.armed is not None and self.armed.stats.prompt_tokens:
             self.armed.stats = CompressionStats()  # shared by the cache's layers: replaced once

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clusterattn.hf import attn_implementation, find_cache, is_static_sliding
+from clusterattn.hf import attn_implementation, find_cache, is_static_sliding, masked_gqa
 
 __all__ = ["Chunk", "current", "decoder_layers", "install_chunking", "prefill_chunks", "uninstall_chunking"]
 
@@ -188,18 +188,19 @@ def _chunked_forward(module, *args, **kwargs):
     _check_kwargs(kwargs, total)
     run, out, rest = _Run(total=total, rows=min(tokens, total)), None, None
     try:
-        for start in range(0, total, tokens):
-            end = min(start + tokens, total)
-            sliced = {k: _sliced(k, v, start, end) for k, v in kwargs.items()}
-            _local.chunk = Chunk(start, end, run)
-            result = forward(hidden[:, start:end], **sliced)
-            _local.chunk = None
-            if isinstance(result, tuple):
-                result, rest = result[0], result[1:]
-            if out is None:
-                out = result.new_empty((result.shape[0], total, result.shape[-1]))
-            out[:, start:end] = result
-            del result
+        with masked_gqa():  # chunks carry a mask: keep grouped KV heads whole (CPU), not copied per head
+            for start in range(0, total, tokens):
+                end = min(start + tokens, total)
+                sliced = {k: _sliced(k, v, start, end) for k, v in kwargs.items()}
+                _local.chunk = Chunk(start, end, run)
+                result = forward(hidden[:, start:end], **sliced)
+                _local.chunk = None
+                if isinstance(result, tuple):
+                    result, rest = result[0], result[1:]
+                if out is None:
+                    out = result.new_empty((result.shape[0], total, result.shape[-1]))
+                out[:, start:end] = result
+                del result
     finally:
         _local.chunk = None
     return out if rest is None else (out, *rest)

@@ -32,7 +32,6 @@ class CompressedStaticLayer(CompressedLayer):
         super().__init__(layer_idx, plan)
         self.max_cache_len = max_cache_len
         self.length = torch.zeros((), dtype=torch.long)  # physical slots written
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # a chunked prefill's keys so far
 
     @property
     def physical_length(self) -> int:
@@ -61,10 +60,8 @@ class CompressedStaticLayer(CompressedLayer):
         if not self.is_initialized:
             if self.prefill_step(key_states):  # the armed prefill (or a chunk of it)
                 self.device = key_states.device
-                if self.pending is not None:  # a chunked prefill's earlier chunks
-                    key_states = torch.cat([self.pending[0], key_states], dim=-2)
-                    value_states = torch.cat([self.pending[1], value_states], dim=-2)
-                self.pending = (key_states, value_states) if self.collecting else None
+                if self.collecting or self.pending is not None:  # a chunked prefill
+                    key_states, value_states = self.gather_chunk(key_states, value_states)
                 announce(self, key_states)
                 return key_states, value_states
             self.keep(key_states[:, :, :0], value_states[:, :, :0], 0)  # unarmed or a one-token prompt
@@ -106,7 +103,6 @@ class CompressedStaticLayer(CompressedLayer):
         self.keys = self.values = None
         self.is_initialized = False
         self.length = torch.zeros((), dtype=torch.long)
-        self.pending = None
         self._rearm()
 
 
