@@ -5,9 +5,12 @@ environment (plugin on or off). Input (first argument): a JSON file ``{"engine":
 "prompts": [[ids]], "presses": [spec, null or false], "max_tokens": n, "preempt_at_step": k}``
 (false: no extra_args; the last key is optional and preempts every running request before step
 k). Optional too: ``"failing_budget": b`` makes every press with budget ``b`` raise inside the
-engine (a fault on purpose), ``"rounds": r`` sends the prompts ``r`` times, one after another.
+engine (a fault on purpose), ``"rounds": r`` sends the prompts ``r`` times, one after another,
+``"min_tokens": n`` suppresses EOS for the first ``n`` tokens (as transformers' ``min_new_tokens``).
 Output (second argument): ``{"tokens": [[ids]] (the first round), "rounds": [[[ids]]],
-"max_running": n, "freed_blocks": n, "preemptions": n, "num_blocks": n, "free_blocks_end": n}``.
+"max_running": n, "freed_blocks": n, "preemptions": n, "num_blocks": n, "free_blocks_end": n,
+"max_decode_blocks": n}`` (the most blocks the scheduler held for one request after a step in
+which it decoded).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def main(path: str, out: str) -> None:
     engine = {"enforce_eager": True, "enable_prefix_caching": False, "seed": 0, **job["engine"]}
     llm = LLM(**engine)
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    seen = {"max_running": 0}
+    seen = {"max_running": 0, "max_decode_blocks": 0}
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
     original = scheduler.schedule
 
     def schedule(*args, **kwargs):
@@ -51,7 +55,18 @@ def main(path: str, out: str) -> None:
         seen["max_running"] = max(seen["max_running"], len(scheduler.running))
         return out
 
+    update = scheduler.update_from_output
+
+    def update_from_output(*args, **kwargs):
+        out = update(*args, **kwargs)
+        for request in scheduler.running:
+            if request.num_computed_tokens > request.num_prompt_tokens:  # decoded in this step or before
+                held = len(manager.req_to_blocks.get(request.request_id, ()))
+                seen["max_decode_blocks"] = max(seen["max_decode_blocks"], held)
+        return out
+
     scheduler.schedule = schedule
+    scheduler.update_from_output = update_from_output
     preempt = scheduler._preempt_request
 
     def count_preemption(*args, **kwargs):
@@ -62,7 +77,14 @@ def main(path: str, out: str) -> None:
     params = []
     for spec in job["presses"]:
         extra = None if spec is False else {"clusterattn_press": spec}
-        params.append(SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], extra_args=extra))
+        params.append(
+            SamplingParams(
+                temperature=0.0,
+                max_tokens=job["max_tokens"],
+                min_tokens=job.get("min_tokens", 0),
+                extra_args=extra,
+            )
+        )
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]]
     rounds = [
         [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -76,6 +98,7 @@ def main(path: str, out: str) -> None:
         "preemptions": seen.get("preemptions", 0),
         "num_blocks": scheduler.kv_cache_manager.block_pool.num_gpu_blocks,
         "free_blocks_end": scheduler.kv_cache_manager.block_pool.get_num_free_blocks(),
+        "max_decode_blocks": seen["max_decode_blocks"],
     }
     pathlib.Path(out).write_text(json.dumps(result))
 

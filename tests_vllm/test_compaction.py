@@ -1,12 +1,18 @@
-"""compact(): the same kept tokens as the transformers integration, laid out for vLLM's slots."""
+"""compact(): the same kept tokens as the transformers integration, laid out for vLLM's slots; reading
+the paged cache back and a re-prefill's decode eviction (:mod:`clusterattn.vllm.decode_eviction`)."""
 
 from __future__ import annotations
 
+import types
+
+import pytest
 import torch
 
 import clusterattn as ca
 from clusterattn.integration import gather_kv
 from clusterattn.vllm.compaction import compact, gather_tokens
+from clusterattn.vllm.decode_eviction import Track, _Item, _prefill_indices, read_cache
+from clusterattn.vllm.spec import physical_length
 
 
 def _qkv(seq: int, q_heads: int = 6, kv_heads: int = 2, dim: int = 16, seed: int = 0):
@@ -49,3 +55,48 @@ def test_tokens_after_the_prompt_are_kept_whole():
 def test_short_prompt_is_left_alone():
     q, k, v = _qkv(50)
     assert compact(ca.ClusterAttnPress(budget=64), q, k, v, 0.25, prompt_len=50, layer=0, n_layers=1) is None
+
+
+@pytest.mark.parametrize(
+    ("isa", "dtype", "block_size", "head_dim"),
+    [("vec", torch.float32, 128, 64), ("vec16", torch.float32, 16, 64), ("vec", torch.bfloat16, 128, 64),
+     ("vec16", torch.bfloat16, 128, 80)],
+)  # fmt: skip
+def test_read_cache_returns_what_the_backend_wrote(isa, dtype, block_size, head_dim):
+    """The paged cache's packing differs by ISA (keys transposed in a block with ``vec``): read back
+    through the probed layout, every slot's keys and values come back exact."""
+    from vllm.v1.attention.backend import AttentionType
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    impl = types.SimpleNamespace(attn_type=AttentionType.DECODER, kv_cache_dtype="auto")
+    impl.do_kv_cache_update = types.MethodType(CPUAttentionBackendImpl.do_kv_cache_update, impl)
+    layer = types.SimpleNamespace(isa=isa, _k_scale_float=1.0, _v_scale_float=1.0)
+    cache = torch.zeros(6, 3, block_size, 2 * head_dim, dtype=dtype)
+    slots = torch.randperm(6 * block_size, generator=torch.Generator().manual_seed(0))[:90]
+    k, v = (torch.randn(90, 3, head_dim).to(dtype) for _ in range(2))
+    impl.do_kv_cache_update(layer, k, v, cache, slots)
+    keys, values = read_cache(impl, layer, cache, slots)
+    assert torch.equal(keys, k) and torch.equal(values, v)
+
+
+def test_a_preempted_prefill_lands_on_the_formula_length():
+    """Prompt 300 kept to 64, then 57 earlier output tokens re-prefilled with decode budget 40 and
+    interval 16: the prompt's selection, one re-selection to 40 after output token 49 (the last
+    point the schedule re-selects: 1, 17, 33, 49), then the 8 tokens fed after it, unchanged."""
+    q, k, _ = _qkv(357)
+    press = ca.DecodingPress(ca.SnapKVPress(budget=64, window_size=8), budget=40, interval=16)
+    track = Track("r", press, prompt_len=300, kept=64, n_layers=1)
+    after = track.physical(357)
+    assert after == physical_length(300, 64, 57, 40, 16) == 48
+    item = _Item(track, row=0, start=0, count=357, before=0, after=after, prefill=True)
+    idx = _prefill_indices(item, q, k, 0.25, 0)
+    assert idx.shape == (2, 48)
+    assert torch.equal(idx[:, 40:], torch.arange(349, 357).expand(2, -1))
+    assert bool((idx[:, 1:] > idx[:, :-1]).all())  # ascending, as the slots hold them
+    prompt_kept = compact(press.press, q[:300], k[:300], k[:300], 0.25, prompt_len=300, layer=0, n_layers=1)[
+        0
+    ]
+    chosen = gather_tokens(k, idx[:, :40])
+    assert all(
+        any(torch.equal(row, kept) for kept in prompt_kept[:, 0]) for row in chosen[idx[0, :40] < 300, 0]
+    )

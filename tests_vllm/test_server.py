@@ -29,7 +29,10 @@ BAD_SPECS = [  # specs that once reached the worker and killed the engine, or we
     ("clusterattn:budget=\uff12\uff15\uff16", "budget"),
     ("clusterattn:budget=256,theta=nan", "theta"),
     ("clusterattn:budget=256,alpha=inf", "alpha"),
+    ("clusterattn:budget=256,decode_budget=16", "decode_budget"),
+    ("clusterattn:budget=256,interval=64", "interval"),
 ]
+DECODING = "clusterattn:budget=256,decode_budget=128,interval=8"  # re-selects from the first step on
 
 
 def _get(url: str, timeout: float = 5.0) -> str:
@@ -60,11 +63,11 @@ def test_concurrent_requests_match_the_transformers_path(server, hf_model):
     base, proc = server
     model, tokenizer = hf_model
     cases = [needle_case(tokenizer, 1000 + 40 * i, 30 + i) for i in range(N_REQUESTS)]
-    presses = ["clusterattn:budget=256"] * (N_REQUESTS - 2) + ["snapkv:budget=128", "none"]
+    presses = ["clusterattn:budget=256"] * (N_REQUESTS - 3) + [DECODING, "snapkv:budget=128", "none"]
 
     def ask(i: int) -> dict:
         body = {"model": "smollm2", "prompt": cases[i][2], "max_tokens": MAX_TOKENS, "temperature": 0}
-        if i >= N_REQUESTS - 2:  # the last two choose their own press
+        if i >= N_REQUESTS - 3:  # the last three choose their own press
             body["vllm_xargs"] = {"clusterattn_press": presses[i]}
         return _post(base + "/v1/completions", body)
 

@@ -27,6 +27,10 @@ Preemption: the scheduler forgets the offset when it frees the request; the work
 when the request comes back; the new prefill (prompt + earlier output) is compressed again on the
 prompt part only, which reproduces the same cache. Both sides derive ``B`` from
 :func:`clusterattn.vllm.spec.kept_tokens`, so they never need to talk.
+
+Decode eviction (a spec with ``decode_budget``): the offset grows while the request decodes, by
+:func:`clusterattn.vllm.spec.physical_tokens` on both sides; the worker's part (windows, paged-cache
+reads, re-selection) is :mod:`clusterattn.vllm.decode_eviction`, called from the same hooks.
 """
 
 from __future__ import annotations
@@ -47,9 +51,10 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-from clusterattn.presses import BasePress
+from clusterattn.presses import BasePress, DecodingPress
+from clusterattn.vllm import decode_eviction
 from clusterattn.vllm.compaction import compact, recent
-from clusterattn.vllm.spec import default_spec, kept_tokens, parse_press, request_press
+from clusterattn.vllm.spec import default_spec, kept_tokens, parse_press, physical_tokens, request_press
 
 logger = logging.getLogger("clusterattn.vllm")
 
@@ -160,6 +165,7 @@ class ClusterAttnScheduler(Scheduler):
         super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
         self.kv_cache_manager.__class__ = PhysicalKVCacheManager
         self.kv_cache_manager.clusterattn_offsets = {}
+        self.clusterattn_decoding: dict[str, DecodingPress] = {}  # their offsets grow while decoding
         self.clusterattn_default = default_spec()
         parse_press(self.clusterattn_default)  # a bad engine default fails at start
         self.clusterattn_freed_blocks = 0
@@ -172,17 +178,22 @@ class ClusterAttnScheduler(Scheduler):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
-            if request is None or request.is_finished() or req_id in self.clusterattn_offsets:
+            if request is None or request.is_finished():
                 continue
+            if req_id in self.clusterattn_offsets and req_id not in self.clusterattn_decoding:
+                continue  # a prompt-only press: its offset is fixed after prefill
             if request.num_computed_tokens < request.num_prompt_tokens or request.sampling_params is None:
                 continue
-            press = _press_or_none(request.sampling_params.extra_args, self.clusterattn_default, req_id)
-            kept = kept_tokens(press, request.num_prompt_tokens)
-            if kept is None:
+            press = self.clusterattn_decoding.get(req_id) or _press_or_none(
+                request.sampling_params.extra_args, self.clusterattn_default, req_id
+            )
+            physical = physical_tokens(press, request.num_prompt_tokens, request.num_computed_tokens)
+            if physical is None:
                 continue
-            offset = request.num_prompt_tokens - kept
-            self.clusterattn_offsets[req_id] = offset
-            self._release_tail(req_id, request.num_computed_tokens - offset)
+            if isinstance(press, DecodingPress):
+                self.clusterattn_decoding[req_id] = press
+            self.clusterattn_offsets[req_id] = request.num_computed_tokens - physical
+            self._release_tail(req_id, physical)
         return outputs
 
     def _release_tail(self, req_id: str, physical: int) -> None:
@@ -198,10 +209,12 @@ class ClusterAttnScheduler(Scheduler):
 
     def _preempt_request(self, request, *args, **kwargs) -> None:
         self.clusterattn_offsets.pop(request.request_id, None)
+        self.clusterattn_decoding.pop(request.request_id, None)
         super()._preempt_request(request, *args, **kwargs)
 
     def _free_request(self, request, *args, **kwargs):
         self.clusterattn_offsets.pop(request.request_id, None)
+        self.clusterattn_decoding.pop(request.request_id, None)
         return super()._free_request(request, *args, **kwargs)
 
 
@@ -228,6 +241,7 @@ class WorkerState:
     offsets: dict[str, int] = field(default_factory=dict)  # req_id -> L - B
     trims: list[tuple[str, int]] = field(default_factory=list)  # (req_id, physical length)
     n_layers: int = 0
+    decoding: decode_eviction.DecodeEviction | None = None  # requests with a decode budget
 
 
 _STEP: list[_Compression] = []  # compressions of the step being executed (read by the attention hook)
@@ -239,7 +253,7 @@ def worker_state(runner) -> WorkerState:
         check_config(runner.vllm_config, getattr(runner, "kv_cache_config", None))
         context = runner.compilation_config.static_forward_context
         decoders = [m for m in context.values() if getattr(m, "attn_type", None) == AttentionType.DECODER]
-        state = WorkerState(n_layers=len(decoders))
+        state = WorkerState(n_layers=len(decoders), decoding=decode_eviction.DecodeEviction(len(decoders)))
         runner._clusterattn = state
     return state
 
@@ -249,8 +263,10 @@ def _update_states(self, scheduler_output):
     state = worker_state(self)
     for req_id in scheduler_output.finished_req_ids:
         state.offsets.pop(req_id, None)
+        state.decoding.forget(req_id)
     for req_id in getattr(scheduler_output.scheduled_cached_reqs, "resumed_req_ids", ()):
         state.offsets.pop(req_id, None)  # re-prefilled after preemption: compressed again
+        state.decoding.forget(req_id)
     batch = self.input_batch
     for req_id, physical in state.trims:
         req = self.requests.get(req_id)
@@ -275,16 +291,23 @@ def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
     offsets = np.zeros(num_reqs, dtype=np.int64)
     starts = self.query_start_loc.np
     _STEP.clear()
+    decode_eviction.STEP.clear()
     for row, req_id in enumerate(batch.req_ids[:num_reqs]):
         if req_id in state.offsets:
             offsets[row] = state.offsets[req_id]
             continue
         req = self.requests[req_id]
         params = req.sampling_params
-        press = _press_or_none(params.extra_args if params else None, state.default, req_id)
-        prompt_len = int(batch.num_prompt_tokens[row])
-        kept = kept_tokens(press, prompt_len)
         computed, count = int(batch.num_computed_tokens_cpu[row]), int(num_scheduled_tokens[row])
+        prompt_len = int(batch.num_prompt_tokens[row])
+        press = None if req_id in state.decoding.tracks else _press_or_none(
+            params.extra_args if params else None, state.default, req_id
+        )  # fmt: skip
+        shift = state.decoding.plan(req_id, press, row, int(starts[row]), prompt_len, computed, count)
+        if shift is not None:  # a decode budget: its own offset, growing while it decodes
+            offsets[row] = shift
+            continue
+        kept = kept_tokens(press, prompt_len)
         if kept is None or computed >= prompt_len:
             continue
         if computed != 0 or computed + count < prompt_len:
@@ -312,6 +335,7 @@ def _execute_model(self, scheduler_output, *args, **kwargs):
             state.offsets[item.req_id] = offset
             state.trims.append((item.req_id, item.tokens - offset))
         _STEP.clear()
+        state.decoding.finish_step(state.trims)
 
 
 def _attention_forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
@@ -320,9 +344,11 @@ def _attention_forward(self, layer, query, key, value, kv_cache, attn_metadata, 
     result = _ORIGINAL["forward"](
         self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs
     )
-    if not _STEP or attn_metadata is None or self.attn_type != AttentionType.DECODER:
+    active = _STEP or decode_eviction.STEP
+    if not active or attn_metadata is None or self.attn_type != AttentionType.DECODER:
         return result
     layer_idx = extract_layer_index(layer.layer_name)
+    decode_eviction.after_attention(self, layer, layer_idx, query, key, value, kv_cache, attn_metadata)
     for item in _STEP:
         span = slice(item.start, item.start + item.tokens)
         pair = (
