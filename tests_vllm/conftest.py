@@ -68,11 +68,15 @@ def needle_case(tokenizer, n_words: int, seed: int) -> tuple[str, str, list[int]
     return context, question, encode(head) + encode(tail)
 
 
-def run_engine(job: dict, *, press_env: str | None, tmp_path, timeout: int = 900, expect_ok: bool = True):
-    """Run :mod:`run_engine` on ``job``; returns its JSON result (or the CompletedProcess on failure)."""
+def run_engine(
+    job: dict, *, press_env: str | None, tmp_path, timeout: int = 900, expect_ok: bool = True, env_extra=None
+):
+    """Run :mod:`run_engine` on ``job``; returns its JSON result (or the CompletedProcess on failure).
+    ``env_extra``: more environment variables for the engine."""
     env = {k: v for k, v in os.environ.items() if k != "CLUSTERATTN_VLLM_PRESS"}
     env.update(HF_HUB_OFFLINE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.update(env_extra or {})
     if press_env is not None:
         env["CLUSTERATTN_VLLM_PRESS"] = press_env
     path = tmp_path / f"job-{abs(hash(json.dumps(job, sort_keys=True)))}.json"

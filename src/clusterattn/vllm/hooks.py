@@ -17,6 +17,11 @@ Data path of one compressed request (prompt of ``L`` tokens, ``B`` kept per KV h
    attention reads ``B + t + 1`` entries (:func:`_prepare_inputs` shifts slots and lengths by
    ``L - B``).
 
+Tensor parallelism: every worker runs these hooks on its own KV heads (a press selects per KV head,
+with the query heads of its group, which tensor parallelism keeps on the same worker), and all of them
+derive the same lengths, so ``tensor_parallel_size > 1`` gives the tokens of one worker
+(``tests_vllm/test_tensor_parallel.py``). Pipeline parallelism is refused.
+
 Faults: a press spec is validated when the request arrives (a bad one is a 400 naming the field,
 :func:`_verify_sampling_args`). Should a press still fail inside the worker, that request keeps its
 most recent ``B`` prompt tokens instead (the same count, so the scheduler's accounting holds; logged
@@ -104,8 +109,8 @@ def check_config(vllm_config, kv_cache_config=None) -> None:
         problems.append("speculative decoding")
     if vllm_config.kv_transfer_config is not None:
         problems.append("KV connectors")
-    if parallel.tensor_parallel_size * parallel.pipeline_parallel_size > 1:
-        problems.append("tensor/pipeline parallelism (one worker only)")
+    if parallel.pipeline_parallel_size > 1:
+        problems.append("pipeline parallelism")
     if sched.get_scheduler_cls() is not ClusterAttnScheduler:
         problems.append(f"scheduler_cls={sched.scheduler_cls!r} (needs {SCHEDULER})")
     if kv_cache_config is not None:
