@@ -11,9 +11,13 @@ the same slot, which is what vLLM's CPU cache layout ``[blocks, kv_heads, block_
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from clusterattn.presses import BasePress
+
+logger = logging.getLogger("clusterattn.vllm")
 
 
 def select_kept(
@@ -83,3 +87,26 @@ def recent(
     :func:`compact` returns, so the scheduler's block accounting stays right."""
     start = prompt_len - kept
     return key[start:].contiguous(), value[start:].contiguous()
+
+
+def compact_or_log(item, query, key, value, scale, layer_idx: int):
+    """The press's selection for one request being compressed in this step (``item``: the worker's
+    record of it, :class:`clusterattn.vllm.hooks._Compression`), or None (and ``item.failed``) when
+    the press raises or keeps the wrong count: one request's fault must not take the engine down."""
+    try:
+        with torch.no_grad():
+            pair = compact(
+                item.press, query, key, value, scale,
+                prompt_len=item.prompt_len, layer=layer_idx, n_layers=item.n_layers,
+            )  # fmt: skip
+        if pair is None or pair[0].shape[0] != item.tokens - (item.prompt_len - item.kept):
+            raise RuntimeError(f"it did not keep {item.kept} tokens")
+        return pair
+    except Exception as err:  # noqa: BLE001 (any fault of a press: this request falls back, logged)
+        item.failed = True
+        logger.error(
+            "clusterattn: request %s: press %r failed at layer %d (%s: %s); the request keeps its "
+            "most recent %d prompt tokens instead",
+            item.req_id, item.press, layer_idx, type(err).__name__, err, item.kept,
+        )  # fmt: skip
+        return None

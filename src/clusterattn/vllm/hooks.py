@@ -58,7 +58,7 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from clusterattn.presses import BasePress, DecodingPress
 from clusterattn.vllm import decode_eviction
-from clusterattn.vllm.compaction import compact, recent
+from clusterattn.vllm.compaction import compact_or_log, recent
 from clusterattn.vllm.spec import default_spec, kept_tokens, parse_press, physical_tokens, request_press
 
 logger = logging.getLogger("clusterattn.vllm")
@@ -359,35 +359,13 @@ def _attention_forward(self, layer, query, key, value, kv_cache, attn_metadata, 
         pair = (
             None
             if item.failed
-            else _compact_or_log(item, query[span], key[span], value[span], self.scale, layer_idx)
+            else compact_or_log(item, query[span], key[span], value[span], self.scale, layer_idx)
         )
         if pair is None:
             pair = recent(key[span], value[span], prompt_len=item.prompt_len, kept=item.kept)
         slots = attn_metadata.slot_mapping[item.start : item.start + pair[0].shape[0]]
         self.do_kv_cache_update(layer, pair[0].to(key.dtype), pair[1].to(value.dtype), kv_cache, slots)
     return result
-
-
-def _compact_or_log(item: _Compression, query, key, value, scale, layer_idx: int):
-    """The press's selection for one request, or None (and ``item.failed``) when the press raises
-    or keeps the wrong count: one request's fault must not take the engine down."""
-    try:
-        with torch.no_grad():
-            pair = compact(
-                item.press, query, key, value, scale,
-                prompt_len=item.prompt_len, layer=layer_idx, n_layers=item.n_layers,
-            )  # fmt: skip
-        if pair is None or pair[0].shape[0] != item.tokens - (item.prompt_len - item.kept):
-            raise RuntimeError(f"it did not keep {item.kept} tokens")
-        return pair
-    except Exception as err:  # noqa: BLE001 (any fault of a press: this request falls back, logged)
-        item.failed = True
-        logger.error(
-            "clusterattn: request %s: press %r failed at layer %d (%s: %s); the request keeps its "
-            "most recent %d prompt tokens instead",
-            item.req_id, item.press, layer_idx, type(err).__name__, err, item.kept,
-        )  # fmt: skip
-        return None
 
 
 def install() -> None:
