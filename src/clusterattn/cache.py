@@ -240,7 +240,7 @@ class CompressedLayer(DynamicLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         prefill = self.prefill_step(key_states)
-        if prefill and (self.collecting or self.pending is not None):  # a chunked prefill
+        if prefill and current_chunk() is not None:  # a chunk of a chunked prefill
             keys, values = self.gather_chunk(key_states, value_states)
             fill_layer(self, keys, values)
         else:

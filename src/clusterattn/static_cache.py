@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from clusterattn.cache import CompressedLayer, CompressionStats, Plan, announce, arm, cache_stats, prepare
+from clusterattn.chunked import current as current_chunk
 from clusterattn.hf import StaticCache
 
 
@@ -60,7 +61,7 @@ class CompressedStaticLayer(CompressedLayer):
         if not self.is_initialized:
             if self.prefill_step(key_states):  # the armed prefill (or a chunk of it)
                 self.device = key_states.device
-                if self.collecting or self.pending is not None:  # a chunked prefill
+                if current_chunk() is not None:  # a chunk of a chunked prefill
                     key_states, value_states = self.gather_chunk(key_states, value_states)
                 announce(self, key_states)
                 return key_states, value_states
