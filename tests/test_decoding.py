@@ -198,9 +198,7 @@ def test_bad_arguments_and_static_caches_are_refused():
         model(prompt(60), past_key_values=StaticCache(config=model.config, max_cache_len=200))
 
 
-def test_the_long_output_fidelity_benchmark_measures_what_it_says():
-    """``benchmarks/long_output_fidelity.py``: a budget covering the whole generation agrees fully;
-    a small one agrees at least until the free run diverges (the same inputs, the same cache)."""
+def _fidelity_bench():
     import importlib.util
     from pathlib import Path
 
@@ -208,14 +206,30 @@ def test_the_long_output_fidelity_benchmark_measures_what_it_says():
     spec = importlib.util.spec_from_file_location("long_output_fidelity", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    model, ids = MODELS["llama"], prompt(60, seed=9)
-    target = bench.reference(model, ids, 24)
-    loose = ca.DecodingPress(ca.SnapKVPress(budget=200, window_size=8), budget=200, interval=8)
-    whole = bench.fidelity(model, ids, target, loose)
-    assert (
-        whole["common_prefix"] == 24 and whole["top1_agreement"] == 1.0 and whole["decode_compressions"] == 0
-    )
-    tight = ca.DecodingPress(ca.SnapKVPress(budget=20, window_size=8), budget=16, interval=4)
-    row = bench.fidelity(model, ids, target, tight)
-    assert row["held_tokens"] < 16 + 4 and row["decode_compressions"] > 0
-    assert row["top1_agreement"] >= row["common_prefix"] / 24 and row["mean_logprob"] <= 0
+    return bench
+
+
+def test_the_long_output_fidelity_benchmark_measures_what_it_says():
+    """``benchmarks/long_output_fidelity.py``: a left-padded batch of references gives each prompt
+    its own greedy tokens; feeding the reference in chunks that end at the eviction points gives
+    the misses and log-probs of one token per forward (the naive path); a budget covering the whole
+    generation agrees fully and never evicts."""
+    bench, model = _fidelity_bench(), MODELS["llama"]
+    short, long = prompt(40, seed=8)[0], prompt(60, seed=9)[0]
+    batch = bench.references(model, [short, long], 30, banned=[5])
+    alone = bench.references(model, [long], 30, banned=[5])[0]
+    assert torch.equal(batch[1], alone) and not (batch == 5).any()
+    target = bench.references(model, [long], 80, banned=[])[0]
+    whole = bench.teacher_forced(model, long, target, bench.Policy(model, "snapkv", 200, 8), [])
+    assert whole["common_prefix"] == 80 and whole["top1_agreement"] == 1.0 and whole["first_eviction"] is None
+    assert whole["peak_held"] == 60 + 79
+    for name in ("full", "clusterattn", "snapkv", "streamingllm"):
+        chunked = bench.teacher_forced(model, long, target, bench.Policy(model, name, 64, 16), [])
+        stepped = bench.teacher_forced(model, long, target, bench.Policy(model, name, 64, 16), [], steps=True)
+        assert chunked["misses"] == stepped["misses"], name
+        assert chunked["mean_logprob"] == pytest.approx(stepped["mean_logprob"], abs=1e-5), name
+        assert chunked["first_eviction"] == stepped["first_eviction"], name
+        assert (chunked["mean_held"], chunked["peak_held"]) == (stepped["mean_held"], stepped["peak_held"])
+        if name != "full":
+            assert chunked["peak_held"] == 64 + 16 and chunked["first_eviction"] == 64 + 16 - 60 + 1
+            assert chunked["common_prefix"] >= chunked["first_eviction"] - 1

@@ -119,7 +119,9 @@ def _register(implementation: str) -> str:
     if is_registered(name):
         return name
 
-    def attention(module, query, key, value, attention_mask, **kwargs):
+    def attention(module, query, key, value, attention_mask, dropout=0.0, **kwargs):
+        # ``dropout`` may come positionally: kvpress wraps every registered attention function at
+        # import and calls it as ``func(module, query, key, value, attention_mask, dropout, **kwargs)``
         chunk = current_chunk()
         if chunk is not None:  # one chunk of a chunked prefill: its rows, the layer's keys
             attention_mask = chunk.mask(attention_mask, key.shape[2], query.dtype, query.device)
@@ -132,7 +134,8 @@ def _register(implementation: str) -> str:
             )
         elif not is_sliding(module):  # full-attention layers: their own cache length (PyramidKV)
             attention_mask = fit_mask(attention_mask, key.shape[2])
-        output = base_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
+        base = base_attention(module, implementation)
+        output = base(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
         scaling = kwargs.get("scaling", module.scaling)
         if layer is not None and layer.collecting:  # not the last chunk: keep what the press reads
             layer.collect_queries(query)
