@@ -19,8 +19,10 @@ tokens; kvpress: after every ``interval`` decoding steps), so the reference is f
 exactly at those points: one forward per chunk instead of one per token, the same cache after each
 eviction and the same logits up to rounding. ``--check`` compares that with one-token steps.
 
-The prompt itself is not compressed (``compress_prompt=False``): kvpress's DecodingPress works
-during decoding only, so both start from the whole prompt and are compared on decoding alone.
+By default the prompt itself is not compressed (``compress_prompt=False``): kvpress's DecodingPress
+works during decoding only, so both start from the whole prompt and are compared on decoding alone.
+``--compress-prompt`` compresses it to the budget at prefill with the same rule (kvpress: its
+``PrefillDecodingPress``), so the cache never holds more than ``budget + interval`` tokens.
 
 Run in the peers environment (kvpress 0.5.5; see ``make peers``); the results are resumable:
 
@@ -129,9 +131,10 @@ class Policy:
     """One press at one decode budget, driven over one prompt: :meth:`prefill`, then :meth:`feed`
     chunks that end at or before the next eviction point (:meth:`room`); :meth:`close` at the end."""
 
-    def __init__(self, model, name: str, budget: int, interval: int):
+    def __init__(self, model, name: str, budget: int, interval: int, compress_prompt: bool = False):
         self.model, self.name, self.budget, self.interval = model, name, budget, interval
         self.kv_press, self.press, self.stack = None, None, contextlib.ExitStack()
+        self.compress_prompt = compress_prompt and name != "full"
         if name in KVPRESS:
             import kvpress
 
@@ -143,18 +146,27 @@ class Policy:
             )
         elif name != "full":
             rule = PRESSES[name](budget=budget)
-            self.press = ca.DecodingPress(rule, budget=budget, interval=interval, compress_prompt=False)
+            self.press = ca.DecodingPress(rule, budget, interval=interval, compress_prompt=compress_prompt)
 
     def prefill(self, prompt: torch.Tensor, steps: bool = False) -> torch.Tensor:
         """Logits ``(vocab,)`` after the prompt ``(L,)``. ``steps``: later tokens come one at a time
         (kvpress then counts its own interval; in chunks it evicts after every chunk)."""
-        self.position, self.fed = len(prompt), 0
+        self.position, self.fed, self.held_sum, self.peak = len(prompt), 0, 0, len(prompt)
         self.cache = (
             new_cache(self.model) if self.press is None else ca.CompressedCache(self.model, self.press)
         )
         if self.kv_press is not None:
             self.kv_press.compression_interval = self.interval if steps else 1
-            self.stack.enter_context(self.kv_press(self.model))  # its buffers live until close()
+            press = self.kv_press
+            if self.compress_prompt:  # kvpress's own prefill-then-decode composition, same rule
+                import kvpress
+
+                from clusterattn.eval.peer_presses import kvpress_ratio
+
+                ratio = kvpress_ratio(self.name, self.budget, len(prompt), 0)
+                first = getattr(kvpress, KVPRESS[self.name])(compression_ratio=ratio)
+                press = kvpress.PrefillDecodingPress(prefilling_press=first, decoding_press=self.kv_press)
+            self.stack.enter_context(press(self.model))  # its buffers live until close()
         return self._forward(prompt[None], torch.arange(len(prompt)))[0, -1]
 
     def room(self) -> int:
@@ -183,10 +195,20 @@ class Policy:
     def _chunk(self, tokens: torch.Tensor, evict: bool | None = None) -> torch.Tensor:
         if evict is not None:  # one forward, evicting after it or not (kvpress, fed in chunks)
             self.kv_press.compression_interval = 1 if evict else 2**31
-        positions = torch.arange(self.position, self.position + len(tokens))
+        positions, n, held = (
+            torch.arange(self.position, self.position + len(tokens)),
+            len(tokens),
+            self.held(),
+        )
         logits = self._forward(tokens[None], positions)[0]
-        self.position, self.fed = self.position + len(tokens), self.fed + len(tokens)
+        self.position, self.fed = self.position + n, self.fed + n
+        self.held_sum, self.peak = self.held_sum + n * held + n * (n + 1) // 2, max(self.peak, held + n)
         return logits
+
+    @property
+    def mean_held(self) -> float:
+        """Tokens per KV head held while each fed token was read, on average."""
+        return self.held_sum / max(self.fed, 1)
 
     def held(self) -> int:
         """Tokens per KV head the cache holds now."""
@@ -196,9 +218,7 @@ class Policy:
 
     def evicted(self) -> bool:
         """Whether any token has been evicted yet."""
-        if self.press is not None:
-            return self.cache.stats.decode_compressions > 0
-        return self.kv_press is not None and self.cache.get_seq_length() < self.position
+        return self.held() < self.position
 
     def close(self) -> None:
         self.stack.close()
@@ -218,13 +238,12 @@ def teacher_forced(model, prompt, target, policy: Policy, banned: list[int], ste
     """The measures of the module docstring for ``policy`` over ``target`` ``(n,)`` after ``prompt``
     ``(L,)``; ``steps`` feeds one token per forward instead of chunks."""
     try:
-        logits, done, evicted_at = [policy.prefill(prompt, steps)[None]], 0, None
-        held, peak, total = policy.held(), policy.held(), 0  # tokens held while each token is read
+        logits, done = [policy.prefill(prompt, steps)[None]], 0
+        evicted_at = 0 if policy.evicted() else None  # 0: the prompt's compression
         while done < len(target) - 1:
             n = min(policy.room(), len(target) - 1 - done)
             logits.append(policy.feed(target[done : done + n], steps=steps))
-            total, peak = total + n * held + n * (n + 1) // 2, max(peak, held + n)
-            done, held = done + n, policy.held()
+            done += n
             if evicted_at is None and policy.evicted():
                 evicted_at = done + 1  # the first position predicted from an evicted cache
     finally:
@@ -240,8 +259,8 @@ def teacher_forced(model, prompt, target, policy: Policy, banned: list[int], ste
         "top1_after_eviction": float(after.float().mean()) if len(after) else None,
         "first_eviction": evicted_at,
         "mean_logprob": float(logprob.mean()),
-        "mean_held": round(total / max(done, 1)),
-        "peak_held": peak,
+        "mean_held": round(policy.mean_held),
+        "peak_held": policy.peak,
         "misses": misses,
     }
 
@@ -324,6 +343,7 @@ def main(argv=None) -> int:
         help="decode budgets (default: %(default)s)",
     )
     add("--interval", type=int, default=128, help="tokens between evictions (default: %(default)s)")
+    add("--compress-prompt", action="store_true", help="compress the prompt to the budget at prefill too")
     add("--reference-batch", type=int, default=20, help="prompts per reference batch (default: %(default)s)")
     add("--check", type=int, default=0, metavar="TOKENS",
         help="first compare chunked with one-token feeding on the first prompt over TOKENS tokens at the "
@@ -374,7 +394,7 @@ def main(argv=None) -> int:
         target = torch.tensor(refs[name]["tokens"])
         if (name, press, budget) not in done:
             start = time.perf_counter()
-            policy = Policy(model, press, budget or args.new_tokens, args.interval)
+            policy = Policy(model, press, budget or args.new_tokens, args.interval, args.compress_prompt)
             row = {"prompt": name, "prompt_tokens": len(prompt), "press": press, "budget": budget}
             row |= teacher_forced(model, prompt, target, policy, banned)
             row["seconds"] = round(time.perf_counter() - start, 1)

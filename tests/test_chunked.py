@@ -72,6 +72,45 @@ def test_chunked_prefill_keeps_the_same_cache_and_logits(family, press):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_overwrite_keeps_one_residual_stream_and_the_same_outputs(family):
+    """``overwrite=True``: each chunk's output replaces its input rows, so the final norm reads the
+    embeddings' own storage; logits and kept keys are those of chunks without it."""
+    model = MODELS[family]
+    inner = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    ids = torch.tensor([[int(t) for t in ids_text(120, seed=4).split()]])
+    pointers = {}
+    hooks = [
+        inner.embed_tokens.register_forward_hook(lambda m, a, out: pointers.update(embed=out.data_ptr())),
+        inner.norm.register_forward_pre_hook(lambda m, a: pointers.update(norm=a[0].data_ptr())),
+    ]
+    outputs = []
+    try:
+        for overwrite in (False, True):
+            cache = ca.CompressedCache(model, PRESS_FACTORIES["clusterattn"](40))
+            with torch.no_grad(), prefill_chunks(model, 13, overwrite=overwrite):
+                logits = model(ids, **{cache_kwarg(model): cache}).logits
+            outputs.append((logits, _kept(cache)))
+            assert (pointers["norm"] == pointers["embed"]) == overwrite
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(outputs[0][1], outputs[1][1], strict=True))
+
+
+def test_hidden_states_stay_right_without_overwrite():
+    """The default keeps every layer's input: ``output_hidden_states`` equals one pass's."""
+    model = MODELS["llama"]
+    ids = torch.tensor([[int(t) for t in ids_text(90, seed=6).split()]])
+    states = []
+    for chunk in (None, 16):
+        with torch.no_grad(), prefill_chunks(model, chunk):
+            states.append(model(ids, output_hidden_states=True, use_cache=True).hidden_states)
+    for a, b in zip(*states, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_chunks_of_512_are_bit_identical_with_sdpa():
     """torch's CPU sdpa kernel splits keys in blocks of 512: chunks on that grid give the same bits."""
     model = tiny_model("llama", seed=5)

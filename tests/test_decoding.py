@@ -4,6 +4,8 @@ every way of driving the model, and clear errors."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from transformers import DynamicCache, StaticCache
@@ -198,12 +200,15 @@ def test_bad_arguments_and_static_caches_are_refused():
         model(prompt(60), past_key_values=StaticCache(config=model.config, max_cache_len=200))
 
 
-def _fidelity_bench():
+def _fidelity_bench(name: str = "long_output_fidelity"):
     import importlib.util
+    import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "long_output_fidelity.py"
-    spec = importlib.util.spec_from_file_location("long_output_fidelity", path)
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))  # long_output_recall imports long_output_fidelity
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
@@ -223,13 +228,36 @@ def test_the_long_output_fidelity_benchmark_measures_what_it_says():
     whole = bench.teacher_forced(model, long, target, bench.Policy(model, "snapkv", 200, 8), [])
     assert whole["common_prefix"] == 80 and whole["top1_agreement"] == 1.0 and whole["first_eviction"] is None
     assert whole["peak_held"] == 60 + 79
-    for name in ("full", "clusterattn", "snapkv", "streamingllm"):
-        chunked = bench.teacher_forced(model, long, target, bench.Policy(model, name, 64, 16), [])
-        stepped = bench.teacher_forced(model, long, target, bench.Policy(model, name, 64, 16), [], steps=True)
+    for name, squeeze in itertools.product(("full", "clusterattn", "snapkv", "streamingllm"), (False, True)):
+        policy = bench.Policy(model, name, 64 - 24 * squeeze, 16, compress_prompt=squeeze)
+        chunked = bench.teacher_forced(model, long, target, policy, [])
+        policy = bench.Policy(model, name, 64 - 24 * squeeze, 16, compress_prompt=squeeze)
+        stepped = bench.teacher_forced(model, long, target, policy, [], steps=True)
         assert chunked["misses"] == stepped["misses"], name
         assert chunked["mean_logprob"] == pytest.approx(stepped["mean_logprob"], abs=1e-5), name
         assert chunked["first_eviction"] == stepped["first_eviction"], name
         assert (chunked["mean_held"], chunked["peak_held"]) == (stepped["mean_held"], stepped["peak_held"])
-        if name != "full":
+        if name != "full" and squeeze:  # the prompt compressed to 40 at prefill
+            assert chunked["first_eviction"] == 0 and chunked["peak_held"] == 60
+            assert chunked["mean_held"] <= 40 + 16
+        elif name != "full":
             assert chunked["peak_held"] == 64 + 16 and chunked["first_eviction"] == 64 + 16 - 60 + 1
             assert chunked["common_prefix"] >= chunked["first_eviction"] - 1
+
+
+def test_the_recall_benchmark_answers_after_the_forced_preamble():
+    """``benchmarks/long_output_recall.py``: with the full cache, the answer after a forced prefix of
+    the reference is the reference's continuation; under a decode budget the cache never holds more
+    than ``budget + interval`` tokens, and a stop token ends the answer."""
+    bench, recall = _fidelity_bench(), _fidelity_bench("long_output_recall")
+    model, ids = MODELS["llama"], prompt(50, seed=2)[0]
+    target = bench.references(model, [ids], 60, banned=[])[0]
+    full = bench.Policy(model, "full", 200, 16)
+    assert recall.answer_after(model, ids, target[:40], full, 20, stop=[]) == target[40:].tolist()
+    assert full.peak == 50 + 40 + 19
+    tight = bench.Policy(model, "clusterattn", 48, 16)
+    answer = recall.answer_after(model, ids, target[:40], tight, 20, stop=[])
+    assert len(answer) == 20 and tight.peak == 48 + 16
+    rest, policy = target[40:].tolist(), bench.Policy(model, "full", 200, 16)
+    stopped = recall.answer_after(model, ids, target[:40], policy, 20, stop=[rest[5]])
+    assert stopped == rest[: rest.index(rest[5])]

@@ -34,21 +34,24 @@ def ids(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(1, 120, (n,), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("compress_prompt", [False, True])
 @pytest.mark.parametrize("name", ["kvpress-snapkv", "kvpress-expectedattention"])
-def test_kvpress_chunks_end_where_its_decoding_press_evicts(bench, model, name):
+def test_kvpress_chunks_end_where_its_decoding_press_evicts(bench, model, name, compress_prompt):
     """Chunks of ``interval`` tokens (kvpress evicting after each) give the misses, log-probs and held
     tokens of one token per forward under kvpress's own step counting (its SnapKV needs more
     than its 64-token window between evictions)."""
-    prompt, budget, interval = ids(50), 96, 80
+    prompt, budget, interval = ids(150 if compress_prompt else 50), 96, 80
     target = bench.references(model, [prompt], 300, banned=[])[0]
-    chunked = bench.teacher_forced(model, prompt, target, bench.Policy(model, name, budget, interval), [])
-    policy = bench.Policy(model, name, budget, interval)
+    policy = bench.Policy(model, name, budget, interval, compress_prompt)
+    chunked = bench.teacher_forced(model, prompt, target, policy, [])
+    policy = bench.Policy(model, name, budget, interval, compress_prompt)
     stepped = bench.teacher_forced(model, prompt, target, policy, [], steps=True)
     assert chunked["misses"] == stepped["misses"]
     assert chunked["mean_logprob"] == pytest.approx(stepped["mean_logprob"], abs=1e-5)
-    assert chunked["first_eviction"] == stepped["first_eviction"] == interval + 1
+    assert chunked["first_eviction"] == stepped["first_eviction"] == (0 if compress_prompt else interval + 1)
     assert (chunked["mean_held"], chunked["peak_held"]) == (stepped["mean_held"], stepped["peak_held"])
-    assert chunked["peak_held"] == budget + interval and chunked["common_prefix"] >= interval
+    assert chunked["peak_held"] == budget + interval  # the prefill's 150 included
+    assert compress_prompt or chunked["common_prefix"] >= interval
 
 
 def test_clusterattn_attention_takes_dropout_positionally(model, monkeypatch):

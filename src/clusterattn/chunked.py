@@ -7,7 +7,7 @@ intermediate)`` ones in its MLP. :func:`prefill_chunks` runs each layer over ``c
 at a time instead, layer after layer: the chunk's queries attend to the layer's keys of every
 earlier token and its own (the cache layer gathers them chunk by chunk), and its MLP runs on the
 chunk alone. The model computes the same function; only the order of the work changes. Between
-layers the whole prompt's hidden states exist as before, and each compressed layer is compressed
+layers the whole prompt's hidden states exist as before (one copy with ``overwrite=True``), and each compressed layer is compressed
 once its last chunk has run, before the next layer starts, with the last queries the press reads
 (:mod:`clusterattn.integration`). So the peak becomes the residual stream, one layer's full K/V and
 one chunk's activations.
@@ -187,6 +187,8 @@ def _chunked_forward(module, *args, **kwargs):
     total = hidden.shape[1]
     _check_kwargs(kwargs, total)
     run, out, rest = _Run(total=total, rows=min(tokens, total)), None, None
+    if getattr(_local, "overwrite", False) and not torch.is_grad_enabled():
+        out = hidden  # a chunk's input rows are read by that chunk alone: its output replaces them
     try:
         with masked_gqa():  # chunks carry a mask: keep grouped KV heads whole (CPU), not copied per head
             for start in range(0, total, tokens):
@@ -237,9 +239,15 @@ def check_chunk(tokens) -> int | None:
 
 
 @contextlib.contextmanager
-def prefill_chunks(model, tokens: int | None) -> Iterator[None]:
+def prefill_chunks(model, tokens: int | None, *, overwrite: bool = False) -> Iterator[None]:
     """Run this thread's prefills of ``model`` ``tokens`` prompt tokens at a time through each
-    decoder layer inside the block (None: unchanged, no wrapper installed)."""
+    decoder layer inside the block (None: unchanged, no wrapper installed).
+
+    ``overwrite=True`` writes each chunk's output over its own input rows (outside autograd), so
+    the whole forward keeps one ``(batch, seq, hidden)`` residual stream instead of three (the
+    model's input embeddings and each layer's input and output). Only for calls that keep no layer
+    input: not with ``output_hidden_states=True`` or hooks that record hidden states, whose tensors
+    would be overwritten. :func:`clusterattn.generate` and ``clusterattn bench`` use it."""
     tokens = check_chunk(tokens)
     if tokens is None:
         yield
@@ -248,9 +256,9 @@ def prefill_chunks(model, tokens: int | None) -> Iterator[None]:
 
     install(model)  # the attention wrapper gives each chunk its mask
     install_chunking(model)
-    previous = getattr(_local, "tokens", None)
-    _local.tokens = tokens
+    previous = getattr(_local, "tokens", None), getattr(_local, "overwrite", False)
+    _local.tokens, _local.overwrite = tokens, bool(overwrite)
     try:
         yield
     finally:
-        _local.tokens = previous
+        _local.tokens, _local.overwrite = previous

@@ -130,7 +130,7 @@ def prefill(model, inputs: Inputs, cache, *, chunk: int | None = None):
     returns the last logits ``(batch, 1, vocab)`` and each row's next position ``(batch,)``.
     ``chunk``: run each decoder layer over at most that many tokens at a time (:mod:`clusterattn.chunked`)."""
     positions = (inputs.prompt_mask.cumsum(-1) - 1).clamp_min(0)
-    with prefill_chunks(model, chunk):
+    with prefill_chunks(model, chunk, overwrite=True):  # nothing here keeps the layers' inputs
         logits = model(
             input_ids=inputs.prompt_ids, attention_mask=inputs.prompt_mask, position_ids=positions,
             use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache},

@@ -1,0 +1,182 @@
+"""Recall after a long output: does a needle of the prompt survive decode-phase eviction while the
+model writes a long preamble first?
+
+Per sample (RULER ``niah_single_2``: a 7-digit value under a key, hidden at depths spread over
+``--context`` tokens of essays), the chat prompt asks for a detailed outline of the document first
+and the needle's value only after it. Then:
+
+1. the full cache writes the preamble: ``--preamble`` greedy tokens (end-of-text suppressed; all
+   samples in one left-padded batch);
+2. each press and decode budget prefills the prompt (compressed to the budget by the same rule;
+   kvpress: its ``PrefillDecodingPress``), reads the same preamble and then the answer cue
+   (RULER's answer prefix) under its own eviction policy (fed in chunks that end at its eviction
+   points, as in ``long_output_fidelity.py``), and writes ``--answer-tokens`` greedy tokens, which
+   are scored with RULER's string match;
+3. the full cache does the same, so a sample it gets wrong is marked.
+
+Every policy reads the same preamble, so the needle's distance and what happens to it depend on the
+policy alone. A preamble that already states the value makes the sample trivial; such samples are
+counted apart. Run in the peers environment (kvpress 0.5.5), resumable:
+
+    PYTHONPATH=src .venv-peers/bin/python benchmarks/long_output_recall.py \\
+        --model qwen2.5-coder-0.5b --samples 10 --budgets 256 512 1024 --out runs/long-output-recall
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+import clusterattn as ca
+from clusterattn.eval.niah import make_needle_samples, score_answer
+from clusterattn.presses import PRESSES
+from long_output_fidelity import KVPRESS, Policy, _append, _rows, end_tokens, references
+
+INSTRUCTION = (
+    "First write a detailed outline of the document above, point by point, with at least thirty "
+    "points. Do not answer the question below until the outline is complete; answer it only at the "
+    "very end.\n\nQuestion: {question}"
+)
+
+
+def needle_prompts(tokenizer, samples: int, context: int, seed: int):
+    """``(sample, prompt ids (L,))`` pairs: the document, then the outline-first instruction."""
+    out = []
+    for sample in make_needle_samples(tokenizer, context, samples, seed=seed):
+        text = f"{sample.context}\n\n{INSTRUCTION.format(question=sample.question)}"
+        chat = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        out.append((sample, tokenizer(chat, return_tensors="pt", add_special_tokens=False)["input_ids"][0]))
+    return out
+
+
+@torch.no_grad()
+def answer_after(model, prompt, forced, policy: Policy, answer_tokens: int, stop: list[int]) -> list[int]:
+    """Greedy tokens after ``prompt`` ``(L,)`` and the ``forced`` tokens ``(n,)`` under ``policy``
+    (evicting as it goes); stops at a ``stop`` token."""
+    try:
+        last, done = policy.prefill(prompt), 0
+        while done < len(forced):
+            n = min(policy.room(), len(forced) - done)
+            last = policy.feed(forced[done : done + n])[-1]
+            done += n
+        answer = []
+        while len(answer) < answer_tokens and int(last.argmax()) not in stop:
+            answer.append(int(last.argmax()))
+            if len(answer) < answer_tokens:
+                last = policy.feed(torch.tensor(answer[-1:]))[-1]
+        return answer
+    finally:
+        policy.close()
+
+
+def table(rows: list[dict], presses: list[str], budgets: list[int]) -> str:
+    """Markdown: recall per press and budget over the samples the full cache answers."""
+    valid = {r["sample"] for r in rows if r["press"] == "full" and r["correct"] and not r["in_preamble"]}
+    lines = [
+        f"Samples the full cache answers, its preamble not stating the value: {len(valid)}",
+        "",
+        "| press | decode budget | recall | tokens held (mean / peak) |",
+        "|---|---|---|---|",
+    ]
+    for press in presses:
+        for budget in [0] if press == "full" else budgets:
+            group = [
+                r for r in rows if r["press"] == press and r["budget"] == budget and r["sample"] in valid
+            ]
+            if group:
+                recall = sum(r["correct"] for r in group)
+                held = statistics.fmean(r["mean_held"] for r in group)
+                lines.append(
+                    f"| {press} | {budget or '-'} | {recall}/{len(group)} "
+                    f"| {held:.0f} / {max(r['peak_held'] for r in group)} |"
+                )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--model", default="qwen2.5-coder-0.5b", help="registry name or path (default: %(default)s)")
+    add("--samples", type=int, default=10, help="needle samples, depths 0.1..0.9 (default: %(default)s)")
+    add("--context", type=int, default=2048, help="document tokens with the needle (default: %(default)s)")
+    add("--preamble", type=int, default=1024, help="tokens the model writes first (default: %(default)s)")
+    add("--answer-tokens", type=int, default=16, help="tokens of the answer (default: %(default)s)")
+    add("--presses", nargs="+", default=["full", "clusterattn", "kvpress-snapkv", "kvpress-expectedattention",
+        "streamingllm"], help="as in long_output_fidelity.py (default: %(default)s)")  # fmt: skip
+    add("--budgets", type=int, nargs="+", default=[256, 512, 1024], help="decode budgets (default: "
+        "%(default)s)")  # fmt: skip
+    add("--interval", type=int, default=128, help="tokens between evictions (default: %(default)s)")
+    add("--keep-prompt", action="store_true", help="keep the whole prompt at prefill (default: compress it "
+        "to the budget with the same rule; kvpress: PrefillDecodingPress)")  # fmt: skip
+    add("--seed", type=int, default=0, help="needle keys, values and depths (default: %(default)s)")
+    add("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    add(
+        "--out",
+        default="runs/long-output-recall",
+        help="folder for the resumable results (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    for name in args.presses:
+        if name not in KVPRESS and name != "full" and name not in PRESSES:
+            parser.error(f"unknown press {name!r}")
+    torch.set_num_threads(args.threads)
+    model, tokenizer = ca.load_model(args.model)
+    banned = end_tokens(tokenizer)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (out / "run.json").write_text(json.dumps({"args": vars(args), "commit": commit}, indent=1))
+    prompts = needle_prompts(tokenizer, args.samples, args.context, args.seed)
+    pre_path, res_path = out / "preambles.jsonl", out / "results.jsonl"
+    preambles = {r["sample"]: r["tokens"] for r in _rows(pre_path) if r["preamble"] == args.preamble}
+    if len(preambles) < len(prompts):
+        start = time.perf_counter()
+        tokens = references(model, [p for _, p in prompts], args.preamble, banned)
+        for i, row in enumerate(tokens):
+            preambles[i] = row.tolist()
+            _append(pre_path, {"sample": i, "preamble": args.preamble, "tokens": preambles[i]})
+        print(f"preambles: {time.perf_counter() - start:.0f} s", flush=True)
+    rows = _rows(res_path)
+    done = {(r["sample"], r["press"], r["budget"]) for r in rows}
+    jobs = [("full", 0)] + [
+        (p, b) for b in sorted(args.budgets, reverse=True) for p in args.presses if p != "full"
+    ]
+    for (press, budget), (i, (sample, prompt)) in itertools.product(jobs, enumerate(prompts)):
+        if (i, press, budget) in done:
+            continue
+        cue = tokenizer(f"\n\n{sample.answer_prefix}", add_special_tokens=False)["input_ids"]
+        forced = torch.tensor(preambles[i] + cue)
+        start = time.perf_counter()
+        whole = len(prompt) + len(forced) + args.answer_tokens
+        policy = Policy(model, press, budget or whole, args.interval, compress_prompt=not args.keep_prompt)
+        answer = tokenizer.decode(answer_after(model, prompt, forced, policy, args.answer_tokens, banned))
+        row = {
+            "sample": i, "depth": sample.depth, "press": press, "budget": budget,
+            "prompt_tokens": len(prompt),
+            "answer": answer, "value": sample.answer, "correct": score_answer(answer, sample.answer),
+            "in_preamble": sample.answer in tokenizer.decode(preambles[i]),
+            "mean_held": round(policy.mean_held), "peak_held": policy.peak,
+            "seconds": round(time.perf_counter() - start, 1),
+        }  # fmt: skip
+        rows.append(row)
+        _append(res_path, row)
+        print(json.dumps(row), flush=True)
+    summary = table(rows, args.presses, args.budgets)
+    (out / "table.md").write_text(summary + "\n")
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
