@@ -135,6 +135,7 @@ def test_write_report_files_and_doc_splice(tmp_path):
     ]
     assert any(p.name.startswith("needle_heatmap") for p in paths)
     assert any(p.name.startswith("score_vs_budget") for p in paths)
+    assert not any(p.name == "leaderboard.png" for p in paths)  # token budgets only: no ratio axis
     text = doc.read_text()
     assert text.startswith("# Benchmarks") and text.count(f"<!-- eval {tmp_path.name} begin -->") == 1
     write_report(tmp_path, doc=doc)  # idempotent: the section is replaced, not appended
@@ -214,3 +215,28 @@ def test_plot_styles_tell_every_press_apart():
     reds = {"tab:red", "darkred", "lightcoral", "maroon"}
     assert {p for p, s in styles.items() if s["color"] in reds} == {p for p in presses if "clusterattn" in p}
     assert styles["kvpress:snapkv"]["linestyle"] == "--"
+
+
+def test_leaderboard_plots_ratio_budgets_against_the_compression_factor(tmp_path, monkeypatch):
+    """``leaderboard.png``: one panel per run with ratio budgets, x = 1 / (1 - ratio), y = the score
+    averaged over the run's tasks (percent), one line per press."""
+    import matplotlib.axes
+
+    rows = [_row("full", "full", task, 0, 1.0) for task in ("vt", "cwe")]
+    for press, budget, vt, cwe in [("clusterattn", "r0.5", 1.0, 0.8), ("clusterattn", "r0.875", 0.5, 0.5),
+                                   ("snapkv", "r0.5", 0.8, 0.8), ("snapkv", "r0.875", 0.3, 0.1),
+                                   ("snapkv", "64", 0.0, 0.0)]:  # fmt: skip
+        rows += [_row(press, budget, "vt", 0, vt), _row(press, budget, "cwe", 0, cwe)]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = {}
+    real = matplotlib.axes.Axes.plot
+
+    def plot(self, x, y, *args, label=None, **kwargs):
+        lines.setdefault(label, (list(x), [round(v, 6) for v in y]))  # the leaderboard draws first
+        return real(self, x, y, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    paths = write_report(tmp_path)
+    assert (tmp_path / "leaderboard.png") in paths and (tmp_path / "leaderboard.png").stat().st_size > 0
+    assert lines["clusterattn"] == ([2.0, 8.0], [90.0, 50.0])
+    assert lines["snapkv"] == ([2.0, 8.0], [80.0, 20.0])  # the token budget 64 is not on this axis

@@ -7,10 +7,10 @@ intermediate)`` ones in its MLP. :func:`prefill_chunks` runs each layer over ``c
 at a time instead, layer after layer: the chunk's queries attend to the layer's keys of every
 earlier token and its own (the cache layer gathers them chunk by chunk), and its MLP runs on the
 chunk alone. The model computes the same function; only the order of the work changes. Between
-layers the whole prompt's hidden states exist as before (one copy with ``overwrite=True``), and each compressed layer is compressed
-once its last chunk has run, before the next layer starts, with the last queries the press reads
-(:mod:`clusterattn.integration`). So the peak becomes the residual stream, one layer's full K/V and
-one chunk's activations.
+layers the whole prompt's hidden states exist as before (one copy with ``overwrite=True``), and each
+compressed layer is compressed once its last chunk has run, before the next layer starts, with the
+last queries the press reads (:mod:`clusterattn.integration`). So the peak becomes the residual
+stream, one layer's full K/V and one chunk's activations.
 
 With sdpa on CPU, chunks that are a multiple of 512 tokens give bit-identical outputs (torch's
 CPU kernel splits keys in blocks of 512); other sizes agree to float rounding.

@@ -1,4 +1,5 @@
-"""Figures of an evaluation run: score vs budget per task and press; needle depth x length heatmaps."""
+"""Figures of an evaluation run: the leaderboard (average score vs compression ratio), score vs budget
+per task and press, needle depth x length heatmaps."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clusterattn.eval.metrics import press_order, runs
+from clusterattn.eval.metrics import press_order, runs, task_averages
 
 DEPTH_BINS = 5
 
@@ -86,6 +87,47 @@ def score_vs_budget(metrics: list[dict], out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def leaderboard(metrics: list[dict], out: Path) -> list[Path]:
+    """One PNG with a panel per (model, length, setting) that has compression-ratio budgets
+    (``r0.5``, ...): each press's score averaged over the run's tasks against the compression factor
+    ``1 / (1 - ratio)`` (2:1 ... 32:1), the full cache as a dotted line, as kvpress's leaderboard
+    plots it. Token budgets stay in the score-vs-budget figures."""
+    plt = _pyplot()
+    panels = []
+    for (model, length, setting), rows in runs(metrics):
+        tasks, budgets, _, average = task_averages(rows)
+        ratios = sorted((b for b in budgets if b.startswith("r")), key=lambda b: float(b[1:]))
+        if ratios:
+            panels.append(((model, length, setting), rows, tasks, ratios, average))
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    for ax, ((model, length, setting), rows, tasks, ratios, average) in zip(axes.flat, panels, strict=True):
+        factors = [1.0 / (1.0 - float(b[1:])) for b in ratios]
+        presses = sorted({p for p, b in average if b in ratios}, key=press_order)
+        styles = _styles(presses)
+        for press in presses:
+            ax.plot(factors, [average[press, b] for b in ratios], label=press, **styles[press])
+        full = [r["score"] for r in rows if r["budget"] == "full"]
+        top = max([average[p, b] for p in presses for b in ratios if not math.isnan(average[p, b])] or [0])
+        if len(full) == len(tasks):
+            ax.axhline(float(np.mean(full)), color="black", linestyle=":", linewidth=1.2, label="full cache")
+            top = max(top, float(np.mean(full)))
+        ax.set_ylim(0, min(103, top + 8))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(factors, [f"{f:.0f}:1" for f in factors], fontsize=8)
+        ax.set_xlabel("compression (prompt tokens : kept tokens)", fontsize=8)
+        ax.set_ylabel(f"average score over {len(tasks)} tasks", fontsize=8)
+        ax.set_title(f"{model}, {length} tokens, {setting.replace('_', '-')}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    path = Path(out) / "leaderboard.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
 
 
 def _panel_value(by: dict, press: str, budget: str, panel: str, tasks: list[str]) -> float:

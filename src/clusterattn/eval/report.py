@@ -1,9 +1,9 @@
 """Markdown tables and figures from ``predictions.jsonl`` (see :mod:`clusterattn.eval.runner`).
 
-``write_report(out)`` rebuilds ``metrics.csv``, ``tables.md``, ``score_vs_budget_*.png`` and
-``needle_heatmap_*.png`` from the predictions alone, and can splice the headline tables into a
-Markdown document between ``<!-- eval NAME begin -->`` and ``<!-- eval NAME end -->`` (``NAME``: the
-output folder's name, so several runs share one document).
+``write_report(out)`` rebuilds ``metrics.csv``, ``tables.md``, ``leaderboard.png``,
+``score_vs_budget_*.png`` and ``needle_heatmap_*.png`` from the predictions alone, and can splice
+the headline tables into a Markdown document between ``<!-- eval NAME begin -->`` and ``<!-- eval
+NAME end -->`` (``NAME``: the output folder's name, so several runs share one document).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from clusterattn.eval.metrics import (  # noqa: F401 (aggregate and latest_rows 
     task_averages,
     write_metrics,
 )
-from clusterattn.eval.plots import needle_heatmaps, score_vs_budget
+from clusterattn.eval.plots import leaderboard, needle_heatmaps, score_vs_budget
 from clusterattn.eval.predictions import read_predictions
 
 
@@ -105,7 +105,7 @@ def write_report(out: str | Path, doc: str | Path | None = None) -> list[Path]:
         + task_tables(metrics)
         + ("\n## Needle tasks by needle depth\n\n" + depth if depth else "")
     )
-    figures = score_vs_budget(metrics, out) + needle_heatmaps(rows, out)
+    figures = leaderboard(metrics, out) + score_vs_budget(metrics, out) + needle_heatmaps(rows, out)
     if doc is not None:
         _splice(Path(doc), out, headline, figures)
     return [metrics_path, out / "tables.md", *figures]
