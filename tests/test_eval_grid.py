@@ -129,19 +129,52 @@ def test_stack_padded_checks(llama):
         stack_padded([uneven])
 
 
-def test_masked_gqa_swaps_and_restores_the_predicate(monkeypatch):
+def test_masked_gqa_says_yes_inside_the_block_of_its_own_thread_only(monkeypatch):
+    """transformers' GQA predicate answers yes inside a block, for the thread in it; other threads
+    and code after the block (nested or overlapping blocks included) get transformers' own answer."""
+    import inspect
+    import threading
+
     from transformers.integrations import sdpa_attention
 
-    original = sdpa_attention.use_gqa_in_sdpa
     monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    mask, key = torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+    arity = 3 if "value" in inspect.signature(sdpa_attention.use_gqa_in_sdpa).parameters else 2
+
+    def ask():  # (mask, key) in transformers 5.2, (mask, key, value) in 5.24
+        return sdpa_attention.use_gqa_in_sdpa(*(mask, key, key)[:arity])
+
+    own = ask()
+    assert own is False  # transformers copies KV heads when there is a mask
+    inside, entered, done = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def other():
+        entered.wait()
+        seen["other"] = ask()  # while the main thread is inside
+        with masked_gqa():
+            inside.set()
+            done.wait()  # the main thread leaves its block while this one is still inside
+            seen["other inside"] = ask()
+
+    thread = threading.Thread(target=other)
+    thread.start()
     with masked_gqa():
-        assert sdpa_attention.use_gqa_in_sdpa(torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1)) is True
-    assert sdpa_attention.use_gqa_in_sdpa is original
+        with masked_gqa():
+            assert ask() is True
+        assert ask() is True
+        entered.set()
+        inside.wait()
+    assert ask() is own
+    done.set()
+    thread.join()
+    assert seen == {"other": own, "other inside": True}
+    assert ask() is own
     with masked_gqa(active=False):
-        assert sdpa_attention.use_gqa_in_sdpa is original
+        assert ask() is own
     monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "0")  # a user's own choice is left alone
     with masked_gqa():
-        assert sdpa_attention.use_gqa_in_sdpa is original
+        assert ask() is own
 
 
 def test_batch_key(llama):

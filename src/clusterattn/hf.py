@@ -21,9 +21,11 @@ imports transformers' submodules or touches these internals.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 
 import torch
@@ -159,6 +161,28 @@ def extend_layers(cache: Cache, n_layers: int) -> None:
 _FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
+_gqa = threading.local()  # .depth: masked_gqa blocks this thread is in
+_gqa_lock = threading.Lock()
+
+
+def _install_gqa_predicate() -> None:
+    """Wrap transformers' ``use_gqa_in_sdpa`` once: yes inside a :func:`masked_gqa` block of the
+    calling thread, transformers' own answer everywhere else (other threads, outside blocks)."""
+    from transformers.integrations import sdpa_attention
+
+    with _gqa_lock:
+        original = sdpa_attention.use_gqa_in_sdpa
+        if getattr(original, "_clusterattn", False):
+            return
+
+        @functools.wraps(original)
+        def use_gqa_in_sdpa(*args, **kwargs):
+            return True if getattr(_gqa, "depth", 0) else original(*args, **kwargs)
+
+        use_gqa_in_sdpa._clusterattn = True
+        sdpa_attention.use_gqa_in_sdpa = use_gqa_in_sdpa
+
+
 @contextlib.contextmanager
 def masked_gqa(active: bool = True) -> Iterator[None]:
     """Let sdpa take grouped KV heads together with an attention mask while decoding a padded batch.
@@ -166,19 +190,17 @@ def masked_gqa(active: bool = True) -> Iterator[None]:
     With a mask, transformers' sdpa path copies every KV head to each of its query heads (the whole
     cache, per layer and step: 2.0 s per step for 25 SmolLM2 rows at 2k against 0.36 s without the
     copy). torch's CPU kernels accept grouped heads with a mask directly, with the same arithmetic,
-    so on CPU this swaps transformers' ``use_gqa_in_sdpa`` predicate for one that says yes (the same
-    in transformers 5.2 and 5.24; 5.24's ``TRANSFORMERS_SDPA_FORCE_GQA`` does not exist in 5.2). On
-    accelerators the copy is the fast path, and a user's own ``TRANSFORMERS_SDPA_FORCE_GQA`` is
-    respected: both leave transformers unchanged.
+    so on CPU, inside the block and for the calling thread only, transformers' ``use_gqa_in_sdpa``
+    predicate says yes (the same in transformers 5.2 and 5.24; 5.24's ``TRANSFORMERS_SDPA_FORCE_GQA``
+    does not exist in 5.2). On accelerators the copy is the fast path, and a user's own
+    ``TRANSFORMERS_SDPA_FORCE_GQA`` is respected: both leave transformers' answer unchanged.
     """
-    from transformers.integrations import sdpa_attention
-
     if not active or torch.cuda.is_available() or os.environ.get(_FORCE_GQA) is not None:
         yield
         return
-    original = sdpa_attention.use_gqa_in_sdpa
-    sdpa_attention.use_gqa_in_sdpa = lambda *args, **kwargs: True
+    _install_gqa_predicate()
+    _gqa.depth = getattr(_gqa, "depth", 0) + 1
     try:
         yield
     finally:
-        sdpa_attention.use_gqa_in_sdpa = original
+        _gqa.depth -= 1

@@ -96,6 +96,15 @@ class _Item:
 
 
 STEP: list[_Item] = []  # the step being executed (read by the attention hook)
+
+
+def check_whole_prompt(req_id: str, computed: int, count: int, prompt_len: int) -> None:
+    """Raise unless this step runs the request's whole prompt (``count`` tokens from position
+    ``computed``): eviction compresses a prompt in the step that prefills it."""
+    if computed != 0 or count < prompt_len:
+        raise RuntimeError(f"request {req_id}: its prompt was split across steps; eviction needs it whole")
+
+
 _LAYOUTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -116,10 +125,7 @@ class DecodeEviction:
         if track is None:
             if not isinstance(press, DecodingPress):
                 return None
-            if computed != 0 or count < prompt_len:
-                raise RuntimeError(
-                    f"request {req_id}: its prompt was split across steps; eviction needs it whole"
-                )
+            check_whole_prompt(req_id, computed, count, prompt_len)
             kept = kept_tokens(press, prompt_len)
             track = self.tracks[req_id] = Track(req_id, press, prompt_len, kept, self.n_layers)
             STEP.append(_Item(track, row, start, count, 0, track.physical(count), prefill=True))

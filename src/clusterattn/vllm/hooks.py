@@ -315,10 +315,7 @@ def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         kept = kept_tokens(press, prompt_len)
         if kept is None or computed >= prompt_len:
             continue
-        if computed != 0 or computed + count < prompt_len:
-            raise RuntimeError(
-                f"request {req_id}: its prompt was split across steps; eviction needs it whole"
-            )
+        decode_eviction.check_whole_prompt(req_id, computed, count, prompt_len)
         _STEP.append(_Compression(req_id, int(starts[row]), count, prompt_len, kept, press, state.n_layers))
     if offsets.any():
         total = int(num_scheduled_tokens.sum())
