@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 import clusterattn as ca
-from clusterattn.hf import cache_kwarg, new_cache
+from clusterattn.hf import cache_kwarg, masked_gqa, new_cache
 from clusterattn.presses import PRESSES
 
 SPECS = [
@@ -116,14 +116,17 @@ def references(model, prompts: list[torch.Tensor], new_tokens: int, banned: list
         ids[row, width - len(p) :], mask[row, width - len(p) :] = p, 1
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     name, cache, out = cache_kwarg(model), new_cache(model), []
-    logits = model(ids, attention_mask=mask, position_ids=position, logits_to_keep=1, **{name: cache}).logits
-    for step in range(new_tokens):
-        token = _next_logits(logits[:, -1], banned).argmax(-1)
-        out.append(token)
-        if step < new_tokens - 1:
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            position = position[:, -1:] + 1
-            logits = model(token[:, None], attention_mask=mask, position_ids=position, **{name: cache}).logits
+    with masked_gqa():  # a padded batch's mask would copy every KV head per query head, every step
+        logits = model(ids, attention_mask=mask, position_ids=position, logits_to_keep=1, **{name: cache})
+        logits = logits.logits
+        for step in range(new_tokens):
+            token = _next_logits(logits[:, -1], banned).argmax(-1)
+            out.append(token)
+            if step < new_tokens - 1:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                position = position[:, -1:] + 1
+                kwargs = {"attention_mask": mask, "position_ids": position, name: cache}
+                logits = model(token[:, None], **kwargs).logits
     return torch.stack(out, dim=1)
 
 
