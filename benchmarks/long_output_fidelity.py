@@ -306,6 +306,29 @@ def table(rows: list[dict], names: list[str], budgets: list[int]) -> str:
     return "\n".join(lines)
 
 
+def report(rows: list[dict], names: list[str], budgets: list[int]) -> str:
+    """:func:`table` over all prompts, the coding specifications and the essay summaries, and per
+    budget ClusterAttn's common prefix against kvpress's SnapKV prompt by prompt."""
+    parts = []
+    kinds = (("All prompts", ""), ("Coding specifications", "spec-"), ("Essay summaries", "essay-"))
+    for title, kind in kinds:
+        subset = [r for r in rows if r["prompt"].startswith(kind)]
+        if subset:
+            parts.append(f"**{title}**\n\n{table(subset, names, budgets)}")
+    for budget in budgets:
+        ours = {r["prompt"]: r for r in rows if r["press"] == "clusterattn" and r["budget"] == budget}
+        theirs = {r["prompt"]: r for r in rows if r["press"] == "kvpress-snapkv" and r["budget"] == budget}
+        both = sorted(set(ours) & set(theirs))
+        if both:
+            diff = [ours[p]["common_prefix"] - theirs[p]["common_prefix"] for p in both]
+            parts.append(
+                f"Budget {budget}, common prefix, clusterattn against kvpress-snapkv, {len(both)} prompts: "
+                f"longer on {sum(d > 0 for d in diff)}, equal on {sum(d == 0 for d in diff)}, shorter on "
+                f"{sum(d < 0 for d in diff)}; mean difference {statistics.fmean(diff):+.0f} tokens."
+            )
+    return "\n\n".join(parts)
+
+
 def check(model, prompt, target, names, budget, interval, banned) -> list[str]:
     """Chunked against one-token feeding over ``target`` for each press: the lines to report."""
     lines = []
@@ -351,9 +374,16 @@ def main(argv=None) -> int:
     add("--check", type=int, default=0, metavar="TOKENS",
         help="first compare chunked with one-token feeding on the first prompt over TOKENS tokens at the "
         "smallest budget (default: 0, no check)")  # fmt: skip
+    add("--report-only", action="store_true", help="only rebuild table.md from --out's results.jsonl")
     add("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     add("--out", default="runs/long-output", help="folder for the resumable results (default: %(default)s)")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.report_only:
+        summary = report(_rows(out / "results.jsonl"), args.presses, args.budgets)
+        (out / "table.md").write_text(summary + "\n")
+        print(summary)
+        return 0
     for name in args.presses:  # bad names or budgets fail before the model loads
         if name not in KVPRESS and name != "full":
             for budget in args.budgets:
@@ -363,7 +393,6 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     model, tokenizer = ca.load_model(args.model)
     banned = end_tokens(tokenizer)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     (out / "run.json").write_text(json.dumps({"args": vars(args), "commit": commit}, indent=1))
@@ -404,7 +433,7 @@ def main(argv=None) -> int:
             rows.append(row)
             _append(res_path, row)
             print(json.dumps({k: v for k, v in row.items() if k != "misses"}), flush=True)
-    summary = table(rows, args.presses, args.budgets)
+    summary = report(rows, args.presses, args.budgets)
     (out / "table.md").write_text(summary + "\n")
     print(summary)
     return 0

@@ -261,3 +261,17 @@ def test_the_recall_benchmark_answers_after_the_forced_preamble():
     rest, policy = target[40:].tolist(), bench.Policy(model, "full", 200, 16)
     stopped = recall.answer_after(model, ids, target[:40], policy, 20, stop=[rest[5]])
     assert stopped == rest[: rest.index(rest[5])]
+
+
+def test_the_fidelity_report_splits_prompts_and_compares_with_kvpress_snapkv():
+    bench = _fidelity_bench()
+    base = {"top1_agreement": 1.0, "top1_after_eviction": None, "mean_logprob": -0.1, "mean_held": 10,
+            "peak_held": 12}  # fmt: skip
+    rows = [
+        base | {"prompt": prompt, "press": press, "budget": 64, "common_prefix": prefix}
+        for prompt, press, prefix in [("spec-00", "clusterattn", 30), ("spec-00", "kvpress-snapkv", 20),
+                                      ("essay-00", "clusterattn", 5), ("essay-00", "kvpress-snapkv", 5)]
+    ]  # fmt: skip
+    text = bench.report(rows, ["clusterattn", "kvpress-snapkv"], [64])
+    assert "**Coding specifications**" in text and "**Essay summaries**" in text
+    assert "longer on 1, equal on 1, shorter on 0; mean difference +5 tokens" in text
