@@ -357,6 +357,7 @@ def main(argv=None) -> int:
         "--essay-tokens", type=int, default=512, help="essay tokens per summary prompt (default: %(default)s)"
     )
     add("--limit", type=int, default=None, help="only the first LIMIT prompts (default: all)")
+    add("--only", nargs="+", metavar="PREFIX", help="only prompts whose names start so (spec-, essay-03)")
     add("--new-tokens", type=int, default=2048, help="tokens of each generation (default: %(default)s)")
     add("--presses", nargs="+", default=["full", "clusterattn", "kvpress-snapkv", "kvpress-expectedattention",
         "streamingllm"], help="this library's press names, kvpress-snapkv, kvpress-expectedattention "
@@ -397,6 +398,8 @@ def main(argv=None) -> int:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     (out / "run.json").write_text(json.dumps({"args": vars(args), "commit": commit}, indent=1))
     prompts = chat_prompts(tokenizer, args.essays, args.essay_tokens)[: args.limit]
+    if args.only:  # e.g. "essay-" to run the summaries first
+        prompts = [(n, p) for n, p in prompts if n.startswith(tuple(args.only))]
     ref_path, res_path = out / "references.jsonl", out / "results.jsonl"
     refs = {r["prompt"]: r for r in _rows(ref_path) if r["new_tokens"] == args.new_tokens}
     todo = [(n, p) for n, p in prompts if n not in refs]
