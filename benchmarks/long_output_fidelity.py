@@ -309,6 +309,7 @@ def table(rows: list[dict], names: list[str], budgets: list[int]) -> str:
 def report(rows: list[dict], names: list[str], budgets: list[int]) -> str:
     """:func:`table` over all prompts, the coding specifications and the essay summaries, and per
     budget ClusterAttn's common prefix against kvpress's SnapKV prompt by prompt."""
+    rows = list({(r["prompt"], r["press"], r["budget"]): r for r in rows}.values())  # the last of repeats
     parts = []
     kinds = (("All prompts", ""), ("Coding specifications", "spec-"), ("Essay summaries", "essay-"))
     for title, kind in kinds:
