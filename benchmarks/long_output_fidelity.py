@@ -277,6 +277,13 @@ def _append(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def _publish(out: Path, summary: str) -> int:
+    """Write ``summary`` to ``out/table.md`` and print it; the exit status."""
+    (out / "table.md").write_text(summary + "\n")
+    print(summary)
+    return 0
+
+
 def table(rows: list[dict], names: list[str], budgets: list[int]) -> str:
     """Markdown: one line per press and budget, means over prompts."""
 
@@ -382,10 +389,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.report_only:
-        summary = report(_rows(out / "results.jsonl"), args.presses, args.budgets)
-        (out / "table.md").write_text(summary + "\n")
-        print(summary)
-        return 0
+        return _publish(out, report(_rows(out / "results.jsonl"), args.presses, args.budgets))
     for name in args.presses:  # bad names or budgets fail before the model loads
         if name not in KVPRESS and name != "full":
             for budget in args.budgets:
@@ -437,10 +441,7 @@ def main(argv=None) -> int:
             rows.append(row)
             _append(res_path, row)
             print(json.dumps({k: v for k, v in row.items() if k != "misses"}), flush=True)
-    summary = report(rows, args.presses, args.budgets)
-    (out / "table.md").write_text(summary + "\n")
-    print(summary)
-    return 0
+    return _publish(out, report(rows, args.presses, args.budgets))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import torch
 import clusterattn as ca
 from clusterattn.eval.niah import make_needle_samples, score_answer
 from clusterattn.presses import PRESSES
-from long_output_fidelity import KVPRESS, Policy, _append, _rows, end_tokens, references
+from long_output_fidelity import KVPRESS, Policy, _append, _publish, _rows, end_tokens, references
 
 INSTRUCTION = (
     "First write a detailed outline of the document above, point by point, with at least thirty "
@@ -172,10 +172,7 @@ def main(argv=None) -> int:
         rows.append(row)
         _append(res_path, row)
         print(json.dumps(row), flush=True)
-    summary = table(rows, args.presses, args.budgets)
-    (out / "table.md").write_text(summary + "\n")
-    print(summary)
-    return 0
+    return _publish(out, table(rows, args.presses, args.budgets))
 
 
 if __name__ == "__main__":
