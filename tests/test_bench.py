@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clusterattn import bench
+from clusterattn import bench, bench_floor
 from conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,6 +194,18 @@ def test_compiled_decode_chunked_prefill_and_the_floor_in_one_run():
     table = bench.markdown([eager_full, eager_snap, compiled_full, compiled_snap])
     assert "| compiled (eager), prefill chunk 50 | snapkv |" in table and "| eager | snapkv |" in table
     assert f"({compiled_snap['decode_vs_floor']:.2f}x)" in table
+    for row in rows:  # the GEMV bound: the weights' matrix-vector products alone, timed in the run
+        assert row["matvec_ms_per_token"] > 0
+        assert row["decode_vs_matvec"] == pytest.approx(
+            row["decode_ms_per_token"] / row["matvec_ms_per_token"]
+        )
+    assert "| matvec ms/tok (x matvec) |" in table
+    assert (
+        f"| {compiled_snap['matvec_ms_per_token']:.1f} ({compiled_snap['decode_vs_matvec']:.2f}x) |" in table
+    )
+    assert all(line.count("|") == table.splitlines()[0].count("|") for line in table.splitlines())
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        bench_floor.matvec_ms(torch.nn.Sequential(torch.nn.ReLU()))
     with pytest.raises(ValueError, match="compile"):
         bench.Case(compile="tensorrt")
     with pytest.raises(ValueError, match="prefill_chunk"):

@@ -42,7 +42,7 @@ from clusterattn.bench_case import (  # noqa: F401 (re-exported)
     reset_peak_rss,
     rss_bytes,
 )
-from clusterattn.bench_floor import copy_bandwidth, floor_ms, weight_bytes
+from clusterattn.bench_floor import copy_bandwidth, floor_ms, matvec_ms, weight_bytes
 from clusterattn.bench_report import markdown, plot, ratio_rows, write_report  # noqa: F401 (re-exported)
 from clusterattn.bench_selection import selection_markdown, selection_timing  # noqa: F401 (re-exported)
 from clusterattn.compiled import compiled_greedy_decode, static_cache, static_prompt_bytes
@@ -135,6 +135,8 @@ def measure_model(model, tokenizer, case: Case, ids: torch.Tensor | None = None)
     row["copy_bandwidth"] = copy_bandwidth(device)
     row["floor_ms_per_token"] = floor_ms(row["weight_bytes"], row["step_cache_bytes"], row["copy_bandwidth"])
     row["decode_vs_floor"] = row["decode_ms_per_token"] / row["floor_ms_per_token"]
+    row["matvec_ms_per_token"] = matvec_ms(model)  # what the device's GEMV kernels need for the weights
+    row["decode_vs_matvec"] = row["decode_ms_per_token"] / row["matvec_ms_per_token"]
     return row
 
 

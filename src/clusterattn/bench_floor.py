@@ -5,6 +5,11 @@ those bytes divided by the memory bandwidth. :func:`copy_bandwidth` measures the
 STREAM's copy kernel does (bytes read plus bytes written, per second, of a large tensor copy on the
 bench's own device and threads), and :func:`floor_ms` turns a step's bytes into the floor that
 ``clusterattn bench`` and ``benchmarks/gpu_bench.py`` print beside each decode time.
+
+:func:`matvec_ms` measures a second, practical bound: the time the device's own matrix-vector kernels
+take for one token over the model's linear weights. Where a decode step is far from the bandwidth
+floor but close to this bound (two CPU cores, whose GEMV reads well below the copy bandwidth), the
+kernels, not the host or the cache, set the step's time.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 
 from clusterattn.timing import synchronize
 
-__all__ = ["copy_bandwidth", "floor_ms", "weight_bytes"]
+__all__ = ["copy_bandwidth", "floor_ms", "matvec_ms", "weight_bytes"]
 
 
 def copy_bandwidth(
@@ -58,6 +63,37 @@ def weight_bytes(model) -> int:
         seen.add(id(param))
         total += param.numel() * param.element_size()
     return total
+
+
+@torch.no_grad()
+def matvec_ms(model, repeats: int = 5) -> float:
+    """Milliseconds of one token's matrix-vector products ``(1, in) @ (in, out)`` over every distinct
+    ``nn.Linear`` weight of ``model`` (a tied output embedding once), run back to back on the
+    weights' own device and dtype: the median of ``repeats`` passes after one untimed pass. The
+    attention, norms and the cache are left out, so a decode step cannot beat this with these
+    kernels."""
+    seen, weights = set(), []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            weights.append(module.weight)
+    if not weights:
+        raise ValueError("the model has no nn.Linear weights to time")
+    device = weights[0].device
+    inputs = {
+        (w.shape[1], w.dtype): torch.randn(1, w.shape[1], dtype=w.dtype, device=device) for w in weights
+    }
+
+    def one_pass() -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1], w.dtype], w)
+        synchronize(device)
+        return time.perf_counter() - start
+
+    one_pass()
+    return 1000 * statistics.median(one_pass() for _ in range(repeats))
 
 
 def floor_ms(weights: int, cache: int, bandwidth: float) -> float:

@@ -52,17 +52,22 @@ def markdown(rows: list[dict]) -> str:
     """The side-by-side table: one row per configuration, ratios against the full cache on the same
     decode path, and each decode time beside its memory-bandwidth floor (weights + the cache a step
     reads, over the copy bandwidth measured in the case's process: :mod:`clusterattn.bench_floor`).
-    A "peak RSS, fixed mmap" column appears when the rows carry that second measurement."""
+    A "matvec ms/tok" column (the device's matrix-vector kernels over the weights alone,
+    :func:`clusterattn.bench_floor.matvec_ms`) and a "peak RSS, fixed mmap" column appear when the rows
+    carry those measurements."""
     mb = 2**20
     fixed = any("peak_rss_fixed_mmap_bytes" in r for r in rows)
+    matvec = any("matvec_ms_per_token" in r for r in rows)
     head = (
         "| model | length | batch | decode | press | budget | prefill s | compress s (share) "
-        "| decode ms/tok | floor ms/tok (x floor) | tok/s "
+        "| decode ms/tok | floor ms/tok (x floor) |"
+        + (" matvec ms/tok (x matvec) |" if matvec else "")
+        + " tok/s "
         "| KV MB (x full) | KV MB after decode | peak KV MB (x full) | peak RSS MB (x full) |"
         + (" peak RSS MB, fixed mmap (x full) |" if fixed else "")
         + " decode speed-up |"
     )
-    lines = [head, "|" + "---|" * (17 if fixed else 16)]
+    lines = [head, "|" + "---|" * (16 + fixed + matvec)]
     for r in rows:
         extra = ""
         if fixed:
@@ -76,6 +81,12 @@ def markdown(rows: list[dict]) -> str:
         floor = "-"
         if "floor_ms_per_token" in r:  # rows of older runs have no floor
             floor = f"{r['floor_ms_per_token']:.1f} ({r['decode_vs_floor']:.2f}x)"
+        if matvec:  # rows of older runs have no matvec time
+            floor += (
+                " | -"
+                if "matvec_ms_per_token" not in r
+                else (f" | {r['matvec_ms_per_token']:.1f} ({r['decode_vs_matvec']:.2f}x)")
+            )
         lines.append(
             f"| {r['model']} | {r['length']} | {r['batch']} | {decode_path(r)} | {r['press']} "
             f"| {r['budget'] or '-'} "
