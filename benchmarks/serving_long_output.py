@@ -60,6 +60,8 @@ def run_child(job: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from clusterattn.vllm.observe import watch_blocks
+
     max_len = job["prompt_len"] + job["new_tokens"]
     llm = LLM(
         model=job["model"], dtype=job["dtype"], enforce_eager=True, max_model_len=max_len,
@@ -70,10 +72,10 @@ def run_child(job: dict) -> dict:
     llm.generate([TokensPrompt(prompt_token_ids=p) for p in _prompts(2, 64, seed=1)], warm, use_tqdm=False)
 
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
     steps = _step_log(scheduler)  # (time, scheduled tokens, scheduled requests, running)
     half = job["new_tokens"] // 2
-    seen = {"preemptions": 0, "max_half": 0, "max_decode_blocks": 0, "last_blocks": {}, "printed": 0.0}
+    seen = watch_blocks(scheduler)  # max_decode_blocks, last_blocks, preemptions
+    seen.update(max_half=0, printed=0.0)
     start = time.perf_counter()
     logged = scheduler.schedule
 
@@ -98,26 +100,7 @@ def run_child(job: dict) -> dict:
             )
         return out
 
-    update = scheduler.update_from_output
-
-    def update_from_output(*args, **kwargs):
-        out = update(*args, **kwargs)
-        for request in scheduler.running:
-            if request.num_computed_tokens > request.num_prompt_tokens:  # decoded in this step or before
-                held = len(manager.req_to_blocks.get(request.request_id, ()))
-                seen["last_blocks"][request.request_id] = held
-                seen["max_decode_blocks"] = max(seen["max_decode_blocks"], held)
-        return out
-
-    preempt = scheduler._preempt_request
-
-    def count_preemption(*args, **kwargs):
-        seen["preemptions"] += 1
-        return preempt(*args, **kwargs)
-
     scheduler.schedule = schedule
-    scheduler.update_from_output = update_from_output
-    scheduler._preempt_request = count_preemption
 
     n = job["new_tokens"]
     params = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n)

@@ -28,6 +28,8 @@ def main(path: str, out: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from clusterattn.vllm.observe import watch_blocks
+
     job = json.loads(pathlib.Path(path).read_text())
     if job.get("failing_budget") is not None:
         from clusterattn.presses.base import BasePress
@@ -43,8 +45,8 @@ def main(path: str, out: str) -> None:
     engine = {"enforce_eager": True, "enable_prefix_caching": False, "seed": 0, **job["engine"]}
     llm = LLM(**engine)
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    seen = {"max_running": 0, "max_decode_blocks": 0}
-    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    seen = watch_blocks(scheduler)
+    seen["max_running"] = 0
     original = scheduler.schedule
 
     def schedule(*args, **kwargs):
@@ -55,25 +57,7 @@ def main(path: str, out: str) -> None:
         seen["max_running"] = max(seen["max_running"], len(scheduler.running))
         return out
 
-    update = scheduler.update_from_output
-
-    def update_from_output(*args, **kwargs):
-        out = update(*args, **kwargs)
-        for request in scheduler.running:
-            if request.num_computed_tokens > request.num_prompt_tokens:  # decoded in this step or before
-                held = len(manager.req_to_blocks.get(request.request_id, ()))
-                seen["max_decode_blocks"] = max(seen["max_decode_blocks"], held)
-        return out
-
     scheduler.schedule = schedule
-    scheduler.update_from_output = update_from_output
-    preempt = scheduler._preempt_request
-
-    def count_preemption(*args, **kwargs):
-        seen["preemptions"] = seen.get("preemptions", 0) + 1
-        return preempt(*args, **kwargs)
-
-    scheduler._preempt_request = count_preemption
     params = []
     for spec in job["presses"]:
         extra = None if spec is False else {"clusterattn_press": spec}
@@ -95,7 +79,7 @@ def main(path: str, out: str) -> None:
         "rounds": rounds,
         "max_running": seen["max_running"],
         "freed_blocks": getattr(scheduler, "clusterattn_freed_blocks", 0),
-        "preemptions": seen.get("preemptions", 0),
+        "preemptions": seen["preemptions"],
         "num_blocks": scheduler.kv_cache_manager.block_pool.num_gpu_blocks,
         "free_blocks_end": scheduler.kv_cache_manager.block_pool.get_num_free_blocks(),
         "max_decode_blocks": seen["max_decode_blocks"],
