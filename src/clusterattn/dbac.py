@@ -192,12 +192,12 @@ def _int32_min(device: torch.device) -> torch.Tensor:
     return torch.tensor(_INT32_MIN, dtype=torch.int32, device=device)
 
 
-def _leading_padding(scores: torch.Tensor) -> torch.Tensor | None:
-    """``(..., 1)`` count of leading ``-inf`` per row (left padding), or None when no row starts
-    with one."""
-    if bool(torch.isfinite(scores[..., 0]).all()):
+def _leading_padding(finite: torch.Tensor) -> torch.Tensor | None:
+    """``(..., 1)`` count of leading non-finite scores per row (left padding), from the scores'
+    ``isfinite`` mask ``(..., n)``, or None when no row starts with one."""
+    if bool(finite[..., 0].all()):
         return None
-    return (~torch.isfinite(scores)).long().cumprod(dim=-1).sum(dim=-1, keepdim=True)
+    return (~finite).long().cumprod(dim=-1).sum(dim=-1, keepdim=True)
 
 
 def _dbac_a(scores, budget: int, num_block: int, theta, relative_theta, span_before: float, n_sink: int):
@@ -222,15 +222,16 @@ def _dbac_a(scores, budget: int, num_block: int, theta, relative_theta, span_bef
     """
     n = scores.shape[-1]
     plain = _plain(scores)
-    lead = None if plain is not None else _leading_padding(scores)
+    finite = None if plain is not None else torch.isfinite(scores)  # one pass, read three times
+    lead = None if finite is None else _leading_padding(finite)
     if lead is not None:
         scores = scores.gather(-1, (_offsets(n, scores.device) + lead) % n)
     order = plain[1] if plain is not None else _order_key(scores)
-    if relative_theta is not None:  # the uniform mass over each row's real tokens
-        if plain is not None or bool(torch.isfinite(scores).all()):
+    if relative_theta is not None:  # the uniform mass over each row's real tokens (roll-invariant)
+        if finite is None or bool(finite.all()):
             theta = _relative_theta(relative_theta, n)
         else:
-            theta = relative_theta / torch.isfinite(scores).sum(dim=-1, keepdim=True).clamp_min_(1)
+            theta = relative_theta / finite.sum(dim=-1, keepdim=True).clamp_min_(1)
     blk, before = _span_geometry(budget, num_block, span_before)
     n_blocks = math.ceil(n / blk)
     int_min = _int32_min(order.device)
@@ -360,10 +361,11 @@ def dbac(
             raise ValueError(f"relative_theta must be >= 0, got {relative_theta}")
     if variant == "A":
         return _dbac_a(scores, budget, num_block, theta, relative_theta, span_before, n_sink)
+    finite = torch.isfinite(scores)
     if relative_theta is not None:
-        theta = relative_theta / torch.isfinite(scores).sum(dim=-1, keepdim=True).clamp_min_(1)
+        theta = relative_theta / finite.sum(dim=-1, keepdim=True).clamp_min_(1)
     # Left padding is rolled to the end, as in variant A: the blocks start at the first real token.
-    lead = _leading_padding(scores)
+    lead = _leading_padding(finite)
     if lead is not None:
         scores = scores.gather(-1, (_offsets(n, scores.device) + lead) % n)
     kept = rank_and_select(
