@@ -2,20 +2,28 @@
 model writes a long preamble first?
 
 Per sample (RULER ``niah_single_2``: a 7-digit value under a key, hidden at depths spread over
-``--context`` tokens of essays), the chat prompt asks for a detailed outline of the document first
-and the needle's value only after it. Then:
+``--context`` tokens of essays), a two-turn chat: the first user turn holds the document and asks
+for a detailed outline of it; the assistant writes the outline (the preamble); the second user turn
+asks the needle's question. Then:
 
 1. the full cache writes the preamble: ``--preamble`` greedy tokens (end-of-text suppressed; all
    samples in one left-padded batch);
-2. each press and decode budget prefills the prompt (compressed to the budget by the same rule;
-   kvpress: its ``PrefillDecodingPress``), reads the same preamble and then the answer cue
-   (RULER's answer prefix) under its own eviction policy (fed in chunks that end at its eviction
+2. each press and decode budget prefills the first turn (compressed to the budget by the same
+   rule; kvpress: its ``PrefillDecodingPress``; ``--keep-prompt``: kept whole, as kvpress's
+   ``DecodingPress`` does), reads the same preamble, the end of that turn, the question's turn and
+   RULER's answer prefix under its own eviction policy (fed in chunks that end at its eviction
    points, as in ``long_output_fidelity.py``), and writes ``--answer-tokens`` greedy tokens, which
    are scored with RULER's string match;
 3. the full cache does the same, so a sample it gets wrong is marked.
 
 Every policy reads the same preamble, so the needle's distance and what happens to it depend on the
-policy alone. A preamble that already states the value makes the sample trivial; such samples are
+policy alone. The question comes after the preamble because a small model asked for "an outline
+first, then the answer" in one turn answers at once (Qwen2.5-Coder-0.5B opened all ten preambles of
+a first run with the value) and, with digits suppressed, writes the question's words and then
+blanks. A preamble that states the value makes the sample trivial, so by default the assistant's
+turn starts with ``--preamble-start`` (an outline's first bullet) and the preamble is written with
+every token that contains a digit suppressed (``--allow-digits`` lifts that): the value can then
+come only from the prompt, after the evictions. Samples whose preamble still states the value are
 counted apart. Run in the peers environment (kvpress 0.5.5), resumable:
 
     PYTHONPATH=src .venv-peers/bin/python benchmarks/long_output_recall.py \\
@@ -39,23 +47,45 @@ from clusterattn.eval.niah import make_needle_samples, score_answer
 from clusterattn.presses import PRESSES
 from long_output_fidelity import KVPRESS, Policy, _append, _publish, _rows, end_tokens, references
 
-INSTRUCTION = (
-    "First write a detailed outline of the document above, point by point, with at least thirty "
-    "points. Do not answer the question below until the outline is complete; answer it only at the "
-    "very end.\n\nQuestion: {question}"
-)
+INSTRUCTION = "Write a detailed outline of the document above, point by point, with at least thirty points."
 
 
-def needle_prompts(tokenizer, samples: int, context: int, seed: int):
-    """``(sample, prompt ids (L,))`` pairs: the document, then the outline-first instruction."""
+def needle_prompts(tokenizer, samples: int, context: int, seed: int, start: str = ""):
+    """``(sample, prompt ids (L,))`` pairs: the first user turn (the document, then the outline
+    instruction), then ``start`` as the beginning of the assistant's turn."""
     out = []
     for sample in make_needle_samples(tokenizer, context, samples, seed=seed):
-        text = f"{sample.context}\n\n{INSTRUCTION.format(question=sample.question)}"
         chat = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": f"{sample.context}\n\n{INSTRUCTION}"}],
+            tokenize=False,
+            add_generation_prompt=True,
         )
-        out.append((sample, tokenizer(chat, return_tensors="pt", add_special_tokens=False)["input_ids"][0]))
+        ids = tokenizer(chat + start, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        out.append((sample, ids))
     return out
+
+
+def question_turn(tokenizer, question: str, answer_prefix: str) -> list[int]:
+    """Ids that close the assistant's turn, ask ``question`` in a new user turn and open the
+    assistant's answer with ``answer_prefix``, as the chat template writes them."""
+    mark = "\u2063PREAMBLE\u2063"  # stands for the preamble; the template's text after it is the cue
+    chat = tokenizer.apply_chat_template(
+        [
+            {"role": "user", "content": "document"},
+            {"role": "assistant", "content": mark},
+            {"role": "user", "content": question},
+        ],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    if mark not in chat:
+        raise ValueError("the chat template does not keep the assistant's turn verbatim")
+    return tokenizer(chat.split(mark, 1)[1] + answer_prefix, add_special_tokens=False)["input_ids"]
+
+
+def digit_tokens(tokenizer) -> list[int]:
+    """Ids of every vocabulary token whose text contains an ASCII digit."""
+    return sorted(i for token, i in tokenizer.get_vocab().items() if any(c in "0123456789" for c in token))
 
 
 @torch.no_grad()
@@ -112,6 +142,10 @@ def main(argv=None) -> int:
     add("--context", type=int, default=2048, help="document tokens with the needle (default: %(default)s)")
     add("--preamble", type=int, default=1024, help="tokens the model writes first (default: %(default)s)")
     add("--answer-tokens", type=int, default=16, help="tokens of the answer (default: %(default)s)")
+    add("--preamble-start", default="Outline of the document:\n\n-", help="text that opens the assistant's "
+        "turn, part of the prompt ('' for none; default: %(default)r)")  # fmt: skip
+    add("--allow-digits", action="store_true", help="let the preamble contain digits (default: every "
+        "token with a digit is suppressed in the preamble, so it cannot state the value)")  # fmt: skip
     add("--presses", nargs="+", default=["full", "clusterattn", "kvpress-snapkv", "kvpress-expectedattention",
         "streamingllm"], help="as in long_output_fidelity.py (default: %(default)s)")  # fmt: skip
     add("--budgets", type=int, nargs="+", default=[256, 512, 1024], help="decode budgets (default: "
@@ -137,15 +171,19 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     (out / "run.json").write_text(json.dumps({"args": vars(args), "commit": commit}, indent=1))
-    prompts = needle_prompts(tokenizer, args.samples, args.context, args.seed)
+    prompts = needle_prompts(tokenizer, args.samples, args.context, args.seed, args.preamble_start)
     pre_path, res_path = out / "preambles.jsonl", out / "results.jsonl"
-    preambles = {r["sample"]: r["tokens"] for r in _rows(pre_path) if r["preamble"] == args.preamble}
+    key = {"preamble": args.preamble, "start": args.preamble_start, "digits": args.allow_digits}
+    preambles = {
+        r["sample"]: r["tokens"] for r in _rows(pre_path) if all(r.get(k) == v for k, v in key.items())
+    }
     if len(preambles) < len(prompts):
         start = time.perf_counter()
-        tokens = references(model, [p for _, p in prompts], args.preamble, banned)
+        quiet = banned if args.allow_digits else sorted(set(banned) | set(digit_tokens(tokenizer)))
+        tokens = references(model, [p for _, p in prompts], args.preamble, quiet)
         for i, row in enumerate(tokens):
             preambles[i] = row.tolist()
-            _append(pre_path, {"sample": i, "preamble": args.preamble, "tokens": preambles[i]})
+            _append(pre_path, {"sample": i, **key, "tokens": preambles[i]})
         print(f"preambles: {time.perf_counter() - start:.0f} s", flush=True)
     rows = _rows(res_path)
     done = {(r["sample"], r["press"], r["budget"]) for r in rows}
@@ -155,7 +193,7 @@ def main(argv=None) -> int:
     for (press, budget), (i, (sample, prompt)) in itertools.product(jobs, enumerate(prompts)):
         if (i, press, budget) in done:
             continue
-        cue = tokenizer(f"\n\n{sample.answer_prefix}", add_special_tokens=False)["input_ids"]
+        cue = question_turn(tokenizer, sample.question, sample.answer_prefix)
         forced = torch.tensor(preambles[i] + cue)
         start = time.perf_counter()
         whole = len(prompt) + len(forced) + args.answer_tokens

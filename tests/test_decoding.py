@@ -5,6 +5,7 @@ every way of driving the model, and clear errors."""
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -261,6 +262,8 @@ def test_the_recall_benchmark_answers_after_the_forced_preamble():
     rest, policy = target[40:].tolist(), bench.Policy(model, "full", 200, 16)
     stopped = recall.answer_after(model, ids, target[:40], policy, 20, stop=[rest[5]])
     assert stopped == rest[: rest.index(rest[5])]
+    vocab = {"a": 0, "1": 1, "\u01201999": 2, "b3c": 3, "x": 4, "\u0120seven": 5}
+    assert recall.digit_tokens(SimpleNamespace(get_vocab=lambda: vocab)) == [1, 2, 3]  # not in a preamble
 
 
 def test_the_fidelity_report_splits_prompts_and_compares_with_kvpress_snapkv():
