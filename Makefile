@@ -129,7 +129,7 @@ eval-table: .venv/.installed .venv-peers/.installed
 # Profiles ClusterAttn's num_block on five RULER tasks at 2k and 4k with both objectives (decode-attention
 # cosine into profiles/, answer log-probability into profiles-answer/; seeded 20 % split; default vs
 # tuned accuracy at B=128 and 256 on 12 held-out samples each), then the attention-cluster analysis of
-# four of them: SmolLM2 at 4k and Gemma-3-270M at 8k (each with its own report), the mass-vs-spans
+# four of them: SmolLM2 at 4k, Gemma-3-270M and Qwen2.5-Coder-0.5B at 8k (each with its own report), the mass-vs-spans
 # ablation (docs/analysis/mass_vs_spans.md), then SmolLM2 at 2k, which rewrites docs/analysis.md with
 # the other two analyses summarised (3-4 hours on 2 idle cores).
 PROFILE_TASKS := niah_single_1 niah_single_2 niah_multikey_1 vt qa_1
@@ -147,6 +147,7 @@ analysis: .venv/.installed
 	$(ANALYZE) --length 4096 --profiles $(foreach t,$(ANALYSIS_TASKS),docs/analysis/profiles/$(t)-4096.json) \
 	  --out docs/analysis-4k --doc docs/analysis-4k/README.md
 	$(ANALYZE) --model gemma3-270m --length 8192 --out docs/analysis-gemma3 --doc docs/analysis-gemma3/README.md
+	$(MAKE) analysis-qwen
 	for n in 2048 4096; do \
 	  .venv/bin/python benchmarks/mass_vs_spans.py --length $$n --threads 2 --out docs/analysis/mass_vs_spans-$$n.json \
 	    || exit 1; \
@@ -155,7 +156,14 @@ analysis: .venv/.installed
 	  docs/analysis/mass_vs_spans-4096.json --doc docs/analysis/mass_vs_spans.md
 	$(ANALYZE) --length 2048 \
 	  --profiles docs/analysis/profiles docs/analysis/profiles-answer docs/analysis/profiles-dominant \
-	  --also docs/analysis-4k docs/analysis-gemma3 --out docs/analysis --doc docs/analysis.md
+	  --also docs/analysis-4k docs/analysis-gemma3 docs/analysis-qwen05b --out docs/analysis --doc docs/analysis.md
+
+# The analysis on a model that retrieves at 8k: Qwen2.5-Coder-0.5B, B = 256 and 1024 (8:1), two samples
+# per task (about 45 minutes on 2 idle cores).
+.PHONY: analysis-qwen
+analysis-qwen: .venv/.installed
+	.venv/bin/clusterattn --threads 2 analyze --model qwen2.5-coder-0.5b --length 8192 --tasks $(ANALYSIS_TASKS) \
+	  --samples 2 --budgets 256 1024 --out docs/analysis-qwen05b --doc docs/analysis-qwen05b/README.md
 
 # The answer objective with the rule "leave the default only for a candidate that beats it on every
 # profile sample", found after the seed-0 held-out results: checked here on fresh samples (seed 1).

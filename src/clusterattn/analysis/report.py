@@ -152,11 +152,11 @@ def profile_section(profiles: list[dict]) -> str:
 
 
 def method_cells(summary: dict, method: str, budgets: list[str], quantities: list[str]) -> list[str]:
-    """``quantities`` (%) of ``method`` at each of ``budgets``; blanks where the run lacks a budget."""
+    """``quantities`` (%) of ``method`` at each of ``budgets``; "-" where the run lacks a budget."""
     cells = []
     for b in budgets:
         cell = summary["methods"].get(b, {}).get(method)
-        cells += [_pct(cell[q]) for q in quantities] if cell else [""] * len(quantities)
+        cells += [_pct(cell[q]) for q in quantities] if cell else ["-"] * len(quantities)
     return cells
 
 
@@ -210,7 +210,11 @@ def analysis_json(folder: str | Path) -> Path:
     return path
 
 
-MODEL_NAMES = {"smollm2-135m": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma-3-270M"}
+MODEL_NAMES = {
+    "smollm2-135m": "SmolLM2-135M-Instruct",
+    "gemma3-270m": "Gemma-3-270M",
+    "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct",
+}
 
 
 def run_of(summary: dict) -> tuple[str, int]:
