@@ -48,15 +48,18 @@ from clusterattn.presses import PRESSES
 from long_output_fidelity import KVPRESS, Policy, _append, _publish, _rows, end_tokens, references
 
 INSTRUCTION = "Write a detailed outline of the document above, point by point, with at least thirty points."
+QUESTION_LAST = " Only after the outline, answer this question: {question}"
 
 
-def needle_prompts(tokenizer, samples: int, context: int, seed: int, start: str = ""):
+def needle_prompts(tokenizer, samples: int, context: int, seed: int, start: str = "", question: bool = False):
     """``(sample, prompt ids (L,))`` pairs: the first user turn (the document, then the outline
-    instruction), then ``start`` as the beginning of the assistant's turn."""
+    instruction, with ``question``: and the needle's question to answer after the outline), then
+    ``start`` as the beginning of the assistant's turn."""
     out = []
     for sample in make_needle_samples(tokenizer, context, samples, seed=seed):
+        ask = QUESTION_LAST.format(question=sample.question) if question else ""
         chat = tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"{sample.context}\n\n{INSTRUCTION}"}],
+            [{"role": "user", "content": f"{sample.context}\n\n{INSTRUCTION}{ask}"}],
             tokenize=False,
             add_generation_prompt=True,
         )
@@ -144,6 +147,9 @@ def main(argv=None) -> int:
     add("--answer-tokens", type=int, default=16, help="tokens of the answer (default: %(default)s)")
     add("--preamble-start", default="Outline of the document:\n\n-", help="text that opens the assistant's "
         "turn, part of the prompt ('' for none; default: %(default)r)")  # fmt: skip
+    add("--question-in-prompt", action="store_true", help="put the needle's question in the first turn "
+        "(to be answered after the outline) and cue the answer right after the preamble; the preamble is "
+        "still the one written without the question (default: the question in a second turn)")  # fmt: skip
     add("--allow-digits", action="store_true", help="let the preamble contain digits (default: every "
         "token with a digit is suppressed in the preamble, so it cannot state the value)")  # fmt: skip
     add("--presses", nargs="+", default=["full", "clusterattn", "kvpress-snapkv", "kvpress-expectedattention",
@@ -171,7 +177,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     (out / "run.json").write_text(json.dumps({"args": vars(args), "commit": commit}, indent=1))
-    prompts = needle_prompts(tokenizer, args.samples, args.context, args.seed, args.preamble_start)
+    outlines = needle_prompts(tokenizer, args.samples, args.context, args.seed, args.preamble_start)
+    prompts = outlines
+    if args.question_in_prompt:
+        prompts = needle_prompts(tokenizer, args.samples, args.context, args.seed, args.preamble_start, True)
     pre_path, res_path = out / "preambles.jsonl", out / "results.jsonl"
     key = {"preamble": args.preamble, "start": args.preamble_start, "digits": args.allow_digits}
     preambles = {
@@ -180,7 +189,7 @@ def main(argv=None) -> int:
     if len(preambles) < len(prompts):
         start = time.perf_counter()
         quiet = banned if args.allow_digits else sorted(set(banned) | set(digit_tokens(tokenizer)))
-        tokens = references(model, [p for _, p in prompts], args.preamble, quiet)
+        tokens = references(model, [p for _, p in outlines], args.preamble, quiet)
         for i, row in enumerate(tokens):
             preambles[i] = row.tolist()
             _append(pre_path, {"sample": i, **key, "tokens": preambles[i]})
@@ -193,7 +202,10 @@ def main(argv=None) -> int:
     for (press, budget), (i, (sample, prompt)) in itertools.product(jobs, enumerate(prompts)):
         if (i, press, budget) in done:
             continue
-        cue = question_turn(tokenizer, sample.question, sample.answer_prefix)
+        if args.question_in_prompt:
+            cue = tokenizer(f"\n\n{sample.answer_prefix}", add_special_tokens=False)["input_ids"]
+        else:
+            cue = question_turn(tokenizer, sample.question, sample.answer_prefix)
         forced = torch.tensor(preambles[i] + cue)
         start = time.perf_counter()
         whole = len(prompt) + len(forced) + args.answer_tokens
