@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import statistics
 import subprocess
 import time
@@ -111,14 +112,24 @@ def answer_after(model, prompt, forced, policy: Policy, answer_tokens: int, stop
         policy.close()
 
 
+def leading_digits(answer: str, value: str) -> int:
+    """How many of ``value``'s first digits the answer's first number gets right, in order."""
+    digits = re.match(r"\s*(\d*)", answer).group(1)
+    return next(
+        (i for i, (a, b) in enumerate(zip(digits, value, strict=False)) if a != b),
+        min(len(digits), len(value)),
+    )
+
+
 def table(rows: list[dict], presses: list[str], budgets: list[int]) -> str:
-    """Markdown: recall per press and budget over the samples the full cache answers."""
+    """Markdown: recall per press and budget over the samples the full cache answers, and the mean
+    number of the value's leading digits the answer gets right (partial recall)."""
     valid = {r["sample"] for r in rows if r["press"] == "full" and r["correct"] and not r["in_preamble"]}
     lines = [
         f"Samples the full cache answers, its preamble not stating the value: {len(valid)}",
         "",
-        "| press | decode budget | recall | tokens held (mean / peak) |",
-        "|---|---|---|---|",
+        "| press | decode budget | recall | leading digits right (mean) | tokens held (mean / peak) |",
+        "|---|---|---|---|---|",
     ]
     for press in presses:
         for budget in [0] if press == "full" else budgets:
@@ -128,8 +139,10 @@ def table(rows: list[dict], presses: list[str], budgets: list[int]) -> str:
             if group:
                 recall = sum(r["correct"] for r in group)
                 held = statistics.fmean(r["mean_held"] for r in group)
+                digits = statistics.fmean(leading_digits(r["answer"], r["value"]) for r in group)
                 lines.append(
                     f"| {press} | {budget or '-'} | {recall}/{len(group)} "
+                    f"| {digits:.1f} of {len(group[0]['value'])} "
                     f"| {held:.0f} / {max(r['peak_held'] for r in group)} |"
                 )
     return "\n".join(lines)
