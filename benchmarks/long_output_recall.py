@@ -17,17 +17,24 @@ asks the needle's question. Then:
 3. the full cache does the same, so a sample it gets wrong is marked.
 
 Every policy reads the same preamble, so the needle's distance and what happens to it depend on the
-policy alone. The question comes after the preamble because a small model asked for "an outline
-first, then the answer" in one turn answers at once (Qwen2.5-Coder-0.5B opened all ten preambles of
+policy alone. The preamble is written from a first turn without the question because a small model
+asked for "an outline first, then the answer" in one turn answers at once (Qwen2.5-Coder-0.5B opened all ten preambles of
 a first run with the value) and, with digits suppressed, writes the question's words and then
 blanks. A preamble that states the value makes the sample trivial, so by default the assistant's
 turn starts with ``--preamble-start`` (an outline's first bullet) and the preamble is written with
 every token that contains a digit suppressed (``--allow-digits`` lifts that): the value can then
 come only from the prompt, after the evictions. Samples whose preamble still states the value are
-counted apart. Run in the peers environment (kvpress 0.5.5), resumable:
+counted apart.
+
+``--question-in-prompt`` puts the question in the first turn too (answer it only after the
+outline), and the answer prefix follows the preamble directly: the form where a press's first
+eviction can still see the question. The preamble stays the outline written without the question.
+
+Run in the peers environment (kvpress 0.5.5), resumable:
 
     PYTHONPATH=src .venv-peers/bin/python benchmarks/long_output_recall.py \\
-        --model qwen2.5-coder-0.5b --samples 10 --budgets 256 512 1024 --out runs/long-output-recall
+        --model qwen2.5-coder-0.5b --samples 10 --budgets 512 1024 --keep-prompt --question-in-prompt \\
+        --out runs/long-output-recall
 """
 
 from __future__ import annotations
