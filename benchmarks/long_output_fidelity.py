@@ -71,6 +71,7 @@ SPEC_REQUEST = (
 ESSAY_REQUEST = "Summarize this essay in detail, point by point, then discuss each point at length."
 KVPRESS = {"kvpress-snapkv": "SnapKVPress", "kvpress-expectedattention": "ExpectedAttentionPress"}
 MAX_CHUNK = 256  # tokens per forward between evictions (bounds the chunk's logits)
+PROTECT = "+protect"  # suffix of a press name: DecodingPress(press(budget // 2), budget, protect_prompt=True)
 
 
 def chat_prompts(tokenizer, essays: int, essay_tokens: int) -> list[tuple[str, torch.Tensor]]:
@@ -147,6 +148,10 @@ class Policy:
             self.kv_press = kvpress.DecodingPress(
                 base_press=inner, compression_interval=interval, target_size=budget
             )
+        elif name.endswith(PROTECT):  # the prompt compressed to half the budget and kept; decoding evicts
+            rule = PRESSES[name.removesuffix(PROTECT)](budget=budget // 2)  # generated tokens only
+            self.press = ca.DecodingPress(rule, budget, interval=interval, protect_prompt=True)
+            self.compress_prompt = True
         elif name != "full":
             rule = PRESSES[name](budget=budget)
             self.press = ca.DecodingPress(rule, budget, interval=interval, compress_prompt=compress_prompt)
@@ -393,7 +398,8 @@ def main(argv=None) -> int:
     for name in args.presses:  # bad names or budgets fail before the model loads
         if name not in KVPRESS and name != "full":
             for budget in args.budgets:
-                ca.DecodingPress(PRESSES[name](budget=budget), budget=budget, interval=args.interval)
+                rule = PRESSES[name.removesuffix(PROTECT)]  # KeyError: an unknown name
+                ca.DecodingPress(rule(budget=budget), budget=budget, interval=args.interval)
     if not 0 < args.interval <= 4096:
         parser.error("--interval must be in 1..4096")
     torch.set_num_threads(args.threads)

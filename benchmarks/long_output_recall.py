@@ -17,13 +17,14 @@ asks the needle's question. Then:
 3. the full cache does the same, so a sample it gets wrong is marked.
 
 Every policy reads the same preamble, so the needle's distance and what happens to it depend on the
-policy alone. The preamble is written from a first turn without the question because a small model
-asked for "an outline first, then the answer" in one turn answers at once (Qwen2.5-Coder-0.5B opened all ten preambles of
-a first run with the value) and, with digits suppressed, writes the question's words and then
-blanks. A preamble that states the value makes the sample trivial, so by default the assistant's
-turn starts with ``--preamble-start`` (an outline's first bullet) and the preamble is written with
-every token that contains a digit suppressed (``--allow-digits`` lifts that): the value can then
-come only from the prompt, after the evictions. Samples whose preamble still states the value are
+policy alone. The preamble is written from a first turn without the question because a small
+model asked for "an outline first, then the answer" in one turn answers at once
+(Qwen2.5-Coder-0.5B opened all ten preambles of a first run with the value) and, with digits
+suppressed, writes the question's words and then blanks. A preamble that states the value makes
+the sample trivial, so by default the assistant's turn starts with ``--preamble-start`` (an
+outline's first bullet) and the preamble is written with every token that contains a digit
+suppressed (``--allow-digits`` lifts that): the value can then come only from the prompt, after
+the evictions. Samples whose preamble still states the value are
 counted apart.
 
 ``--question-in-prompt`` puts the question in the first turn too (answer it only after the
@@ -53,7 +54,7 @@ import torch
 import clusterattn as ca
 from clusterattn.eval.niah import make_needle_samples, score_answer
 from clusterattn.presses import PRESSES
-from long_output_fidelity import KVPRESS, Policy, _append, _publish, _rows, end_tokens, references
+from long_output_fidelity import KVPRESS, PROTECT, Policy, _append, _publish, _rows, end_tokens, references
 
 INSTRUCTION = "Write a detailed outline of the document above, point by point, with at least thirty points."
 QUESTION_LAST = " Only after the outline, answer this question: {question}"
@@ -173,7 +174,9 @@ def main(argv=None) -> int:
     add("--allow-digits", action="store_true", help="let the preamble contain digits (default: every "
         "token with a digit is suppressed in the preamble, so it cannot state the value)")  # fmt: skip
     add("--presses", nargs="+", default=["full", "clusterattn", "kvpress-snapkv", "kvpress-expectedattention",
-        "streamingllm"], help="as in long_output_fidelity.py (default: %(default)s)")  # fmt: skip
+        "streamingllm"], help="as in long_output_fidelity.py; a name of this library's press with "
+        "'+protect' (e.g. clusterattn+protect) compresses the prompt to half the decode budget and keeps "
+        "it, evicting generated tokens only (default: %(default)s)")  # fmt: skip
     add("--budgets", type=int, nargs="+", default=[256, 512, 1024], help="decode budgets (default: "
         "%(default)s)")  # fmt: skip
     add("--interval", type=int, default=128, help="tokens between evictions (default: %(default)s)")
@@ -188,7 +191,7 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     for name in args.presses:
-        if name not in KVPRESS and name != "full" and name not in PRESSES:
+        if name not in KVPRESS and name != "full" and name.removesuffix(PROTECT) not in PRESSES:
             parser.error(f"unknown press {name!r}")
     torch.set_num_threads(args.threads)
     model, tokenizer = ca.load_model(args.model)

@@ -262,6 +262,10 @@ def test_the_recall_benchmark_answers_after_the_forced_preamble():
     rest, policy = target[40:].tolist(), bench.Policy(model, "full", 200, 16)
     stopped = recall.answer_after(model, ids, target[:40], policy, 20, stop=[rest[5]])
     assert stopped == rest[: rest.index(rest[5])]
+    kept = bench.Policy(model, "clusterattn+protect", 80, 16)  # prompt to 40, kept; decoding evicts the rest
+    answer = recall.answer_after(model, ids, target[:40], kept, 20, stop=[])
+    assert len(answer) == 20 and kept.peak == 80 + 16 and kept.held() < 40 + 60  # 60 tokens fed: evicted
+    assert kept.press.protect_prompt and kept.press.press.budget == 40
     vocab = {"a": 0, "1": 1, "\u01201999": 2, "b3c": 3, "x": 4, "\u0120seven": 5}
     assert recall.digit_tokens(SimpleNamespace(get_vocab=lambda: vocab)) == [1, 2, 3]  # not in a preamble
     assert [recall.leading_digits(a, "9217089") for a in (" 9217.", " 10.", " 9217089.", " John", "")] == [
