@@ -140,9 +140,9 @@ eval-table: .venv/.installed .venv-peers/.installed
 # Profiles ClusterAttn's num_block on five RULER tasks at 2k and 4k with both objectives (decode-attention
 # cosine into profiles/, answer log-probability into profiles-answer/; seeded 20 % split; default vs
 # tuned accuracy at B=128 and 256 on 12 held-out samples each), then the attention-cluster analysis of
-# four of them: SmolLM2 at 4k, Gemma-3-270M and Qwen2.5-Coder-0.5B at 8k (each with its own report), the mass-vs-spans
-# ablation (docs/analysis/mass_vs_spans.md), then SmolLM2 at 2k, which rewrites docs/analysis.md with
-# the other two analyses summarised (3-4 hours on 2 idle cores).
+# four of them: SmolLM2 at 4k, Gemma-3-270M and Qwen2.5-Coder-0.5B at 8k (each with its own report),
+# the mass-vs-spans ablation (docs/analysis/mass_vs_spans.md), then SmolLM2 at 2k, which rewrites
+# docs/analysis.md with the other three analyses summarised (4-5 hours on 2 idle cores).
 PROFILE_TASKS := niah_single_1 niah_single_2 niah_multikey_1 vt qa_1
 ANALYSIS_TASKS := niah_single_2 niah_multikey_1 vt qa_1
 ANALYZE := .venv/bin/clusterattn --threads 2 analyze --tasks $(ANALYSIS_TASKS) --samples 2 --budgets 128 256
