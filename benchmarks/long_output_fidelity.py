@@ -131,6 +131,18 @@ def references(model, prompts: list[torch.Tensor], new_tokens: int, banned: list
     return torch.stack(out, dim=1)
 
 
+def decoding_press(name: str, budget: int, interval: int, compress_prompt: bool = False) -> ca.DecodingPress:
+    """This library's ``DecodingPress`` for a press name of :data:`clusterattn.PRESSES`; with the
+    :data:`PROTECT` suffix, the prompt compressed to half the budget and kept (generated tokens are
+    the only ones re-selected). KeyError for an unknown name; the presses' own errors for a bad
+    budget or interval."""
+    if name.endswith(PROTECT):
+        rule = PRESSES[name.removesuffix(PROTECT)](budget=budget // 2)
+        return ca.DecodingPress(rule, budget, interval=interval, protect_prompt=True)
+    rule = PRESSES[name](budget=budget)
+    return ca.DecodingPress(rule, budget, interval=interval, compress_prompt=compress_prompt)
+
+
 class Policy:
     """One press at one decode budget, driven over one prompt: :meth:`prefill`, then :meth:`feed`
     chunks that end at or before the next eviction point (:meth:`room`); :meth:`close` at the end."""
@@ -138,7 +150,7 @@ class Policy:
     def __init__(self, model, name: str, budget: int, interval: int, compress_prompt: bool = False):
         self.model, self.name, self.budget, self.interval = model, name, budget, interval
         self.kv_press, self.press, self.stack = None, None, contextlib.ExitStack()
-        self.compress_prompt = compress_prompt and name != "full"
+        self.compress_prompt = (compress_prompt or name.endswith(PROTECT)) and name != "full"
         if name in KVPRESS:
             import kvpress
 
@@ -148,13 +160,8 @@ class Policy:
             self.kv_press = kvpress.DecodingPress(
                 base_press=inner, compression_interval=interval, target_size=budget
             )
-        elif name.endswith(PROTECT):  # the prompt compressed to half the budget and kept; decoding evicts
-            rule = PRESSES[name.removesuffix(PROTECT)](budget=budget // 2)  # generated tokens only
-            self.press = ca.DecodingPress(rule, budget, interval=interval, protect_prompt=True)
-            self.compress_prompt = True
         elif name != "full":
-            rule = PRESSES[name](budget=budget)
-            self.press = ca.DecodingPress(rule, budget, interval=interval, compress_prompt=compress_prompt)
+            self.press = decoding_press(name, budget, interval, compress_prompt)
 
     def prefill(self, prompt: torch.Tensor, steps: bool = False) -> torch.Tensor:
         """Logits ``(vocab,)`` after the prompt ``(L,)``. ``steps``: later tokens come one at a time
@@ -398,8 +405,7 @@ def main(argv=None) -> int:
     for name in args.presses:  # bad names or budgets fail before the model loads
         if name not in KVPRESS and name != "full":
             for budget in args.budgets:
-                rule = PRESSES[name.removesuffix(PROTECT)]  # KeyError: an unknown name
-                ca.DecodingPress(rule(budget=budget), budget=budget, interval=args.interval)
+                decoding_press(name, budget, args.interval)  # KeyError: an unknown name
     if not 0 < args.interval <= 4096:
         parser.error("--interval must be in 1..4096")
     torch.set_num_threads(args.threads)

@@ -52,19 +52,27 @@ import torch
 
 import clusterattn as ca
 from clusterattn.eval.niah import make_needle_samples, score_answer
-from clusterattn.presses import PRESSES
-from long_output_fidelity import KVPRESS, PROTECT, Policy, _append, _publish, _rows, end_tokens, references
+from long_output_fidelity import (
+    KVPRESS,
+    Policy,
+    _append,
+    _publish,
+    _rows,
+    decoding_press,
+    end_tokens,
+    references,
+)
 
 INSTRUCTION = "Write a detailed outline of the document above, point by point, with at least thirty points."
 QUESTION_LAST = " Only after the outline, answer this question: {question}"
 
 
-def needle_prompts(tokenizer, samples: int, context: int, seed: int, start: str = "", question: bool = False):
-    """``(sample, prompt ids (L,))`` pairs: the first user turn (the document, then the outline
-    instruction, with ``question``: and the needle's question to answer after the outline), then
-    ``start`` as the beginning of the assistant's turn."""
+def needle_prompts(tokenizer, samples: list, start: str = "", question: bool = False):
+    """``(sample, prompt ids (L,))`` pairs for ``samples`` (:func:`make_needle_samples`): the first
+    user turn (the document, then the outline instruction, with ``question``: and the needle's
+    question to answer after the outline), then ``start`` as the beginning of the assistant's turn."""
     out = []
-    for sample in make_needle_samples(tokenizer, context, samples, seed=seed):
+    for sample in samples:
         ask = QUESTION_LAST.format(question=sample.question) if question else ""
         chat = tokenizer.apply_chat_template(
             [{"role": "user", "content": f"{sample.context}\n\n{INSTRUCTION}{ask}"}],
@@ -189,9 +197,13 @@ def main(argv=None) -> int:
         help="folder for the resumable results (default: %(default)s)",
     )
     args = parser.parse_args(argv)
-    for name in args.presses:
-        if name not in KVPRESS and name != "full" and name.removesuffix(PROTECT) not in PRESSES:
-            parser.error(f"unknown press {name!r}")
+    for name in args.presses:  # bad names or budgets fail before the model loads
+        if name not in KVPRESS and name != "full":
+            for budget in args.budgets:
+                try:
+                    decoding_press(name, budget, args.interval)
+                except KeyError:
+                    parser.error(f"unknown press {name!r}")
     torch.set_num_threads(args.threads)
     model, tokenizer = ca.load_model(args.model)
     banned = end_tokens(tokenizer)
@@ -199,10 +211,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     (out / "run.json").write_text(json.dumps({"args": vars(args), "commit": commit}, indent=1))
-    outlines = needle_prompts(tokenizer, args.samples, args.context, args.seed, args.preamble_start)
+    samples = make_needle_samples(tokenizer, args.context, args.samples, seed=args.seed)
+    outlines = needle_prompts(tokenizer, samples, args.preamble_start)
     prompts = outlines
     if args.question_in_prompt:
-        prompts = needle_prompts(tokenizer, args.samples, args.context, args.seed, args.preamble_start, True)
+        prompts = needle_prompts(tokenizer, samples, args.preamble_start, question=True)
     pre_path, res_path = out / "preambles.jsonl", out / "results.jsonl"
     key = {"preamble": args.preamble, "start": args.preamble_start, "digits": args.allow_digits}
     preambles = {

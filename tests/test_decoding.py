@@ -268,13 +268,8 @@ def test_the_recall_benchmark_answers_after_the_forced_preamble():
     assert kept.press.protect_prompt and kept.press.press.budget == 40
     vocab = {"a": 0, "1": 1, "\u01201999": 2, "b3c": 3, "x": 4, "\u0120seven": 5}
     assert recall.digit_tokens(SimpleNamespace(get_vocab=lambda: vocab)) == [1, 2, 3]  # not in a preamble
-    assert [recall.leading_digits(a, "9217089") for a in (" 9217.", " 10.", " 9217089.", " John", "")] == [
-        4,
-        0,
-        7,
-        0,
-        0,
-    ]
+    answers = {" 9217.": 4, " 10.": 0, " 9217089.": 7, " John": 0, "": 0}
+    assert {a: recall.leading_digits(a, "9217089") for a in answers} == answers
 
 
 def test_the_fidelity_report_splits_prompts_and_compares_with_kvpress_snapkv():
