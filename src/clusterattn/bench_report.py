@@ -81,17 +81,16 @@ def markdown(rows: list[dict]) -> str:
         floor = "-"
         if "floor_ms_per_token" in r:  # rows of older runs have no floor
             floor = f"{r['floor_ms_per_token']:.1f} ({r['decode_vs_floor']:.2f}x)"
-        if matvec:  # rows of older runs have no matvec time
-            floor += (
-                " | -"
-                if "matvec_ms_per_token" not in r
-                else (f" | {r['matvec_ms_per_token']:.1f} ({r['decode_vs_matvec']:.2f}x)")
-            )
+        gemv = ""
+        if matvec:  # the column, "-" in rows of older runs
+            gemv = " - |"
+            if "matvec_ms_per_token" in r:
+                gemv = f" {r['matvec_ms_per_token']:.1f} ({r['decode_vs_matvec']:.2f}x) |"
         lines.append(
             f"| {r['model']} | {r['length']} | {r['batch']} | {decode_path(r)} | {r['press']} "
             f"| {r['budget'] or '-'} "
             f"| {r['prefill_s']:.2f} | {r['compress_s']:.3f} ({100 * r['compress_share']:.1f} %) "
-            f"| {r['decode_ms_per_token']:.1f} | {floor} | {r['decode_tokens_per_s']:.1f} "
+            f"| {r['decode_ms_per_token']:.1f} | {floor} |{gemv} {r['decode_tokens_per_s']:.1f} "
             f"| {r['kv_bytes'] / mb:.1f} ({_ratio(r, 'kv_ratio', '.3f')}) "
             f"| {final} "
             f"| {r['peak_kv_bytes'] / mb:.1f} ({_ratio(r, 'peak_kv_ratio', '.2f')}) "
