@@ -130,6 +130,13 @@ def _eval_report(args) -> int:
     return 0
 
 
+def _eval_compare(args) -> int:
+    from clusterattn.eval.agreement import compare_folders
+
+    print(compare_folders(args.a, args.b, labels=tuple(args.labels)), end="")
+    return 0
+
+
 def _add_eval(sub) -> None:
     from clusterattn.eval.grid import SETTINGS
     from clusterattn.eval.runner import DEFAULT_PRESSES
@@ -187,6 +194,15 @@ def _add_eval(sub) -> None:
     report.add_argument("--out", default="runs/eval", help="the eval run's folder")
     report.add_argument("--doc", default=None, help="Markdown file whose eval section is rewritten")
     report.set_defaults(func=_eval_report)
+    compare = sub.add_parser(
+        "eval-compare",
+        formatter_class=DEFAULTS,
+        help="two runs of the same grid side by side: identical answers, scores and prefill times",
+    )
+    compare.add_argument("a", help="the first eval run's folder")
+    compare.add_argument("b", help="the second eval run's folder")
+    compare.add_argument("--labels", nargs=2, default=["A", "B"], help="the two runs' names in the table")
+    compare.set_defaults(func=_eval_compare)
 
 
 DEFAULTS = argparse.ArgumentDefaultsHelpFormatter  # every option's help ends with its default
