@@ -240,3 +240,12 @@ def test_leaderboard_plots_ratio_budgets_against_the_compression_factor(tmp_path
     assert (tmp_path / "leaderboard.png") in paths and (tmp_path / "leaderboard.png").stat().st_size > 0
     assert lines["clusterattn"] == ([2.0, 8.0], [90.0, 50.0])
     assert lines["snapkv"] == ([2.0, 8.0], [80.0, 20.0])  # the token budget 64 is not on this axis
+
+
+def test_report_of_ratio_budgets_alone_draws_the_leaderboard_and_no_score_vs_budget(tmp_path):
+    """A run without token budgets has no score-vs-budget axis (it used to fail on an empty log axis)."""
+    rows = [_row("full", "full", "vt", 0, 1.0), _row("snapkv", "r0.875", "vt", 0, 0.0)]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    names = {p.name for p in write_report(tmp_path)}
+    assert "leaderboard.png" in names
+    assert not any(name.startswith("score_vs_budget") for name in names)

@@ -13,12 +13,13 @@ import kvpress
 import pytest
 import torch
 from kvpress.presses import duo_attention_press, kvzip_press
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from clusterattn.eval.peer_worker import (
     apply_recorded,
     build_press,
     copy_cache,
+    fill_config_head_dim,
     greedy,
     kvpress_ratio,
     main,
@@ -421,3 +422,26 @@ def test_rows_that_reach_eos_leave_the_batch(model, monkeypatch):
     alone = [decode(copy_cache(c))[0].split() for c in caches]
     batched = [text.split() for text in decode(*stack_padded([copy_cache(c) for c in caches]))]
     assert batched == alone == expected
+
+
+@pytest.mark.parametrize("name", ["criticalkv", "criticaladakv"])
+def test_critical_presses_run_on_a_config_without_head_dim(name):
+    """Qwen2's config has no ``head_dim`` (the Qwen2.5-Coder models of the grid): the worker fills it
+    from the attention layers, as the model derives it, and CriticalKV's value norms run."""
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, attn_implementation="sdpa",
+    )  # fmt: skip
+    qwen = Qwen2ForCausalLM(config).eval()
+    assert getattr(qwen.config, "head_dim", None) is None
+    ids = prompt_ids()
+    with pytest.raises(AttributeError, match="head_dim"):
+        live_kvpress(qwen, name, build_press(name, {}, 96, PROMPT, QUESTION), ids)
+    fill_config_head_dim(qwen)
+    assert qwen.config.head_dim == 16 == qwen.model.layers[0].self_attn.head_dim
+    cache, masks, _ = live_kvpress(qwen, name, build_press(name, {}, 96, PROMPT, QUESTION), ids)
+    if name in MASKED:  # head-wise: the cache keeps its length, masks drop the tokens
+        assert any(mask is not None for mask in masks)
+    else:
+        assert cache.layers[0].keys.shape[-2] == 96

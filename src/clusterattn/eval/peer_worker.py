@@ -287,6 +287,17 @@ def _question_tokens(model, tokenizer, sample) -> int | None:
     return rest.shape[1]
 
 
+def fill_config_head_dim(model) -> None:
+    """Set ``model.config.head_dim`` from the attention layers when the config leaves it out.
+
+    Some configs (Qwen2's in transformers 5.x) carry no ``head_dim``; the attention modules derive it
+    (``hidden_size // num_attention_heads``), but kvpress's CriticalKV / CriticalAdaKV read
+    ``config.head_dim`` and would fail with an ``AttributeError``. The value set is the one the
+    model's own attention uses, so nothing else changes."""
+    if getattr(model.config, "head_dim", None) is None:
+        model.config.head_dim = model.model.layers[0].self_attn.head_dim
+
+
 def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
@@ -302,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     import kvpress  # noqa: F401  (patches attention for AdaKV's masked heads)
 
     model, tokenizer = ca.load_model(spec["model"], dtype=getattr(torch, spec.get("dtype", "float32")))
+    fill_config_head_dim(model)
     from clusterattn.eval.predictions import open_for_append
 
     with open_for_append(Path(argv[1])) as sink:

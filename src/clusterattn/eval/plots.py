@@ -51,10 +51,14 @@ def _styles(presses: list[str]) -> dict[str, dict]:
 
 
 def score_vs_budget(metrics: list[dict], out: Path) -> list[Path]:
-    """One PNG per (model, length, setting): a panel per task plus the average, token budgets only."""
+    """One PNG per (model, length, setting) that has token budgets: a panel per task plus the
+    average, token budgets only (a run of ratio budgets alone is drawn by :func:`leaderboard`)."""
     plt = _pyplot()
     paths = []
     for (model, length, setting), rows in runs(metrics):
+        budgets = sorted({int(r["budget"]) for r in rows if r["budget"].isdigit()})
+        if not budgets:
+            continue
         tasks = sorted({r["task"] for r in rows})
         panels = [*tasks, "average"]
         cols = min(5, len(panels))
@@ -63,7 +67,6 @@ def score_vs_budget(metrics: list[dict], out: Path) -> list[Path]:
         by = {(r["press"], r["budget"], r["task"]): r["score"] for r in rows}
         presses = sorted({r["press"] for r in rows if r["budget"] != "full"})
         styles = _styles(presses)
-        budgets = sorted({int(r["budget"]) for r in rows if r["budget"].isdigit()})
         for ax, panel in zip(axes.flat, panels, strict=False):
             for press in presses:
                 ys = [_panel_value(by, press, str(b), panel, tasks) for b in budgets]
