@@ -21,7 +21,7 @@ import torch
 
 from clusterattn.timing import synchronize
 
-__all__ = ["copy_bandwidth", "floor_ms", "matvec_ms", "weight_bytes"]
+__all__ = ["copy_bandwidth", "floor_ms", "linear_weights", "matvec_ms", "weight_bytes"]
 
 
 def copy_bandwidth(
@@ -65,13 +65,12 @@ def weight_bytes(model) -> int:
     return total
 
 
-@torch.no_grad()
-def matvec_ms(model, repeats: int = 5) -> float:
-    """Milliseconds of one token's matrix-vector products ``(1, in) @ (in, out)`` over every distinct
-    ``nn.Linear`` weight of ``model`` (a tied output embedding once), run back to back on the
-    weights' own device and dtype: the median of ``repeats`` passes after one untimed pass. The
-    attention, norms and the cache are left out, so a decode step cannot beat this with these
-    kernels."""
+def linear_weights(model) -> list[torch.Tensor]:
+    """Every distinct ``nn.Linear`` weight of ``model`` ``(out, in)``, a tied output embedding once.
+
+    Raises:
+        ValueError: the model has no linear layer.
+    """
     seen, weights = set(), []
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
@@ -79,6 +78,17 @@ def matvec_ms(model, repeats: int = 5) -> float:
             weights.append(module.weight)
     if not weights:
         raise ValueError("the model has no nn.Linear weights to time")
+    return weights
+
+
+@torch.no_grad()
+def matvec_ms(model, repeats: int = 5) -> float:
+    """Milliseconds of one token's matrix-vector products ``(1, in) @ (in, out)`` over every distinct
+    ``nn.Linear`` weight of ``model`` (a tied output embedding once), run back to back on the
+    weights' own device and dtype: the median of ``repeats`` passes after one untimed pass. The
+    attention, norms and the cache are left out, so a decode step cannot beat this with these
+    kernels."""
+    weights = linear_weights(model)
     device = weights[0].device
     inputs = {
         (w.shape[1], w.dtype): torch.randn(1, w.shape[1], dtype=w.dtype, device=device) for w in weights
