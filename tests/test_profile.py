@@ -238,6 +238,31 @@ def test_analysis_takes_each_tasks_profile_at_the_analysed_length():
     assert profiles_for_length(profiles, 8192) == {}
     with pytest.raises(ValueError, match="two profiles of task 'vt' at length 2048"):
         profiles_for_length([at("vt", 2048), at("vt", 2048)], 2048)
+    # a profile drawn with another seed counts (its held-out samples come with it); other
+    # objectives and the dominant rule do not
+    seeded = {**at("vt", 8192), "seed": 1}
+    others = [{**at("qa_1", 8192), "objective": "answer"}, {**at("cwe", 8192), "rule": "dominant"}]
+    assert profiles_for_length([seeded, *others], 8192) == {"vt": seeded}
+
+
+def test_analyze_refuses_profiles_of_no_use_at_its_length(tmp_path):
+    from clusterattn.cli import main
+
+    (tmp_path / "vt-2048.json").write_text(json.dumps({"task": "vt", "length": 2048}))
+    with pytest.raises(ValueError, match="none of the 1 profiles given was made at --length 4096"):
+        main(
+            [
+                "analyze",
+                "--tasks",
+                "vt",
+                "--length",
+                "4096",
+                "--profiles",
+                str(tmp_path),
+                "--out",
+                str(tmp_path),
+            ]
+        )
 
 
 def test_answer_objective_ranks_by_the_full_answers_logprob(tmp_path):

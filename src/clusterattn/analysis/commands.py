@@ -73,15 +73,17 @@ def _profile_paths(items) -> list[Path]:
 
 
 def profiles_for_length(profiles: list[dict], length: int, objective: str = "cosine") -> dict[str, dict]:
-    """``{task: profile}`` of the profiles made at ``length`` with ``objective``: the analysis traces
-    a task's held-out samples and compares its tuned num_block at that length only (a profile
-    directory may hold the same task at several lengths and objectives). Two profiles of one task
-    at one length and objective are an error."""
-    from clusterattn.analysis.report import profile_objective
+    """``{task: profile}`` of the profiles made at ``length`` with ``objective`` and the plain rule
+    (the best mean; a ``dominant`` profile answers another question): the analysis traces a task's
+    held-out samples, drawn with the profile's own seed, and compares its tuned num_block at that
+    length only (a profile directory may hold the same task at several lengths and objectives).
+    Two profiles of one task at one length and objective are an error."""
+    from clusterattn.analysis.report import objective_of
 
     chosen: dict[str, dict] = {}
     for profile in profiles:
-        if profile["length"] != length or profile_objective(profile) != objective:
+        plain = profile.get("rule", "mean") == "mean"
+        if profile["length"] != length or objective_of(profile) != objective or not plain:
             continue
         if profile["task"] in chosen:
             raise ValueError(f"two profiles of task {profile['task']!r} at length {length}")
@@ -106,6 +108,11 @@ def _analyze(args) -> int:
     for other in args.also:  # before any model loads
         analysis_json(other)
     loaded = profiles_for_length([json.loads(p.read_text()) for p in profiles], args.length)
+    if profiles and not loaded:  # tracing on without them would report the default as if tuned
+        raise ValueError(
+            f"none of the {len(profiles)} profiles given was made at --length {args.length} with the "
+            "cosine objective and the mean rule: profile at this length first"
+        )
     tuned = {
         Path(t).stem: {b: e["config"]["num_block"] for b, e in p["budgets"].items()}
         for t, p in loaded.items()
