@@ -229,7 +229,7 @@ def test_oracle_and_analysis_summary(tiny_trace, tmp_path):
     text = doc.read_text()
     assert "Fitting rate" in text and "DBAC (profiled num_block)" in text and "B=40: dbac" in text
     assert (tmp_path / "fitting_by_layer.png").is_file() and "(e) Other" not in text
-    assert "No profile was given for this run" in text and "A seeded 20 %" not in text
+    assert "No profile was given for this run" in text and "A seeded share" not in text
     other = tmp_path / "gemma"
     other.mkdir()
     (other / "analysis.json").write_text(json.dumps({**summary, "model": "gemma3-270m", "length": 8192}))

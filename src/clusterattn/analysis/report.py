@@ -324,13 +324,14 @@ def write_report(
     profiling = [
         "## 1. Profiling num_block per task",
         "",
-        "A seeded 20 % of each task's samples is traced with the full cache: greedy decode, each decode "
+        "A seeded share of each task's samples (`--fraction`, 20 % unless the table's counts say "
+        "otherwise) is traced with the full cache: greedy decode, each decode "
         "query's post-RoPE attention over the prompt recorded per layer and head (stopping at the end of "
         "the answer). For every candidate num_block the press's own selection runs on the recorded "
         "prefill alone, and scores the cosine between the full decode attention and the attention "
         "restricted to the kept tokens (renormalised), averaged over steps, heads, layers and samples. "
         "The best candidate per budget is stored with its budget in the profile JSON "
-        "(`ClusterAttnPress.from_profile(path, budget=B)`); the other 80 % are the held-out samples. "
+        "(`ClusterAttnPress.from_profile(path, budget=B)`); the other samples are held out. "
         "Profiles with the objective `answer` rank the candidates instead by the mean teacher-forced "
         "log-probability (log p) their compressed cache gives to the full cache's own answer.",
         "",
