@@ -108,7 +108,7 @@ def _analyze(args) -> int:
     for other in args.also:  # before any model loads
         analysis_json(other)
     loaded = profiles_for_length([json.loads(p.read_text()) for p in profiles], args.length)
-    if profiles and not loaded:  # tracing on without them would report the default as if tuned
+    if profiles and not loaded:  # going on would ignore the profiles given without a word
         raise ValueError(
             f"none of the {len(profiles)} profiles given was made at --length {args.length} with the "
             "cosine objective and the mean rule: profile at this length first"
