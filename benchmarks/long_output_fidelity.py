@@ -143,6 +143,21 @@ def decoding_press(name: str, budget: int, interval: int, compress_prompt: bool 
     return ca.DecodingPress(rule, budget, interval=interval, compress_prompt=compress_prompt)
 
 
+def check_presses(
+    parser: argparse.ArgumentParser, presses: list[str], budgets: list[int], interval: int
+) -> None:
+    """Fail before the model loads: an unknown press name (``parser.error``), or a budget or interval
+    that one of this library's presses refuses (its own ``ValueError``)."""
+    for name in presses:
+        if name in KVPRESS or name == "full":
+            continue
+        for budget in budgets:
+            try:
+                decoding_press(name, budget, interval)
+            except KeyError:
+                parser.error(f"unknown press {name!r}")
+
+
 class Policy:
     """One press at one decode budget, driven over one prompt: :meth:`prefill`, then :meth:`feed`
     chunks that end at or before the next eviction point (:meth:`room`); :meth:`close` at the end."""
@@ -402,10 +417,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if args.report_only:
         return _publish(out, report(_rows(out / "results.jsonl"), args.presses, args.budgets))
-    for name in args.presses:  # bad names or budgets fail before the model loads
-        if name not in KVPRESS and name != "full":
-            for budget in args.budgets:
-                decoding_press(name, budget, args.interval)  # KeyError: an unknown name
+    check_presses(parser, args.presses, args.budgets, args.interval)
     if not 0 < args.interval <= 4096:
         parser.error("--interval must be in 1..4096")
     torch.set_num_threads(args.threads)

@@ -52,16 +52,7 @@ import torch
 
 import clusterattn as ca
 from clusterattn.eval.niah import make_needle_samples, score_answer
-from long_output_fidelity import (
-    KVPRESS,
-    Policy,
-    _append,
-    _publish,
-    _rows,
-    decoding_press,
-    end_tokens,
-    references,
-)
+from long_output_fidelity import Policy, _append, _publish, _rows, check_presses, end_tokens, references
 
 INSTRUCTION = "Write a detailed outline of the document above, point by point, with at least thirty points."
 QUESTION_LAST = " Only after the outline, answer this question: {question}"
@@ -197,13 +188,7 @@ def main(argv=None) -> int:
         help="folder for the resumable results (default: %(default)s)",
     )
     args = parser.parse_args(argv)
-    for name in args.presses:  # bad names or budgets fail before the model loads
-        if name not in KVPRESS and name != "full":
-            for budget in args.budgets:
-                try:
-                    decoding_press(name, budget, args.interval)
-                except KeyError:
-                    parser.error(f"unknown press {name!r}")
+    check_presses(parser, args.presses, args.budgets, args.interval)
     torch.set_num_threads(args.threads)
     model, tokenizer = ca.load_model(args.model)
     banned = end_tokens(tokenizer)
