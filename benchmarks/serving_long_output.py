@@ -228,7 +228,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="HF folder (default: the converted SmolLM2-135M)")
     parser.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     parser.add_argument(
-        "--note", default="", help="a line added to the document (e.g. why --requests was reduced)"
+        "--note",
+        default="",
+        help="a remark kept with this run's results and shown in its command line (e.g. what else ran)",
     )
     parser.add_argument(
         "--from-results", action="store_true", help="only rewrite <out>/README.md from <out>/results.json"

@@ -124,7 +124,6 @@ def document(results: dict, meta: dict) -> str:
             "configuration in its own engine process, one after another;",
             *(
                 f"- {', '.join(run['names'])}: {run['date']}, commit `{run['commit']}`: `{command}`"
-                + (f" ({run['note']})" if run["note"] else "")
                 for command, run in runs.items()
             ),
             "",

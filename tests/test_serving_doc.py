@@ -163,5 +163,5 @@ def test_long_output_results_of_other_configurations_are_kept_only_with_the_same
     document = long_output.document(
         {**kept, "d512": _long_result(40, held=5)}, {**LONG_META, "machine": "2 CPUs", "vllm": "v"}
     )
-    assert "- full: 2026-12-06, commit `49f0063`: `first run` (quiet)" in document
+    assert "- full: 2026-12-06, commit `49f0063`: `first run`" in document
     assert "- d512: 2026-12-07, commit `abc`: `run`" in document
