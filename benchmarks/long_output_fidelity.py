@@ -28,6 +28,9 @@ Run in the peers environment (kvpress 0.5.5; see ``make peers``); the results ar
 
     PYTHONPATH=src .venv-peers/bin/python benchmarks/long_output_fidelity.py \\
         --model qwen2.5-coder-0.5b --new-tokens 2048 --budgets 256 512 1024 --out runs/long-output
+
+It writes ``table.md``; ``.venv/bin/python benchmarks/long_output_report.py runs/long-output`` draws
+the figure too (``long_output_report.py``: the results' files, tables and figure).
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ import argparse
 import contextlib
 import itertools
 import json
-import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -46,6 +49,9 @@ import torch
 import clusterattn as ca
 from clusterattn.hf import cache_kwarg, masked_gqa, new_cache
 from clusterattn.presses import PRESSES
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+from long_output_report import _append, _publish, _rows, report  # noqa: E402
 
 SPECS = [
     "an LRU cache class with O(1) get and put, per-entry time-to-live and hit/miss statistics",
@@ -293,75 +299,6 @@ def teacher_forced(model, prompt, target, policy: Policy, banned: list[int], ste
         "peak_held": policy.peak,
         "misses": misses,
     }
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _append(path: Path, row: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _publish(out: Path, summary: str) -> int:
-    """Write ``summary`` to ``out/table.md`` and print it; the exit status."""
-    (out / "table.md").write_text(summary + "\n")
-    print(summary)
-    return 0
-
-
-def table(rows: list[dict], names: list[str], budgets: list[int]) -> str:
-    """Markdown: one line per press and budget, means over prompts."""
-
-    def mean(values):
-        values = [v for v in values if v is not None]
-        return statistics.fmean(values) if values else float("nan")
-
-    lines = [
-        "| press | decode budget | prompts | common prefix (mean / median) | top-1 agreement "
-        "| top-1 after the first eviction | mean log-prob | tokens held (mean / peak) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name in names:
-        for budget in [0] if name == "full" else budgets:
-            group = [r for r in rows if r["press"] == name and r["budget"] == budget]
-            if not group:
-                continue
-            prefix = [r["common_prefix"] for r in group]
-            after = mean(r["top1_after_eviction"] for r in group)
-            lines.append(
-                f"| {name} | {budget or '-'} | {len(group)} | {statistics.fmean(prefix):.0f} / "
-                f"{statistics.median(prefix):.0f} | {100 * mean(r['top1_agreement'] for r in group):.1f} % "
-                f"| {'-' if after != after else f'{100 * after:.1f} %'} "
-                f"| {mean(r['mean_logprob'] for r in group):.3f} "
-                f"| {mean(r['mean_held'] for r in group):.0f} / {max(r['peak_held'] for r in group)} |"
-            )
-    return "\n".join(lines)
-
-
-def report(rows: list[dict], names: list[str], budgets: list[int]) -> str:
-    """:func:`table` over all prompts, the coding specifications and the essay summaries, and per
-    budget ClusterAttn's common prefix against kvpress's SnapKV prompt by prompt."""
-    rows = list({(r["prompt"], r["press"], r["budget"]): r for r in rows}.values())  # the last of repeats
-    parts = []
-    kinds = (("All prompts", ""), ("Coding specifications", "spec-"), ("Essay summaries", "essay-"))
-    for title, kind in kinds:
-        subset = [r for r in rows if r["prompt"].startswith(kind)]
-        if subset:
-            parts.append(f"**{title}**\n\n{table(subset, names, budgets)}")
-    for budget in budgets:
-        ours = {r["prompt"]: r for r in rows if r["press"] == "clusterattn" and r["budget"] == budget}
-        theirs = {r["prompt"]: r for r in rows if r["press"] == "kvpress-snapkv" and r["budget"] == budget}
-        both = sorted(set(ours) & set(theirs))
-        if both:
-            diff = [ours[p]["common_prefix"] - theirs[p]["common_prefix"] for p in both]
-            parts.append(
-                f"Budget {budget}, common prefix, clusterattn against kvpress-snapkv, {len(both)} prompts: "
-                f"longer on {sum(d > 0 for d in diff)}, equal on {sum(d == 0 for d in diff)}, shorter on "
-                f"{sum(d < 0 for d in diff)}; mean difference {statistics.fmean(diff):+.0f} tokens."
-            )
-    return "\n\n".join(parts)
 
 
 def check(model, prompt, target, names, budget, interval, banned) -> list[str]:

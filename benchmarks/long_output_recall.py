@@ -52,7 +52,8 @@ import torch
 
 import clusterattn as ca
 from clusterattn.eval.niah import make_needle_samples, score_answer
-from long_output_fidelity import Policy, _append, _publish, _rows, check_presses, end_tokens, references
+from long_output_fidelity import Policy, check_presses, end_tokens, references
+from long_output_report import _append, _publish, _rows
 
 INSTRUCTION = "Write a detailed outline of the document above, point by point, with at least thirty points."
 QUESTION_LAST = " Only after the outline, answer this question: {question}"

@@ -284,3 +284,32 @@ def test_the_fidelity_report_splits_prompts_and_compares_with_kvpress_snapkv():
     text = bench.report(rows, ["clusterattn", "kvpress-snapkv"], [64])
     assert "**Coding specifications**" in text and "**Essay summaries**" in text
     assert "longer on 1, equal on 1, shorter on 0; mean difference +5 tokens" in text
+
+
+def test_the_fidelity_report_draws_its_figure_and_table_from_a_results_folder(tmp_path):
+    """``benchmarks/long_output_report.py DIR``: table.md and fidelity.png from results.jsonl (a
+    press still running at a budget is drawn over the prompts every press has there); a folder
+    without rows is an error, not an empty figure."""
+    _fidelity_bench()  # puts benchmarks/ on sys.path
+    import long_output_report as report
+
+    base = {"top1_agreement": 1.0, "top1_after_eviction": 0.9, "mean_logprob": -0.1, "mean_held": 10,
+            "peak_held": 12}  # fmt: skip
+    rows = [base | {"prompt": "spec-00", "press": "full", "budget": 0, "common_prefix": 40}]
+    rows += [
+        base | {"prompt": prompt, "press": press, "budget": budget, "common_prefix": 20}
+        for prompt in ("spec-00", "spec-01")
+        for press in ("clusterattn", "kvpress-snapkv")
+        for budget in (64, 128)
+        if (prompt, press, budget) != ("spec-01", "kvpress-snapkv", 64)  # still running
+    ]
+    assert report._values(rows, "common_prefix", "clusterattn", 64, {"spec-00"}) == [20]
+    for row in rows:
+        report._append(tmp_path / "results.jsonl", row)
+    assert report.main([str(tmp_path)]) == 0
+    assert (tmp_path / "fidelity.png").stat().st_size > 0
+    assert "| clusterattn | 128 | 2 |" in (tmp_path / "table.md").read_text()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit):
+        report.main([str(empty)])
