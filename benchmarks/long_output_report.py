@@ -41,7 +41,6 @@ def _mean(values) -> float:
 
 def table(rows: list[dict], names: list[str], budgets: list[int]) -> str:
     """Markdown: one line per press and budget, means over prompts."""
-    mean = _mean
     lines = [
         "| press | decode budget | prompts | common prefix (mean / median) | top-1 agreement "
         "| top-1 after the first eviction | mean log-prob | tokens held (mean / peak) |",
@@ -53,13 +52,13 @@ def table(rows: list[dict], names: list[str], budgets: list[int]) -> str:
             if not group:
                 continue
             prefix = [r["common_prefix"] for r in group]
-            after = mean(r["top1_after_eviction"] for r in group)
+            after = _mean(r["top1_after_eviction"] for r in group)
             lines.append(
                 f"| {name} | {budget or '-'} | {len(group)} | {statistics.fmean(prefix):.0f} / "
-                f"{statistics.median(prefix):.0f} | {100 * mean(r['top1_agreement'] for r in group):.1f} % "
+                f"{statistics.median(prefix):.0f} | {100 * _mean(r['top1_agreement'] for r in group):.1f} % "
                 f"| {'-' if after != after else f'{100 * after:.1f} %'} "
-                f"| {mean(r['mean_logprob'] for r in group):.3f} "
-                f"| {mean(r['mean_held'] for r in group):.0f} / {max(r['peak_held'] for r in group)} |"
+                f"| {_mean(r['mean_logprob'] for r in group):.3f} "
+                f"| {_mean(r['mean_held'] for r in group):.0f} / {max(r['peak_held'] for r in group)} |"
             )
     return "\n".join(lines)
 

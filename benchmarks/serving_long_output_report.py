@@ -22,14 +22,13 @@ BASELINES = ("prompt", "full")
 def peak_blocks(name: str, meta: dict, block_size: int) -> int:
     """The most blocks one decoding request of configuration ``name`` may hold: the prompt and the
     whole output (no press), the prompt's budget and the output (prompt-only), or the decode budget
-    and the interval (decode eviction)."""
-    spec = CONFIGS[name][1] or ""
-    options = dict(kv.split("=") for kv in spec.partition(":")[2].split(",") if kv)
-    if "decode_budget" in options:
-        tokens = int(options["decode_budget"]) + int(options.get("interval", 128))
-    else:
-        tokens = int(options.get("budget", meta["prompt_len"])) + meta["new_tokens"]
-    return math.ceil(tokens / block_size)
+    and the interval (decode eviction), by the rule the plugin's scheduler frees blocks by
+    (:func:`clusterattn.vllm.spec.physical_tokens`; the last sampled token is never in the cache)."""
+    from clusterattn.vllm.spec import parse_press, physical_tokens
+
+    press, prompt = parse_press(CONFIGS[name][1]), meta["prompt_len"]
+    slots = (physical_tokens(press, prompt, prompt + g) or prompt + g for g in range(meta["new_tokens"]))
+    return math.ceil(max(slots) / block_size)
 
 
 def fit(name: str, r: dict, meta: dict) -> int:
@@ -46,6 +45,7 @@ def _count(r: dict, key: str) -> str:
 
 
 def table(results: dict, meta: dict) -> str:
+    """Markdown: one line per configuration, in ``CONFIGS`` order."""
     n = meta["new_tokens"]
     lines = [
         "| configuration | press (`CLUSTERATTN_VLLM_PRESS`) | requests (finished) | "
@@ -102,6 +102,7 @@ def ratios(results: dict, meta: dict) -> list[str]:
 
 
 def document(results: dict, meta: dict) -> str:
+    """The folder's README: settings, each run's command, the columns, the table and the ratios."""
     any_r = next(iter(results.values()))
     n = meta["new_tokens"]
     runs: dict[str, dict] = {}  # command -> its stamp and the configurations it ran
