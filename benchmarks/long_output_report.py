@@ -34,6 +34,11 @@ def _publish(out: Path, summary: str) -> int:
     return 0
 
 
+def _last_of_repeats(rows: list[dict]) -> list[dict]:
+    """One row per prompt, press and budget: the last appended (two processes may repeat a row)."""
+    return list({(r["prompt"], r["press"], r["budget"]): r for r in rows}.values())
+
+
 def _mean(values) -> float:
     values = [v for v in values if v is not None]
     return statistics.fmean(values) if values else float("nan")
@@ -66,7 +71,7 @@ def table(rows: list[dict], names: list[str], budgets: list[int]) -> str:
 def report(rows: list[dict], names: list[str], budgets: list[int]) -> str:
     """:func:`table` over all prompts, the coding specifications and the essay summaries, and per
     budget ClusterAttn's common prefix against kvpress's SnapKV prompt by prompt."""
-    rows = list({(r["prompt"], r["press"], r["budget"]): r for r in rows}.values())  # the last of repeats
+    rows = _last_of_repeats(rows)
     parts = []
     kinds = (("All prompts", ""), ("Coding specifications", "spec-"), ("Essay summaries", "essay-"))
     for title, kind in kinds:
@@ -101,7 +106,7 @@ def figure(rows: list[dict], names: list[str], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list({(r["prompt"], r["press"], r["budget"]): r for r in rows}.values())
+    rows = _last_of_repeats(rows)
     presses = [n for n in names if n != "full" and any(r["press"] == n for r in rows)]
     prompts = {r["prompt"] for r in rows}
     shared = {}  # budget -> the prompts every press has measured there

@@ -80,9 +80,8 @@ def ratios(results: dict, meta: dict) -> list[str]:
         for base in BASELINES:
             if name not in results or base not in results:
                 continue
-            parts = []
+            parts, a_r, b_r = [], results[name], results[base]
             for key, what in metrics.items():
-                a_r, b_r = results[name], results[base]
                 if key == "fit":
                     a, b, bound, flag = fit(name, a_r, meta), fit(base, b_r, meta), "", ""
                 elif key in a_r and key in b_r:
