@@ -11,6 +11,11 @@ Shapes stay fixed across steps: the batch keeps every row (a row past its EOS ke
 its tokens are reported as padding, as the eager path reports them), and the 2-D attention mask
 covers the whole generation from the start (causality hides the positions not written yet).
 The prefill, and the question appended after it in the query-agnostic setting, run eagerly.
+
+Grouped KV heads (GQA) stay whole in the step: under ``torch.compile`` transformers' sdpa path copies
+every KV head to each of its query heads once a mask is given (the whole cache, per layer and step),
+so on CPU the step runs inside :func:`~clusterattn.hf.masked_gqa` and sdpa takes the grouped heads
+with the mask directly (the eager step's arithmetic: ``enable_gqa``). On CUDA the copy remains.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import time
 
 import torch
 
-from clusterattn.hf import StaticCache, cache_kwarg
+from clusterattn.hf import StaticCache, cache_kwarg, masked_gqa
 from clusterattn.static_cache import CompressedStaticCache
 from clusterattn.steps import answer_texts, eos_ids, feed_rest
 
@@ -90,9 +95,10 @@ def compiled_greedy_decode(
         if step == max_new_tokens - 1 or bool(done.all()):
             break
         cache_position = torch.tensor([logical + step], device=device) if needs_position else None
-        logits = step_fn(
-            model, token[:, None], full_mask, (next_pos + step)[:, None], cache, name, cache_position
-        )
+        with masked_gqa():  # grouped KV heads attended whole under the step's mask, not copied per head
+            logits = step_fn(
+                model, token[:, None], full_mask, (next_pos + step)[:, None], cache, name, cache_position
+            )
         logits = logits.clone()  # a CUDA graph's output buffer is overwritten by the next replay
     tokens = out[:, : step + 1]
     return tokens, answer_texts(model, tokenizer, tokens, inputs.pad_id), time.perf_counter() - start
