@@ -87,18 +87,18 @@ def compiled_greedy_decode(
     out = torch.full((batch, max_new_tokens), inputs.pad_id, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     eos = torch.tensor(sorted(eos_ids(model, tokenizer)) or [-1], device=device)
-    for step in range(max_new_tokens):
-        token = logits[:, -1].argmax(-1)
-        out[:, step] = torch.where(done, inputs.pad_id, token)
-        if not ignore_eos:
-            done |= torch.isin(token, eos)
-        if step == max_new_tokens - 1 or bool(done.all()):
-            break
-        cache_position = torch.tensor([logical + step], device=device) if needs_position else None
-        with masked_gqa():  # grouped KV heads attended whole under the step's mask, not copied per head
+    with masked_gqa():  # grouped KV heads attended whole under the steps' mask, not copied per head
+        for step in range(max_new_tokens):
+            token = logits[:, -1].argmax(-1)
+            out[:, step] = torch.where(done, inputs.pad_id, token)
+            if not ignore_eos:
+                done |= torch.isin(token, eos)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            cache_position = torch.tensor([logical + step], device=device) if needs_position else None
             logits = step_fn(
                 model, token[:, None], full_mask, (next_pos + step)[:, None], cache, name, cache_position
             )
-        logits = logits.clone()  # a CUDA graph's output buffer is overwritten by the next replay
+            logits = logits.clone()  # a CUDA graph's output buffer is overwritten by the next replay
     tokens = out[:, : step + 1]
     return tokens, answer_texts(model, tokenizer, tokens, inputs.pad_id), time.perf_counter() - start
