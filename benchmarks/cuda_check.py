@@ -1,7 +1,9 @@
 """The same answers on CUDA as on CPU: every tiny test-model family (random weights, fp32, built in
 code as the unit tests build them) x every press of the unit tests x both settings, through
 ``clusterattn.generate`` (one prompt, and a left-padded batch of two where the press takes one)
-and ``clusterattn.generate_many`` (the eval grid's shared prefill). Tokens must match exactly.
+and ``clusterattn.generate_many`` (the eval grid's shared prefill), and the compiled decode
+(``generate(..., compile=...)``, full cache and ClusterAttn) on the device against the eager decode
+on CPU. Tokens must match exactly.
 
 Run where a GPU exists, from the repository root (needs only torch, transformers and pytest)::
 
@@ -59,10 +61,31 @@ def run_many(models: dict, family: str, query_aware: bool) -> dict:
     return {"equal": not differ, "differ": differ}
 
 
+def run_compiled(models: dict, family: str, name: str | None, backend: str) -> dict:
+    """The compiled decode on the device (a static cache, the step under ``torch.compile``; grouped KV
+    heads packed per KV head on CUDA) against the eager decode on CPU, left-padded batch where the
+    press takes one."""
+    batch = name is None or _padded_ok(family, name)
+    contexts = [ids_text(150, seed=3), ids_text(120, seed=4)] if batch else ids_text(150, seed=3)
+    out = {}
+    for device, model in models.items():
+        press = None if name is None else PRESS_FACTORIES[name](BUDGET)
+        compile_ = None if device == "cpu" else backend
+        with torch._dynamo.config.patch(recompile_limit=64):  # Gemma3's own static sliding layers
+            result = ca.generate(
+                model, TOK, contexts, "5 6 7 8", press=press, max_new_tokens=NEW_TOKENS, compile=compile_
+            )
+        out[device] = result.tokens.cpu()
+    return {"equal": bool(torch.equal(out["cpu"], out["device"])), "tokens": out["device"].tolist()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/cuda-check.json")
     parser.add_argument("--device", default="cuda", help="compared against cpu ('cpu' checks the script)")
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend of the compiled-decode cases"
+    )
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device: nothing to check", file=sys.stderr)
@@ -85,6 +108,14 @@ def main() -> int:
             row = {"family": family, "press": "generate_many(all)", "query_aware": query_aware}
             try:
                 row |= run_many(models, family, query_aware)
+            except Exception as exc:
+                row |= {"equal": False, "error": f"{type(exc).__name__}: {exc}"}
+                traceback.print_exc()
+            rows.append(row)
+        for name in (None, "clusterattn"):
+            row = {"family": family, "press": f"compiled({name or 'full'})", "backend": args.compile_backend}
+            try:
+                row |= run_compiled(models, family, name, args.compile_backend)
             except Exception as exc:
                 row |= {"equal": False, "error": f"{type(exc).__name__}: {exc}"}
                 traceback.print_exc()

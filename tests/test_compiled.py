@@ -53,24 +53,41 @@ def test_a_bad_backend_is_refused():
         ca.generate(MODELS["llama"], TOK, ids_text(60), max_new_tokens=2, compile="tensorrt")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="masked_gqa leaves CUDA machines to transformers")
-def test_compiled_step_attends_grouped_heads_whole():
-    """On CPU the compiled step hands sdpa the cache's grouped KV heads with ``enable_gqa`` under its
-    mask, instead of transformers' copy of every KV head per query head (a full 8k cache copied 7x
-    per layer and step on Qwen2.5-Coder-0.5B), in one graph."""
-    from clusterattn import compiled
+@pytest.mark.parametrize("how", ["enable_gqa", "pack"])
+def test_compiled_step_attends_grouped_heads_whole(monkeypatch, how):
+    """The compiled step hands sdpa each KV head once, in one graph, with the eager path's tokens:
+    with ``enable_gqa`` under its mask (the CPU default), or with the query heads packed per KV head
+    (the CUDA default; transformers 5.24), instead of transformers' copy of every KV head per query
+    head (a full 8k cache copied 7x per layer and step on Qwen2.5-Coder-0.5B). With transformers 5.2,
+    which has no packing, ``pack`` leaves the copy."""
+    from transformers.integrations import sdpa_attention
 
-    graphs = []
+    from clusterattn import compiled, hf
 
-    def backend(gm, example_inputs):
-        graphs.append(gm.code)
+    monkeypatch.setattr(hf, "_default_gqa_mode", lambda: how)
+    monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    graphs, calls = [], set()
+
+    def backend(gm, example_inputs):  # records (query heads, query rows, key heads, enable_gqa)
+        graphs.append(gm)
+        for node in gm.graph.nodes:
+            if getattr(node.target, "__name__", "") == "scaled_dot_product_attention":
+                query, key = (arg.meta["example_value"].shape for arg in node.args[:2])
+                calls.add((query[1], query[2], key[1], node.kwargs.get("enable_gqa", False)))
         return gm.forward
 
     model = tiny_model("qwen2")  # its own instance: the step compiled here is cached on the model
-    step = torch.compile(compiled._step, backend=backend, dynamic=False)
-    model.__dict__["_clusterattn_steps"] = {"inductor": step}
+    model.__dict__["_clusterattn_steps"] = {
+        "inductor": torch.compile(compiled._step, backend=backend, dynamic=False)
+    }
     torch._dynamo.reset()
-    ca.generate(model, TOK, CONTEXTS["padded"], max_new_tokens=4, compile=True)
-    assert len(graphs) == 1
-    calls = [line for line in graphs[0].splitlines() if "scaled_dot_product_attention(" in line]
-    assert calls and all("enable_gqa = True" in line for line in calls)
+    out = ca.generate(model, TOK, CONTEXTS["padded"], max_new_tokens=4, compile=True)
+    assert torch.equal(out.tokens, ca.generate(model, TOK, CONTEXTS["padded"], max_new_tokens=4).tokens)
+    heads, kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    assert kv < heads and len(graphs) == 1
+    if how == "enable_gqa":
+        assert calls == {(heads, 1, kv, True)}
+    elif hasattr(sdpa_attention, "pack_gqa"):
+        assert calls == {(kv, heads // kv, kv, False)}
+    else:
+        assert calls == {(heads, 1, heads, False)}

@@ -152,15 +152,15 @@ def test_masked_gqa_says_yes_inside_the_block_of_its_own_thread_only(monkeypatch
     def other():
         entered.wait()
         seen["other"] = ask()  # while the main thread is inside
-        with masked_gqa():
+        with masked_gqa(how="enable_gqa"):
             inside.set()
             done.wait()  # the main thread leaves its block while this one is still inside
             seen["other inside"] = ask()
 
     thread = threading.Thread(target=other)
     thread.start()
-    with masked_gqa():
-        with masked_gqa():
+    with masked_gqa(how="enable_gqa"):
+        with masked_gqa(how="enable_gqa"):
             assert ask() is True
         assert ask() is True
         entered.set()
@@ -170,11 +170,13 @@ def test_masked_gqa_says_yes_inside_the_block_of_its_own_thread_only(monkeypatch
     thread.join()
     assert seen == {"other": own, "other inside": True}
     assert ask() is own
-    with masked_gqa(active=False):
+    with masked_gqa(active=False, how="enable_gqa"):
         assert ask() is own
     monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "0")  # a user's own choice is left alone
-    with masked_gqa():
+    with masked_gqa(how="enable_gqa"):
         assert ask() is own
+    with pytest.raises(ValueError, match="how must be one of"), masked_gqa(how="repeat"):
+        pass
 
 
 def test_batch_key(llama):

@@ -14,8 +14,9 @@ The prefill, and the question appended after it in the query-agnostic setting, r
 
 Grouped KV heads (GQA) stay whole in the step: under ``torch.compile`` transformers' sdpa path copies
 every KV head to each of its query heads once a mask is given (the whole cache, per layer and step),
-so on CPU the step runs inside :func:`~clusterattn.hf.masked_gqa` and sdpa takes the grouped heads
-with the mask directly (the eager step's arithmetic: ``enable_gqa``). On CUDA the copy remains.
+so the step runs inside :func:`~clusterattn.hf.masked_gqa`: on CPU sdpa takes the grouped heads with
+the mask directly (the eager step's arithmetic: ``enable_gqa``); on CUDA each KV head's query heads
+are packed as the rows of one head (transformers 5.24's ``pack_gqa``; 5.2 keeps the copy).
 """
 
 from __future__ import annotations

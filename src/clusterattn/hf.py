@@ -6,8 +6,8 @@ handled here and nowhere else:
 - the name of ``model.forward``'s cache argument (``cache`` from 5.24, ``past_key_values`` before);
 - a static cache's prefill mask, which transformers < 5.8 sizes for the whole preallocated cache
   (:func:`prompt_mask`);
-- sdpa's grouped-query predicate (``use_gqa_in_sdpa``; ``TRANSFORMERS_SDPA_FORCE_GQA`` exists only
-  in 5.24) behind :func:`masked_gqa`.
+- sdpa's grouped-query handling behind :func:`masked_gqa`: the ``use_gqa_in_sdpa`` predicate (both;
+  ``TRANSFORMERS_SDPA_FORCE_GQA`` exists only in 5.24) and 5.24's one-token ``pack_gqa`` branch.
 
 The rest of the package reaches transformers through these names: the cache and layer classes the
 compressed cache builds on (:mod:`clusterattn.cache` and :mod:`clusterattn.static_cache` subclass
@@ -161,12 +161,13 @@ def extend_layers(cache: Cache, n_layers: int) -> None:
 _FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
-_gqa = threading.local()  # .depth: masked_gqa blocks this thread is in
+_gqa = threading.local()  # .depth / .pack: masked_gqa blocks of each kind this thread is in
 _gqa_lock = threading.Lock()
+GQA_MODES = ("enable_gqa", "pack")
 
 
 def _install_gqa_predicate() -> None:
-    """Wrap transformers' ``use_gqa_in_sdpa`` once: yes inside a :func:`masked_gqa` block of the
+    """Wrap transformers' ``use_gqa_in_sdpa`` once: yes inside an ``enable_gqa`` block of the
     calling thread, transformers' own answer everywhere else (other threads, outside blocks)."""
     from transformers.integrations import sdpa_attention
 
@@ -183,24 +184,75 @@ def _install_gqa_predicate() -> None:
         sdpa_attention.use_gqa_in_sdpa = use_gqa_in_sdpa
 
 
+@functools.cache
+def _install_pack_switch() -> bool:
+    """Let transformers' sdpa path pack a one-token query's grouped heads under ``torch.compile``.
+
+    transformers >= 5.24 decodes one token under a mask by reshaping the query heads of each KV head
+    into rows of one head (``pack_gqa``: ``(batch, heads, 1, d)`` -> ``(batch, kv_heads, group, d)``),
+    so the fused kernels read each KV head once; it skips that while dynamo traces and copies the KV
+    heads instead. Inside a ``pack`` block of the calling thread, the sdpa module's
+    ``is_torchdynamo_compiling`` (which gates only that branch there) says no. False (nothing
+    installed) when transformers has no ``pack_gqa`` or uses the predicate elsewhere in the module.
+    """
+    from transformers.integrations import sdpa_attention
+
+    try:
+        source = inspect.getsource(sdpa_attention)
+    except (OSError, TypeError):
+        return False
+    if not hasattr(sdpa_attention, "pack_gqa") or source.count("is_torchdynamo_compiling()") != 1:
+        return False
+    with _gqa_lock:
+        original = sdpa_attention.is_torchdynamo_compiling
+        if getattr(original, "_clusterattn", False):
+            return True
+
+        @functools.wraps(original)
+        def is_torchdynamo_compiling():
+            return False if getattr(_gqa, "pack", 0) else original()
+
+        is_torchdynamo_compiling._clusterattn = True
+        sdpa_attention.is_torchdynamo_compiling = is_torchdynamo_compiling
+    return True
+
+
+def _default_gqa_mode() -> str:
+    return "pack" if torch.cuda.is_available() else "enable_gqa"
+
+
 @contextlib.contextmanager
-def masked_gqa(active: bool = True) -> Iterator[None]:
-    """Let sdpa take grouped KV heads together with an attention mask while decoding a padded batch.
+def masked_gqa(active: bool = True, how: str | None = None) -> Iterator[None]:
+    """Keep grouped KV heads whole when sdpa attends under a mask (padded batches, static caches).
 
     With a mask, transformers' sdpa path copies every KV head to each of its query heads (the whole
     cache, per layer and step: 2.0 s per step for 25 SmolLM2 rows at 2k against 0.36 s without the
-    copy). torch's CPU kernels accept grouped heads with a mask directly, with the same arithmetic,
-    so on CPU, inside the block and for the calling thread only, transformers' ``use_gqa_in_sdpa``
-    predicate says yes (the same in transformers 5.2 and 5.24; 5.24's ``TRANSFORMERS_SDPA_FORCE_GQA``
-    does not exist in 5.2). On accelerators the copy is the fast path, and a user's own
-    ``TRANSFORMERS_SDPA_FORCE_GQA`` is respected: both leave transformers' answer unchanged.
+    copy). Inside the block, for the calling thread only, it does not:
+
+    - ``how="enable_gqa"`` (the default on CPU): transformers' ``use_gqa_in_sdpa`` predicate says
+      yes, so sdpa takes the grouped heads with the mask (torch's CPU kernels accept both, with the
+      same arithmetic; the predicate is the same in transformers 5.2 and 5.24).
+    - ``how="pack"`` (the default on CUDA machines, where ``enable_gqa`` with a mask falls back to
+      sdpa's math kernel): a one-token query's heads are packed per KV head
+      (:func:`_install_pack_switch`), in compiled steps too; longer queries keep transformers' copy.
+      Needs transformers' ``pack_gqa`` (5.24); with 5.2 the block changes nothing.
+
+    A user's own ``TRANSFORMERS_SDPA_FORCE_GQA`` (5.24) is respected: the block changes nothing.
     """
-    if not active or torch.cuda.is_available() or os.environ.get(_FORCE_GQA) is not None:
+    how = _default_gqa_mode() if how is None else how
+    if how not in GQA_MODES:
+        raise ValueError(f"how must be one of {GQA_MODES}, got {how!r}")
+    if not active or os.environ.get(_FORCE_GQA) is not None:
         yield
         return
-    _install_gqa_predicate()
-    _gqa.depth = getattr(_gqa, "depth", 0) + 1
+    if how == "pack" and not _install_pack_switch():
+        yield
+        return
+    if how == "enable_gqa":
+        _install_gqa_predicate()
+    counter = "pack" if how == "pack" else "depth"
+    setattr(_gqa, counter, getattr(_gqa, counter, 0) + 1)
     try:
         yield
     finally:
-        _gqa.depth -= 1
+        setattr(_gqa, counter, getattr(_gqa, counter) - 1)
