@@ -111,6 +111,24 @@ def test_converted_equals_gguf(loaded) -> None:
 
 
 @pytest.mark.slow
+def test_tokenizer_per_transformers_version(loaded, monkeypatch) -> None:
+    """A folder converted under another transformers version (or by an older clusterattn, which kept
+    only the folder's own tokenizer files) gets this version's tokenizer built from the GGUF, without
+    converting the model again; the converting version's subfolder is read as it is."""
+    folder = models.converted_dir(NAME, loaded["cache"])
+    own = folder / models._tokenizer_name()
+    assert own.is_dir() and (folder / "tokenizer.json").is_file()
+    text = "Hello world, 1234567 is the number."
+    monkeypatch.setattr(models.transformers, "__version__", "0.0-other")
+    monkeypatch.setattr(models, "load_gguf", lambda *a, **k: pytest.fail("the model was converted again"))
+    _, tokenizer = models.load_model(NAME, cache_dir=loaded["cache"])
+    assert (folder / "tokenizer-transformers-0.0-other").is_dir()
+    assert tokenizer.decode(tokenizer(text).input_ids) == text
+    assert tokenizer(text).input_ids == loaded["second"][1](text).input_ids
+    assert [p.name for p in folder.iterdir() if ".tmp-" in p.name] == []
+
+
+@pytest.mark.slow
 def test_local_folder_and_options(loaded) -> None:
     folder = models.converted_dir(NAME, loaded["cache"])
     model, tokenizer = models.load_model(str(folder), dtype=torch.bfloat16, attn_implementation="eager")

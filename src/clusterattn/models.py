@@ -10,6 +10,11 @@ Cache layout (``root`` is ``cache_dir``, else ``$CLUSTERATTN_CACHE``, else
 
     root/<name>/               converted checkpoint of registry model <name> (config.json,
                                model.safetensors, tokenizer files, marker file .clusterattn-complete)
+    root/<name>/tokenizer-transformers-<version>/
+                               the tokenizer load_model uses, one per transformers version: a tokenizer
+                               saved by one version can decode wrongly in another (SmolLM2's, saved by
+                               5.2, decodes to "ĠaĠfunction" under 5.24), so each version builds its own
+                               from the GGUF; the folder's own tokenizer files are the converting one's
     root/<stem>-<hash>/        converted checkpoint of a local .gguf file (hash of its path, size, mtime)
     root/gguf/<file>.gguf      GGUF files assembled from chunk packages (gemma3-270m, the Qwen models)
 
@@ -30,6 +35,7 @@ import uuid
 from dataclasses import dataclass
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
@@ -227,6 +233,25 @@ def load_gguf(
     return model.eval(), tokenizer
 
 
+def _tokenizer_name() -> str:
+    """The converted folder's subfolder that holds the tokenizer saved by this transformers version."""
+    return f"tokenizer-transformers-{transformers.__version__}"
+
+
+def _save_tokenizer(tokenizer, target: pathlib.Path) -> None:
+    """Save ``tokenizer`` to ``target`` atomically (under a temporary name, then renamed)."""
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not target.is_dir():  # not a concurrent save that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _convert(gguf: pathlib.Path, folder: pathlib.Path) -> None:
     """Convert ``gguf`` into a float32 Hugging Face checkpoint at ``folder``, atomically."""
     gguf_model, tokenizer = load_gguf(gguf, dtype=torch.float32)
@@ -250,7 +275,8 @@ def _convert(gguf: pathlib.Path, folder: pathlib.Path) -> None:
     tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex}")
     try:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)  # for tools that read the folder as a model (vLLM)
+        tokenizer.save_pretrained(tmp / _tokenizer_name())
         (tmp / _MARKER).write_text(f"converted from {gguf}\n")
         if folder.exists() and not (folder / _MARKER).is_file():
             shutil.rmtree(folder)  # left by something else, incomplete: replace it
@@ -292,19 +318,29 @@ def load_model(
     path = pathlib.Path(name_or_path).expanduser()
     if str(name_or_path) in REGISTRY or (path.suffix == ".gguf" and path.is_file()):
         folder = converted_dir(name_or_path, cache_dir)
-        if not (folder / _MARKER).is_file():
-            gguf = (
+
+        def gguf() -> pathlib.Path:
+            return (
                 model_path(str(name_or_path), cache_dir=cache_dir) if str(name_or_path) in REGISTRY else path
             )
-            _convert(gguf, folder)
+
+        if not (folder / _MARKER).is_file():
+            _convert(gguf(), folder)
+        tokenizer_dir = folder / _tokenizer_name()
+        if not tokenizer_dir.is_dir():  # converted by another transformers version
+            source = gguf()
+            _save_tokenizer(
+                AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name), tokenizer_dir
+            )
     elif (path / "config.json").is_file():
-        folder = path
+        folder = path  # a folder converted here has its tokenizer in a subfolder per transformers version
+        tokenizer_dir = path / _tokenizer_name() if (path / _tokenizer_name()).is_dir() else path
     else:
         raise ValueError(
             f"name_or_path={str(name_or_path)!r} is not a registry name ({', '.join(sorted(REGISTRY))}), "
             "a local Hugging Face model folder with config.json, or a path to a .gguf file"
         )
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
