@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import pathlib
@@ -35,7 +36,6 @@ import uuid
 from dataclasses import dataclass
 
 import torch
-import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
@@ -235,7 +235,7 @@ def load_gguf(
 
 def _tokenizer_name() -> str:
     """The converted folder's subfolder that holds the tokenizer saved by this transformers version."""
-    return f"tokenizer-transformers-{transformers.__version__}"
+    return f"tokenizer-transformers-{importlib.metadata.version('transformers')}"
 
 
 def _save_tokenizer(tokenizer, target: pathlib.Path) -> None:
