@@ -238,11 +238,13 @@ def _tokenizer_name() -> str:
     return f"tokenizer-transformers-{importlib.metadata.version('transformers')}"
 
 
-def _save_tokenizer(tokenizer, target: pathlib.Path) -> None:
-    """Save ``tokenizer`` to ``target`` atomically (under a temporary name, then renamed)."""
+def _save_tokenizer(tokenizer, target: pathlib.Path, config: pathlib.Path) -> None:
+    """Save ``tokenizer`` to ``target`` atomically (under a temporary name, then renamed), with a copy
+    of the model's ``config`` (transformers 5.2 picks the tokenizer class from it)."""
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
     try:
         tokenizer.save_pretrained(tmp)
+        shutil.copy(config, tmp / "config.json")
         try:
             os.replace(tmp, target)
         except OSError:
@@ -276,7 +278,7 @@ def _convert(gguf: pathlib.Path, folder: pathlib.Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)  # for tools that read the folder as a model (vLLM)
-        tokenizer.save_pretrained(tmp / _tokenizer_name())
+        _save_tokenizer(tokenizer, tmp / _tokenizer_name(), tmp / "config.json")
         (tmp / _MARKER).write_text(f"converted from {gguf}\n")
         if folder.exists() and not (folder / _MARKER).is_file():
             shutil.rmtree(folder)  # left by something else, incomplete: replace it
@@ -329,9 +331,8 @@ def load_model(
         tokenizer_dir = folder / _tokenizer_name()
         if not tokenizer_dir.is_dir():  # converted by another transformers version
             source = gguf()
-            _save_tokenizer(
-                AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name), tokenizer_dir
-            )
+            tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+            _save_tokenizer(tokenizer, tokenizer_dir, folder / "config.json")
     elif (path / "config.json").is_file():
         folder = path  # a folder converted here has its tokenizer in a subfolder per transformers version
         tokenizer_dir = path / _tokenizer_name() if (path / _tokenizer_name()).is_dir() else path
