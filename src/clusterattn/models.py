@@ -24,6 +24,7 @@ so an interrupted conversion never leaves a broken cache.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib
@@ -228,9 +229,38 @@ def load_gguf(
     path = pathlib.Path(path).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} not found")
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = _gguf_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     return model.eval(), tokenizer
+
+
+def _gguf_tokenizer(path: pathlib.Path) -> PreTrainedTokenizerBase:
+    """The tokenizer stored in the GGUF file ``path``."""
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@contextlib.contextmanager
+def _building(target: pathlib.Path, complete: str | None = None):
+    """Yield a temporary folder beside ``target`` to write into; on success it is renamed to
+    ``target``, so ``target`` is never seen half-written. ``complete``: a file whose presence marks
+    a finished ``target`` (None: any existing folder is finished). An unfinished ``target`` (left by
+    something else) is replaced; a finished one written meanwhile by a concurrent build is kept."""
+
+    def finished() -> bool:
+        return (target / complete).is_file() if complete else target.is_dir()
+
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        yield tmp
+        if target.exists() and not finished():
+            shutil.rmtree(target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not finished():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _tokenizer_name() -> str:
@@ -239,19 +269,11 @@ def _tokenizer_name() -> str:
 
 
 def _save_tokenizer(tokenizer, target: pathlib.Path, config: pathlib.Path) -> None:
-    """Save ``tokenizer`` to ``target`` atomically (under a temporary name, then renamed), with a copy
-    of the model's ``config`` (transformers 5.2 picks the tokenizer class from it)."""
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
-    try:
+    """Save ``tokenizer`` to ``target`` atomically, with a copy of the model's ``config``
+    (transformers 5.2 picks the tokenizer class from it)."""
+    with _building(target) as tmp:
         tokenizer.save_pretrained(tmp)
         shutil.copy(config, tmp / "config.json")
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not target.is_dir():  # not a concurrent save that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _convert(gguf: pathlib.Path, folder: pathlib.Path) -> None:
@@ -274,21 +296,11 @@ def _convert(gguf: pathlib.Path, folder: pathlib.Path) -> None:
         if out is not None and out.weight is not emb.weight:
             raise RuntimeError(f"tied embeddings were lost while converting {gguf}")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex}")
-    try:
+    with _building(folder, complete=_MARKER) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)  # for tools that read the folder as a model (vLLM)
         _save_tokenizer(tokenizer, tmp / _tokenizer_name(), tmp / "config.json")
         (tmp / _MARKER).write_text(f"converted from {gguf}\n")
-        if folder.exists() and not (folder / _MARKER).is_file():
-            shutil.rmtree(folder)  # left by something else, incomplete: replace it
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / _MARKER).is_file():  # not a concurrent conversion that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_model(
@@ -330,9 +342,7 @@ def load_model(
             _convert(gguf(), folder)
         tokenizer_dir = folder / _tokenizer_name()
         if not tokenizer_dir.is_dir():  # converted by another transformers version
-            source = gguf()
-            tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-            _save_tokenizer(tokenizer, tokenizer_dir, folder / "config.json")
+            _save_tokenizer(_gguf_tokenizer(gguf()), tokenizer_dir, folder / "config.json")
     elif (path / "config.json").is_file():
         folder = path  # a folder converted here has its tokenizer in a subfolder per transformers version
         tokenizer_dir = path / _tokenizer_name() if (path / _tokenizer_name()).is_dir() else path
