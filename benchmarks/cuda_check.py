@@ -35,15 +35,28 @@ def _padded_ok(family: str, name: str) -> bool:
     return family != "gemma3" and PRESS_FACTORIES[name](BUDGET).uniform_layers
 
 
-def run_case(models: dict, family: str, name: str, query_aware: bool, batch: bool) -> dict:
+def run_case(
+    models: dict,
+    family: str,
+    name: str | None,
+    query_aware: bool,
+    batch: bool,
+    compile_backend: str | None = None,
+) -> dict:
+    """One press (None: the full cache) on CPU and on the device; with ``compile_backend`` the device
+    decodes with the compiled step (a static cache, the step under ``torch.compile``; grouped KV heads
+    packed per KV head on CUDA) against the eager decode on CPU."""
     contexts = [ids_text(150, seed=3), ids_text(120, seed=4)] if batch else ids_text(150, seed=3)
     question = "5 6 7 8"
     out = {}
     for device, model in models.items():
-        press = PRESS_FACTORIES[name](BUDGET)
-        result = ca.generate(
-            model, TOK, contexts, question, press=press, max_new_tokens=NEW_TOKENS, query_aware=query_aware
-        )
+        press = None if name is None else PRESS_FACTORIES[name](BUDGET)
+        compile_ = None if device == "cpu" else compile_backend
+        with torch._dynamo.config.patch(recompile_limit=64):  # Gemma3's own static sliding layers
+            result = ca.generate(
+                model, TOK, contexts, question, press=press, max_new_tokens=NEW_TOKENS,
+                query_aware=query_aware, compile=compile_,
+            )  # fmt: skip
         out[device] = result.tokens.cpu()
     return {"equal": bool(torch.equal(out["cpu"], out["device"])), "tokens": out["device"].tolist()}
 
@@ -61,22 +74,13 @@ def run_many(models: dict, family: str, query_aware: bool) -> dict:
     return {"equal": not differ, "differ": differ}
 
 
-def run_compiled(models: dict, family: str, name: str | None, backend: str) -> dict:
-    """The compiled decode on the device (a static cache, the step under ``torch.compile``; grouped KV
-    heads packed per KV head on CUDA) against the eager decode on CPU, left-padded batch where the
-    press takes one."""
-    batch = name is None or _padded_ok(family, name)
-    contexts = [ids_text(150, seed=3), ids_text(120, seed=4)] if batch else ids_text(150, seed=3)
-    out = {}
-    for device, model in models.items():
-        press = None if name is None else PRESS_FACTORIES[name](BUDGET)
-        compile_ = None if device == "cpu" else backend
-        with torch._dynamo.config.patch(recompile_limit=64):  # Gemma3's own static sliding layers
-            result = ca.generate(
-                model, TOK, contexts, "5 6 7 8", press=press, max_new_tokens=NEW_TOKENS, compile=compile_
-            )
-        out[device] = result.tokens.cpu()
-    return {"equal": bool(torch.equal(out["cpu"], out["device"])), "tokens": out["device"].tolist()}
+def _attempt(row: dict, check, *args) -> dict:
+    """``row`` with the result of ``check(*args)``, or with the error it raised (printed)."""
+    try:
+        return row | check(*args)
+    except Exception as exc:
+        traceback.print_exc()
+        return row | {"equal": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def main() -> int:
@@ -99,27 +103,13 @@ def main() -> int:
             cases += [(name, True) for name in PRESS_FACTORIES if _padded_ok(family, name)]
             for name, batch in cases:
                 row = {"family": family, "press": name, "query_aware": query_aware, "padded_batch": batch}
-                try:
-                    row |= run_case(models, family, name, query_aware, batch)
-                except Exception as exc:
-                    row |= {"equal": False, "error": f"{type(exc).__name__}: {exc}"}
-                    traceback.print_exc()
-                rows.append(row)
+                rows.append(_attempt(row, run_case, models, family, name, query_aware, batch))
             row = {"family": family, "press": "generate_many(all)", "query_aware": query_aware}
-            try:
-                row |= run_many(models, family, query_aware)
-            except Exception as exc:
-                row |= {"equal": False, "error": f"{type(exc).__name__}: {exc}"}
-                traceback.print_exc()
-            rows.append(row)
+            rows.append(_attempt(row, run_many, models, family, query_aware))
         for name in (None, "clusterattn"):
             row = {"family": family, "press": f"compiled({name or 'full'})", "backend": args.compile_backend}
-            try:
-                row |= run_compiled(models, family, name, args.compile_backend)
-            except Exception as exc:
-                row |= {"equal": False, "error": f"{type(exc).__name__}: {exc}"}
-                traceback.print_exc()
-            rows.append(row)
+            batch = name is None or _padded_ok(family, name)  # left-padded where the press takes it
+            rows.append(_attempt(row, run_case, models, family, name, True, batch, args.compile_backend))
     bad = [r for r in rows if not r["equal"]]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device

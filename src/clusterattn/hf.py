@@ -242,10 +242,7 @@ def masked_gqa(active: bool = True, how: str | None = None) -> Iterator[None]:
     how = _default_gqa_mode() if how is None else how
     if how not in GQA_MODES:
         raise ValueError(f"how must be one of {GQA_MODES}, got {how!r}")
-    if not active or os.environ.get(_FORCE_GQA) is not None:
-        yield
-        return
-    if how == "pack" and not _install_pack_switch():
+    if not active or os.environ.get(_FORCE_GQA) is not None or (how == "pack" and not _install_pack_switch()):
         yield
         return
     if how == "enable_gqa":
