@@ -188,6 +188,40 @@ def test_worker_cache_equals_live_kvpress(model, name):
         assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
 
 
+def test_kvzip_scores_a_prompt_once_for_all_its_budgets(model, monkeypatch):
+    """KVzip's reconstruction runs once per prompt; each budget's masks, pruned from the shared
+    scores, equal a live run's at that budget, and decoding one budget leaves the shared cache as
+    prefilled."""
+    from clusterattn.eval import peer_worker
+
+    ids = prompt_ids(5)
+    cache, captured, _ = record_prefill(model, ids)
+    prefills = []
+    own = peer_worker.own_prefill
+    monkeypatch.setattr(peer_worker, "own_prefill", lambda *a, **k: prefills.append(1) or own(*a, **k))
+    scored = {}
+    for budget in (96, 64, 96, 150):
+        live, live_masks, live_logits = live_kvpress(
+            model, "kvzip", build_press("kvzip", {}, budget, PROMPT), ids
+        )
+        press = build_press("kvzip", {}, budget, PROMPT)
+        pressed, logits = press_cache("kvzip", press, model, ids, cache, captured, scored)
+        assert torch.equal(logits, live_logits)
+        for mask, shared in zip(live_masks, _masks(model), strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(mask, shared, strict=True)), budget
+        for a, b in zip(live.layers, pressed.layers, strict=True):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        pressed.update(
+            torch.zeros_like(pressed.layers[0].keys[:, :, :1]),
+            torch.zeros_like(pressed.layers[0].values[:, :, :1]),
+            0,
+        )  # a decode step appends to the copy only
+    assert len(prefills) == 1 and len(scored) == 1
+    other = build_press("kvzip", {"n_sink": 2}, 96, PROMPT)  # other parameters: scored afresh
+    press_cache("kvzip", other, model, ids, cache, captured, scored)
+    assert len(prefills) == 2 and len(scored) == 2
+
+
 def test_refused_presses_say_why_and_are_listed_in_the_readme():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for name, reason in PEER_REFUSED.items():
@@ -308,6 +342,7 @@ AGNOSTIC = [
     ["finch", {}, "kvpress:finch", 96],
     ["keyrerotation", {}, "kvpress:keyrerotation", 96],
     ["kvzip", {}, "kvpress:kvzip", 80],
+    ["kvzip", {}, "kvpress:kvzip", 48],
     ["merging", {}, "kvpress:merging", 64],
 ]
 AWARE = [
@@ -316,6 +351,7 @@ AWARE = [
     ["finch", {}, "kvpress:finch", 64],
     ["keyrerotation", {}, "kvpress:keyrerotation", 80],
     ["kvzip", {}, "kvpress:kvzip", 96],
+    ["kvzip", {}, "kvpress:kvzip", 64],
     ["criticaladakv_expectedattention", {}, "kvpress:criticaladakv_expectedattention", 96],
     ["kvcompose", {}, "kvpress:kvcompose", 96],
     ["observedattention", {}, "kvpress:observedattention", 64],

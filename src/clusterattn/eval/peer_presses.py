@@ -7,6 +7,8 @@ press for a budget and says how the worker must drive it:
 - KVzip, KVgrad and KVCompose re-run the prompt over the prefilled cache inside their own context
   manager, and ObservedAttention needs the eager prefill's attention weights: these go through
   kvpress's own ``with press(model): model(...)`` (:data:`OWN_PREFILL`), one prefill per press;
+  KVzip's scores do not depend on the ratio, so it runs once per prompt and is pruned for each
+  budget (:data:`SCORED_ONCE`);
 - Finch's window is the question, so it needs the question inside the prompt (query-aware setting);
   kvpress finds it with a delimiter token that its embedding hook removes, the worker passes its
   length;
@@ -29,6 +31,9 @@ DEFAULTS = {
 # Parameters a name fixes: key -> (value, the press another value would be).
 FIXED = {"duoattention_onthefly": {"on_the_fly_scoring": (True, "duoattention")}}
 OWN_PREFILL = ("kvzip", "kvgrad", "kvcompose", "observedattention")
+# Own-prefill presses whose scores do not depend on the ratio (KVzip's reconstruction scores): the
+# worker scores a prompt once and prunes for each budget with the press's own ``compress_post``.
+SCORED_ONCE = ("kvzip",)
 EAGER = ("observedattention",)  # prefilled with eager attention, whose weights the press scores
 # What a press loads at run time besides the model, named in its error when that fails.
 NEEDS = {

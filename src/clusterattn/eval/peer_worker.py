@@ -10,7 +10,8 @@ attention layer (its keyword arguments and output); then, for each press, kvpres
 layer's attention and never changes the prefill's activations, so this is exactly the cache
 ``with press(model): model(...)`` leaves (tested in ``tests_peers``). Presses that re-run the
 prompt inside their own context manager (KVzip, KVgrad, KVCompose) or score eager attention weights
-(ObservedAttention) run kvpress's own ``with press(model): model(...)`` instead, one prefill each.
+(ObservedAttention) run kvpress's own ``with press(model): model(...)`` instead, one prefill each;
+KVzip, whose scores do not depend on the ratio, once per prompt for all its budgets.
 How each press is built and driven: :mod:`clusterattn.eval.peer_presses`.
 
 Decoding is the plain greedy loop of kvpress's pipeline: positions continue from the prompt length
@@ -28,6 +29,7 @@ DuoAttention, the share of streaming heads that keeps ``B`` per head on average)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -38,6 +40,7 @@ from clusterattn.eval.peer_presses import (
     EAGER,
     NEEDS,
     OWN_PREFILL,
+    SCORED_ONCE,
     build_press,
     decode_start,
     kvpress_ratio,
@@ -122,12 +125,56 @@ def own_prefill(press, model, ids: torch.Tensor, eager: bool = False):
     return cache, logits
 
 
-def press_cache(name: str, press, model, ids: torch.Tensor, cache, captured):
+@torch.no_grad()
+def scored_once(press, model, ids: torch.Tensor, scored: dict, key) -> tuple:
+    """KVzip's cache and last logits for ``press``'s ratio, scoring the prompt once per ``key``.
+
+    kvpress's KVzip scores every context token by reconstructing the context (2-3 prefills' worth
+    of compute) and only then prunes by its ratio in ``compress_post``, which leaves head masks on
+    the attention modules and the cache as prefilled. The first budget runs kvpress's own prefill
+    and keeps (cache, logits, scores) in ``scored``; later budgets of the same press and parameters
+    (``key``) run ``compress_post`` on a copy of those scores: the same masks as a fresh run."""
+    if key not in scored:
+        kept = {}
+        prune = press.compress_post
+
+        def keep_scores(model):
+            kept["scores"] = press.score_val.clone()
+            return prune(model)
+
+        press.compress_post = keep_scores
+        try:
+            cache, logits = own_prefill(press, model, ids)
+        finally:
+            del press.compress_post
+        if "scores" not in kept:  # ratio 0: nothing pruned, nothing scored
+            return cache, logits
+        scored[key] = (cache, logits, kept["scores"])
+    else:
+        _reset_modules(model)
+        press.post_init_from_model(model)
+        cache, logits, scores = scored[key]
+        press.score_val = scores.clone()  # compress_post raises the sinks' scores in place
+        press.compress_post(model)
+    return copy_cache(cache), logits  # decoding appends to the copy's layers, not the kept cache
+
+
+def _scoring_key(name: str, press) -> tuple:
+    """What a :data:`SCORED_ONCE` press's scores depend on: its name and fields but the ratio."""
+    fields = {f.name: getattr(press, f.name) for f in dataclasses.fields(press) if f.init}
+    fields.pop("compression_ratio")
+    return name, json.dumps(fields, sort_keys=True, default=repr)
+
+
+def press_cache(name: str, press, model, ids: torch.Tensor, cache, captured, scored: dict | None = None):
     """The cache ``press`` leaves, and the last logits when the press ran its own prefill (else None):
-    kvpress's hook replayed on the record, or kvpress's own prefill for :data:`OWN_PREFILL`. What a
+    kvpress's hook replayed on the record, or kvpress's own prefill for :data:`OWN_PREFILL`
+    (:data:`SCORED_ONCE` presses scored once per ``scored`` dict: pass one dict per prompt). What a
     press fails to load (a tokenizer, a dataset: an OSError) names what it needs (:data:`NEEDS`)."""
     torch.manual_seed(0)  # Compactor's and LeverageScore's sketches draw from torch's generator
     try:
+        if name in SCORED_ONCE and scored is not None:
+            return scored_once(press, model, ids, scored, _scoring_key(name, press))
         if name in OWN_PREFILL:
             return own_prefill(press, model, ids, eager=name in EAGER)
         return apply_recorded(press, model, cache, captured), None
@@ -241,11 +288,12 @@ def answer_job(model, tokenizer, job: dict) -> list[dict]:
         model, tokenizer, caches, first, start, inputs.rest, sample.max_new_tokens, kept
     )
     finch = setting == "query_aware" and any(press[0] == "finch" for press in job["presses"])
+    scored = {}  # KVzip's scores of this prompt, shared by its budgets
     question = _question_tokens(model, tokenizer, sample) if finch else None
     for row, (name, params, _, budget) in zip(rows, job["presses"], strict=True):
         try:
             press = build_press(name, params, budget, ids.shape[1], question)
-            pressed, own_logits = press_cache(name, press, model, ids, cache, captured)
+            pressed, own_logits = press_cache(name, press, model, ids, cache, captured, scored)
             row["kept"] = max(layer.keys.shape[2] for layer in pressed.layers)
             start = decode_start(press, pressed, ids.shape[1])
             if _masked(model) or own_logits is not None:  # masks on the modules, or its own prefill
