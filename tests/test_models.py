@@ -126,6 +126,14 @@ def test_tokenizer_per_transformers_version(loaded, monkeypatch) -> None:
     assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
     assert tokenizer(text).input_ids == loaded["second"][1](text).input_ids
     assert [p.name for p in folder.iterdir() if ".tmp-" in p.name] == []
+    monkeypatch.setattr(models, "_tokenizer_name", lambda: "tokenizer-transformers-0.0-third")
+
+    def no_gguf(path):
+        raise ImportError("Please install torch and gguf>=0.10.0 to load a GGUF checkpoint in PyTorch.")
+
+    monkeypatch.setattr(models, "_gguf_tokenizer", no_gguf)  # an environment without gguf says what to do
+    with pytest.raises(ImportError, match="no tokenizer saved by this transformers .*pip install gguf"):
+        models.load_model(NAME, cache_dir=loaded["cache"])
 
 
 @pytest.mark.slow

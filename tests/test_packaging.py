@@ -32,6 +32,18 @@ def test_core_dependencies_are_only_what_the_presses_need():
     assert {"eval", "analysis", "vllm", "test"} <= set(project["optional-dependencies"])
 
 
+def test_every_environment_that_loads_models_can_build_their_tokenizer():
+    """``load_model`` builds the tokenizer of the running transformers version from the GGUF when
+    the converted folder lacks it (a model converted in another environment): each environment that
+    loads converted models (the kvpress worker's, transformers 5.2's, vLLM's) pins the same gguf."""
+    pins = {}
+    for env in ("", "-peers", "-tf52", "-vllm"):
+        name = f"requirements{env}.txt"
+        lines = (ROOT / name).read_text().splitlines()
+        pins[name] = [line for line in lines if line.split("==")[0].strip().lower() == "gguf"]
+    assert len({tuple(pin) for pin in pins.values()}) == 1 and len(pins["requirements.txt"]) == 1, pins
+
+
 def test_the_eval_package_imports_one_way():
     """data -> run -> score -> report -> plots: no module of ``clusterattn.eval`` imports (even
     lazily, inside a function) one that imports it back."""

@@ -342,7 +342,14 @@ def load_model(
             _convert(gguf(), folder)
         tokenizer_dir = folder / _tokenizer_name()
         if not tokenizer_dir.is_dir():  # converted by another transformers version
-            _save_tokenizer(_gguf_tokenizer(gguf()), tokenizer_dir, folder / "config.json")
+            try:
+                tokenizer = _gguf_tokenizer(gguf())
+            except ImportError as err:
+                raise ImportError(
+                    f"{folder} has no tokenizer saved by this transformers version ({tokenizer_dir.name}); "
+                    f"building it from the GGUF needs the gguf package (pip install gguf): {err}"
+                ) from err
+            _save_tokenizer(tokenizer, tokenizer_dir, folder / "config.json")
     elif (path / "config.json").is_file():
         folder = path  # a folder converted here has its tokenizer in a subfolder per transformers version
         tokenizer_dir = path / _tokenizer_name() if (path / _tokenizer_name()).is_dir() else path
