@@ -342,8 +342,9 @@ def load_model(
             _convert(gguf(), folder)
         tokenizer_dir = folder / _tokenizer_name()
         if not tokenizer_dir.is_dir():  # converted by another transformers version
+            source = gguf()  # its own errors (a missing model package) pass through as they are
             try:
-                tokenizer = _gguf_tokenizer(gguf())
+                tokenizer = _gguf_tokenizer(source)
             except ImportError as err:
                 raise ImportError(
                     f"{folder} has no tokenizer saved by this transformers version ({tokenizer_dir.name}); "
