@@ -10,6 +10,7 @@ import clusterattn as ca
 PRESS_FACTORIES = {
     "clusterattn": lambda b: ca.ClusterAttnPress(budget=b, window_size=8),
     "clusterattn_recent": lambda b: ca.ClusterAttnPress(budget=b, window_size=8, recent_ratio=0.5),
+    "clusterattn_leverage": lambda b: ca.ClusterAttnPress(budget=b, window_size=8, scorer="leverage"),
     "clusterattn_b": lambda b: ca.ClusterAttnPress(budget=b, window_size=8, variant="B", num_block=6),
     "snapkv": lambda b: ca.SnapKVPress(budget=b, window_size=8),
     "chunkkv": lambda b: ca.ChunkKVPress(budget=b, window_size=8, chunk_size=8),
@@ -94,6 +95,7 @@ def test_pyramid_budgets_average_to_budget():
         (lambda: ca.ClusterAttnPress(budget=64, recent_ratio=1.5), ValueError, "recent_ratio"),
         (lambda: ca.ClusterAttnPress(budget=64, recent_ratio=float("nan")), ValueError, "recent_ratio"),
         (lambda: ca.ClusterAttnPress(budget=64, recent_ratio="0.5"), TypeError, "recent_ratio"),
+        (lambda: ca.ClusterAttnPress(budget=64, scorer="keys"), ValueError, "scorer"),
         (lambda: ca.SnapKVPress(budget=64, kernel_size=4), ValueError, "kernel_size"),
         (lambda: ca.SnapKVPress(budget=64, pooling="min"), ValueError, "pooling"),
         (lambda: ca.StreamingLLMPress(budget=4), ValueError, "budget"),
@@ -135,6 +137,30 @@ def test_recent_ratio_matches_reference(ratio, n_sink):
         assert got.tolist() == sorted(head | set(range(300 - recent, 300)))
     padded = torch.cat([torch.full((2, 3, 50), float("-inf")), scores], dim=-1)
     assert torch.equal(press.select_prefix(padded, b), kept + 50)
+
+
+def test_leverage_scorer_clusters_the_keys_leverage_rescaled_to_the_window_mass():
+    """``scorer="leverage"``: DBAC's input is each key's leverage among its head's keys, times
+    ``window_size / sum``; an outlier key's span is kept; the queries play no part."""
+    query, key = qk(seq=300)
+    key[0, 1, 100:104] += 8.0  # a short run of outlier keys, far from the end
+    press = ca.ClusterAttnPress(budget=72, window_size=8, scorer="leverage")
+    idx = press.select(query, key, 0.25, layer=0, n_layers=1)
+    assert {100, 101, 102, 103} <= set(idx[0, 1].tolist())
+    assert torch.equal(press.select(torch.zeros_like(query), key, 0.25, layer=0, n_layers=1), idx)
+    lev = ca.scoring.key_leverage_scores(key)
+    expected_scores = (lev * 8 / lev.sum(dim=-1, keepdim=True))[..., :292]
+    scores = press.prefix_scores(query, key, 0.25, layer=0, pad_mask=None)
+    torch.testing.assert_close(scores, expected_scores)
+    prefix = ca.dbac(expected_scores, 64, num_block=4, relative_theta=8.0)
+    assert torch.equal(idx[..., :64], prefix)
+    # left padding: a padded row keeps what it keeps alone, shifted
+    pad = torch.ones(2, 340, dtype=torch.bool)
+    pad[:, :40] = False
+    padded_q = torch.cat([torch.zeros(2, 4, 40, 16), query], dim=2)
+    padded_k = torch.cat([torch.full((2, 2, 40, 16), 5.0), key], dim=2)
+    got = press.select(padded_q, padded_k, 0.25, layer=0, n_layers=1, pad_mask=pad)
+    assert torch.equal(got, idx + 40)
 
 
 def test_from_profile(tmp_path):

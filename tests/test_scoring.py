@@ -1,11 +1,12 @@
-"""Window and accumulated scores against eager attention probabilities (the naive reference)."""
+"""Window and accumulated scores against eager attention probabilities (the naive reference), key
+leverage against the hat matrix."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from clusterattn.scoring import accumulated_scores, window_scores
+from clusterattn.scoring import accumulated_scores, key_leverage_scores, window_scores
 
 
 def naive_probs(query, key, scaling, pad_mask=None):
@@ -87,3 +88,45 @@ def test_accumulated_scores_with_left_padding_match_full_attention(chunk):
     torch.testing.assert_close(got[1], expected[1])
     alone = accumulated_scores(query[:1, :, 9:], key[:1, :, 9:], 0.3, aggregation="max", chunk_size=chunk)
     torch.testing.assert_close(got[:1, :, 9:], alone)
+
+
+def naive_leverage(key):
+    """Diagonal of the hat matrix ``X pinv(X)`` of one head's centred keys ``(seq, dim)``, fp64."""
+    x = key.double() - key.double().mean(dim=0)
+    return (x @ torch.linalg.pinv(x)).diagonal().float()
+
+
+def test_key_leverage_scores_match_the_hat_matrix():
+    generator = torch.Generator().manual_seed(0)
+    key = torch.randn(2, 3, 200, 16, generator=generator)
+    key[0, 1, 77] += 6.0  # an outlier key
+    scores = key_leverage_scores(key)
+    assert scores.shape == (2, 3, 200)
+    for b in range(2):
+        for h in range(3):
+            torch.testing.assert_close(scores[b, h], naive_leverage(key[b, h]), atol=1e-5, rtol=1e-4)
+    assert scores[0, 1].argmax() == 77
+    torch.testing.assert_close(scores.sum(dim=-1), torch.full((2, 3), 16.0), atol=1e-3, rtol=0)
+
+
+def test_key_leverage_scores_left_padding_scores_each_row_as_if_alone():
+    generator = torch.Generator().manual_seed(1)
+    key = torch.randn(2, 2, 120, 8, generator=generator)
+    pad_mask = torch.ones(2, 120, dtype=torch.bool)
+    pad_mask[1, :30] = False
+    key[1, :, :30] = 1e3  # whatever sits in the padding must not matter
+    scores = key_leverage_scores(key, pad_mask=pad_mask)
+    assert torch.isinf(scores[1, :, :30]).all() and (scores[1, :, :30] < 0).all()
+    for h in range(2):
+        torch.testing.assert_close(scores[1, h, 30:], naive_leverage(key[1, h, 30:]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(scores[0, h], naive_leverage(key[0, h]), atol=1e-5, rtol=1e-4)
+
+
+def test_key_leverage_scores_of_a_rank_deficient_head_stay_finite():
+    """Fewer keys than dimensions, or keys in a subspace: the ridge keeps the solve defined."""
+    key = torch.randn(1, 1, 5, 16, generator=torch.Generator().manual_seed(2))
+    flat = torch.zeros(1, 1, 40, 16)
+    flat[..., 0] = torch.arange(40.0)
+    for k in (key, flat):
+        scores = key_leverage_scores(k)
+        assert torch.isfinite(scores).all() and (scores >= 0).all() and (scores <= 1 + 1e-4).all()

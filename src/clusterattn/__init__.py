@@ -18,7 +18,7 @@ from clusterattn.presses import (
     SnapKVPress,
     StreamingLLMPress,
 )
-from clusterattn.scoring import accumulated_scores, window_scores
+from clusterattn.scoring import accumulated_scores, key_leverage_scores, window_scores
 from clusterattn.static_cache import CompressedStaticCache
 
 __version__ = "0.1.0"
@@ -44,6 +44,7 @@ __all__ = [
     "dbac",
     "generate",
     "generate_many",
+    "key_leverage_scores",
     "load_model",
     "prefill_chunks",
     "topk_indices",

@@ -164,3 +164,43 @@ def accumulated_scores(
     if pad_mask is not None:
         scores = scores.masked_fill(~pad_mask[:, None, :], float("-inf"))
     return scores
+
+
+def key_leverage_scores(key: torch.Tensor, *, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Statistical leverage of each key among its head's keys: a query-agnostic score.
+
+    With ``X`` a head's real keys centred on their mean, token ``i`` scores
+    ``h_i = x_i^T (X^T X)^{-1} x_i``, the diagonal of the projection onto ``X``'s column space: how
+    far a key lies outside the directions most keys share (Chari & Van Durme, *Compactor: Calibrated
+    Query-Agnostic KV Cache Compression with Approximate Leverage Scores*, 2025, on pre-RoPE keys with
+    a random sketch; here exact, on the cached post-RoPE keys a press sees). A haystack's repeated
+    prose lies in shared directions; a needle's names and numbers stand out. The scores lie in
+    ``[0, 1]`` and sum to the keys' rank (``head_dim`` or less). Cost: ``O(seq * head_dim^2)`` per
+    head, no queries read.
+
+    Args:
+        key: ``(batch, kv_heads, seq, head_dim)`` post-RoPE keys.
+        pad_mask: ``(batch, seq)`` True on real tokens; pads neither count in the mean nor the Gram
+            matrix, and score ``-inf``.
+
+    Returns:
+        ``(batch, kv_heads, seq)`` fp32 scores.
+    """
+    x = key.float()
+    if pad_mask is None:
+        x = x - x.mean(dim=-2, keepdim=True)
+    else:
+        real = pad_mask[:, None, :, None].to(x.dtype)  # (batch, 1, seq, 1)
+        mean = (x * real).sum(dim=-2, keepdim=True) / real.sum(dim=-2, keepdim=True).clamp_min(1)
+        x = (x - mean) * real
+    # the head_dim x head_dim Gram matrix in fp64, with a ridge of 1e-6 of its mean eigenvalue
+    # (keys of a rank-deficient head, or a prompt shorter than head_dim, stay well defined)
+    gram = x.double().transpose(-1, -2) @ x.double()
+    dim = gram.shape[-1]
+    ridge = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).mean(dim=-1).clamp_min(1e-30)
+    gram = gram + ridge[..., None, None] * torch.eye(dim, dtype=gram.dtype, device=gram.device)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram)).to(x.dtype)
+    scores = ((x @ inverse) * x).sum(dim=-1).clamp_min_(0.0)
+    if pad_mask is not None:
+        scores = scores.masked_fill(~pad_mask[:, None, :], float("-inf"))
+    return scores

@@ -3,6 +3,8 @@
 Zhang et al., *ClusterAttn: KV Cache Compression under Intrinsic Attention Clustering*, ACL 2025.
 Window scores (:func:`clusterattn.scoring.window_scores`) are clustered by DBAC
 (:func:`clusterattn.dbac.dbac`); the kept cache is ``[K_prefix[clusters] ; K_window]`` per KV head.
+Without the question (a cache compressed once and asked later), the keys' leverage
+(:func:`clusterattn.scoring.key_leverage_scores`) can take the window's place as DBAC's input.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import torch
 
 from clusterattn.dbac import MAX_CLUSTERS, VARIANTS, dbac
 from clusterattn.presses.base import WindowPress, check_choice, check_float, check_int
-from clusterattn.scoring import AGGREGATIONS, window_scores
+from clusterattn.scoring import AGGREGATIONS, key_leverage_scores, window_scores
+
+SCORERS = ("window", "leverage")
 
 
 @dataclass
@@ -47,6 +51,14 @@ class ClusterAttnPress(WindowPress):
             use (the question comes after compression, so the window cannot point at what it
             will need), where recency carries much of the signal: see ``docs/benchmarks.md``.
             1.0 keeps the last ``B`` prompt tokens (StreamingLLM without sinks).
+        scorer: what DBAC clusters. ``"window"`` (default, the paper): attention from the last
+            ``window_size`` queries. ``"leverage"``: each key's statistical leverage among its
+            head's keys (:func:`~clusterattn.scoring.key_leverage_scores`; Chari & Van Durme,
+            *Compactor*, 2025), which reads no query: for query-agnostic use, where the window holds
+            the end of the context rather than the question, it keeps the spans around keys that
+            stand out from the rest (a needle's names and numbers in a haystack of prose). The
+            scores are rescaled to the window's total mass (``window_size``), so ``alpha`` keeps
+            its meaning: 1.0 puts the threshold at the mean score. ``aggregation`` plays no part.
     """
 
     num_block: int | None = None
@@ -60,6 +72,7 @@ class ClusterAttnPress(WindowPress):
     variant: str = "A"
     expand: int = 1
     recent_ratio: float = 0.0
+    scorer: str = "window"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -83,6 +96,7 @@ class ClusterAttnPress(WindowPress):
             )
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_choice("variant", self.variant, VARIANTS)
+        check_choice("scorer", self.scorer, SCORERS)
         ratio = self.recent_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
             raise TypeError(f"recent_ratio must be a float, got {type(ratio).__name__}")
@@ -90,6 +104,11 @@ class ClusterAttnPress(WindowPress):
             raise ValueError(f"recent_ratio must be in [0, 1], got {ratio}")
 
     def prefix_scores(self, query, key, scaling, *, layer, pad_mask):
+        if self.scorer == "leverage":
+            scores = key_leverage_scores(key, pad_mask=pad_mask)
+            total = scores.nan_to_num(neginf=0.0).sum(dim=-1, keepdim=True).clamp_min_(1e-30)
+            scores = scores * (self.window_size / total)
+            return scores[..., : key.shape[2] - self.window_size]
         return window_scores(
             query, key, scaling, self.window_size, aggregation=self.aggregation, pad_mask=pad_mask
         )
