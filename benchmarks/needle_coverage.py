@@ -13,7 +13,8 @@ value token (``whole``: a number cut in half is a wrong answer), and of the need
 kept (``sentence``: the key that the question names sits there). A proxy for accuracy that costs
 one prefill per prompt and no decoding, for choosing a press's parameters on prompts that the
 reported grid does not use (``--seed 1``: the grid uses seed 0). Prints a markdown table (the
-``whole`` share per task and the three means) and writes ``coverage.json`` under ``--out``.
+``whole`` share per task and the three means) and writes ``coverage.json`` (with the arguments and
+the commit) under ``--out``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 import clusterattn as ca
 from clusterattn.eval.ruler import load_ruler_samples
+from clusterattn.eval.runner import _git_commit
 from clusterattn.eval.spec import budget_label, parse_budget, parse_press
 from clusterattn.presses.base import BasePress
 from clusterattn.steps import build_prompt, prepare_inputs
@@ -123,7 +125,8 @@ def main() -> None:
         del recorder
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "coverage.json").write_text(json.dumps({"args": vars(args), "coverage": results}, indent=1) + "\n")
+    record = {"args": vars(args), "commit": _git_commit(), "coverage": results}
+    (out / "coverage.json").write_text(json.dumps(record, indent=1) + "\n")
     print("| press | budget | " + " | ".join(args.tasks) + " | value / whole / sentence |")
     print("|---" * (len(args.tasks) + 3) + "|")
     for label, by_budget in results.items():
