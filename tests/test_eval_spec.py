@@ -242,6 +242,25 @@ def test_leaderboard_plots_ratio_budgets_against_the_compression_factor(tmp_path
     assert lines["snapkv"] == ([2.0, 8.0], [80.0, 20.0])  # the token budget 64 is not on this axis
 
 
+def test_leaderboard_of_many_presses_puts_the_legend_beside_the_panel(tmp_path, monkeypatch):
+    """Past 8 presses the legend sits outside the axes (right of them), where it covers no line."""
+    import matplotlib.axes
+
+    rows = [_row("full", "full", "vt", 0, 1.0)]
+    rows += [_row(f"clusterattn:window_size={8 + i}", "r0.875", "vt", 0, i / 10) for i in range(9)]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    anchors = []
+    real = matplotlib.axes.Axes.legend
+
+    def legend(self, *args, **kwargs):
+        anchors.append(kwargs.get("bbox_to_anchor"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", legend)
+    write_report(tmp_path)
+    assert anchors[0] is not None and anchors[0][0] > 1.0
+
+
 def test_report_of_ratio_budgets_alone_draws_the_leaderboard_and_no_score_vs_budget(tmp_path):
     """A run without token budgets has no score-vs-budget axis (it used to fail on an empty log axis)."""
     rows = [_row("full", "full", "vt", 0, 1.0), _row("snapkv", "r0.875", "vt", 0, 0.0)]

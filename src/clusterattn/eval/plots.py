@@ -106,7 +106,10 @@ def leaderboard(metrics: list[dict], out: Path) -> list[Path]:
             panels.append(((model, length, setting), rows, tasks, ratios, average))
     if not panels:
         return []
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    # past 8 lines the legend goes beside each panel (inside, it covers the lines and the title)
+    beside = max(len({p for p, b in panel[4] if b in panel[3]}) for panel in panels) > 8
+    width = 5.2 + (3.6 if beside else 0.0)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4.0), squeeze=False)
     for ax, ((model, length, setting), rows, tasks, ratios, average) in zip(axes.flat, panels, strict=True):
         factors = [1.0 / (1.0 - float(b[1:])) for b in ratios]
         presses = sorted({p for p, b in average if b in ratios}, key=press_order)
@@ -125,7 +128,10 @@ def leaderboard(metrics: list[dict], out: Path) -> list[Path]:
         ax.set_ylabel(f"average score over {len(tasks)} tasks", fontsize=8)
         ax.set_title(f"{model}, {length} tokens, {setting.replace('_', '-')}", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, frameon=False)
+        if beside:
+            ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     path = Path(out) / "leaderboard.png"
     fig.savefig(path, dpi=110)
