@@ -48,10 +48,14 @@ class Recorder(BasePress):
         return None
 
 
-def needle_tokens(tokenizer, context: str, sample) -> tuple[list[int], list[int]]:
-    """Token positions of the answer values and of the sentences holding them in the context part."""
-    head, _ = build_prompt(tokenizer, context, sample.question, sample.answer_prefix, True)
-    offsets = tokenizer(head, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+def needle_tokens(tokenizer, sample, prompt_ids: list[int]) -> tuple[list[int], list[int]]:
+    """Token positions of the answer values and of the sentences holding them in the context part
+    (the prompt's first tokens, as :func:`clusterattn.steps.prepare_inputs` tokenises it)."""
+    head, _ = build_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix, True)
+    encoded = tokenizer(head, add_special_tokens=False, return_offsets_mapping=True)
+    if encoded["input_ids"] != prompt_ids[: len(encoded["input_ids"])]:
+        raise RuntimeError(f"{sample.task}: the context's tokens are not the prompt's first tokens")
+    offsets = encoded["offset_mapping"]
     values, sentences = set(), set()
     for answer in sample.answers:
         start = head.find(answer)
@@ -114,7 +118,8 @@ def main() -> None:
             model, tokenizer, sample.context, sample.question, max_new_tokens=1,
             query_aware=args.setting == "query_aware", answer_prefix=sample.answer_prefix,
         )  # fmt: skip
-        values, sentences = (torch.tensor(t) for t in needle_tokens(tokenizer, sample.context, sample))
+        found = needle_tokens(tokenizer, sample, inputs.prompt_ids[0].tolist())
+        values, sentences = (torch.tensor(t) for t in found)
         recorder = Recorder(budget=1)
         with torch.no_grad(), recorder(model):
             model(input_ids=inputs.prompt_ids, attention_mask=inputs.prompt_mask)
