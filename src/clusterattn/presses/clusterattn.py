@@ -58,7 +58,7 @@ class ClusterAttnPress(WindowPress):
             the end of the context rather than the question, it keeps the spans around keys that
             stand out from the rest (a needle's names and numbers in a haystack of prose). The
             scores are rescaled to the window's total mass (``window_size``), so ``alpha`` keeps
-            its meaning: 1.0 puts the threshold at the mean score. ``aggregation`` plays no part.
+            its meaning: 1.0 puts the threshold near the mean score. ``aggregation`` plays no part.
     """
 
     num_block: int | None = None
