@@ -122,9 +122,10 @@ needle-table: .venv/.installed
 # noise of the 3-point target). Resumable: a rerun continues where it stopped.
 EVAL_PRESSES := full clusterattn snapkv chunkkv streamingllm h2o pyramidkv
 EVAL_PEERS := snapkv chunkkv chunkkv:window_size=32,chunk_length=32 expectedattention tova
-# ClusterAttn's query-agnostic preset (7/8 of the budget to recency, chosen on seed-1 samples at 4k
-# and 2k, docs/eval-agnostic-recent-4k and docs/eval-agnostic-recent) and the share first chosen at
-# 2k (3/4, docs/eval-agnostic-recent), scored in that setting only.
+# ClusterAttn's recency preset for SmolLM2 (7/8 of the budget to recency, chosen on seed-1 samples at
+# 4k and 2k, docs/eval-agnostic-recent-4k and docs/eval-agnostic-recent) and the share first chosen at
+# 2k (3/4, docs/eval-agnostic-recent), scored in that setting only. (The leverage preset, chosen on
+# Qwen, is in docs/eval-qwen05b-8k-agnostic-probe; these tables predate it.)
 EVAL_AGNOSTIC := clusterattn:recent_ratio=0.875 clusterattn:recent_ratio=0.75
 eval-table: .venv/.installed .venv-peers/.installed
 	.venv/bin/clusterattn --threads 2 eval --tasks all --lengths 2048 4096 --samples 10 \
