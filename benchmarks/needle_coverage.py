@@ -5,9 +5,10 @@
         --budgets 0.875 0.9375 0.96875 --setting query_agnostic \
         --presses clusterattn clusterattn:scorer=leverage --out runs/needle-coverage
 
-One prefill per prompt records every layer's post-RoPE queries and keys; each press then selects
-from them exactly as it does inside a model (``press.select``), and the needles' tokens are looked
-up in what it keeps. Three shares per press, budget and prompt, each averaged over layers and KV
+One prefill per prompt records every layer's post-RoPE queries and keys
+(:func:`clusterattn.steps.record_prefill`, the evaluation grid's shared prefill); each press then
+selects from them exactly as it does inside a model (``press.select``), and the needles' tokens are
+looked up in what it keeps. Three shares per press, budget and prompt, each averaged over layers and KV
 heads: of the answer values' tokens kept (``value``), of the (layer, head) pairs that keep every
 value token (``whole``: a number cut in half is a wrong answer), and of the needle sentences' tokens
 kept (``sentence``: the key that the question names sits there). A proxy for accuracy that costs
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,21 +31,8 @@ import clusterattn as ca
 from clusterattn.eval.ruler import load_ruler_samples
 from clusterattn.eval.runner import _git_commit
 from clusterattn.eval.spec import budget_label, parse_budget, parse_press
-from clusterattn.presses.base import BasePress
-from clusterattn.steps import build_prompt, prepare_inputs
-
-
-@dataclass
-class Recorder(BasePress):
-    """Keeps every layer's prefill ``(query, key, scaling)`` and leaves the cache untouched."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
-
-    def select(self, query, key, scaling, *, layer, n_layers, pad_mask=None):
-        self.layers[layer] = (query.detach().clone(), key.detach().clone(), float(scaling))
-        return None
+from clusterattn.replay import PrefillRecord
+from clusterattn.steps import build_prompt, prepare_inputs, record_prefill
 
 
 def needle_tokens(tokenizer, sample, prompt_ids: list[int]) -> tuple[list[int], list[int]]:
@@ -70,11 +57,24 @@ def needle_tokens(tokenizer, sample, prompt_ids: list[int]) -> tuple[list[int], 
     return sorted(values), sorted(sentences)
 
 
-def coverage(press, layers: dict, values: torch.Tensor, sentences: torch.Tensor) -> list[float]:
-    """``[value, whole, sentence]`` shares averaged over layers and KV heads."""
+def coverage(press, record: PrefillRecord, values: torch.Tensor, sentences: torch.Tensor) -> list[float]:
+    """``[value, whole, sentence]`` shares averaged over layers and KV heads, ``press`` selecting from
+    the recorded prefill's queries and full keys as it would inside the model."""
     shares = []
-    for layer, (query, key, scaling) in sorted(layers.items()):
-        idx = None if press is None else press.select(query, key, scaling, layer=layer, n_layers=len(layers))
+    for rank, layer_idx in enumerate(record.layers):
+        query, key = record.queries[rank], record.cache.layers[layer_idx].keys
+        idx = (
+            None
+            if press is None
+            else press.select(
+                query,
+                key,
+                record.scaling[rank],
+                layer=rank,
+                n_layers=len(record.layers),
+                pad_mask=record.pad_mask,
+            )
+        )
         keep = torch.ones(*key.shape[:2], key.shape[2], dtype=torch.bool)
         if idx is not None:
             keep = torch.zeros_like(keep).scatter_(-1, idx, True)
@@ -120,14 +120,13 @@ def main() -> None:
         )  # fmt: skip
         found = needle_tokens(tokenizer, sample, inputs.prompt_ids[0].tolist())
         values, sentences = (torch.tensor(t) for t in found)
-        recorder = Recorder(budget=1)
-        with torch.no_grad(), recorder(model):
-            model(input_ids=inputs.prompt_ids, attention_mask=inputs.prompt_mask)
-        for spec in specs:
-            for budget in [None] if spec.is_full else budgets:
-                row = results.setdefault(spec.label, {}).setdefault(budget_label(budget), {})
-                row[task] = coverage(spec.build(budget), recorder.layers, values, sentences)
-        del recorder
+        with torch.no_grad():
+            record, _ = record_prefill(model, inputs)
+            for spec in specs:
+                for budget in [None] if spec.is_full else budgets:
+                    row = results.setdefault(spec.label, {}).setdefault(budget_label(budget), {})
+                    row[task] = coverage(spec.build(budget), record, values, sentences)
+        del record
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"args": vars(args), "commit": _git_commit(), "coverage": results}
