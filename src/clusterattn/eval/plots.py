@@ -103,16 +103,17 @@ def leaderboard(metrics: list[dict], out: Path) -> list[Path]:
         tasks, budgets, _, average = task_averages(rows)
         ratios = sorted((b for b in budgets if b.startswith("r")), key=lambda b: float(b[1:]))
         if ratios:
-            panels.append(((model, length, setting), rows, tasks, ratios, average))
+            presses = sorted({p for p, b in average if b in ratios}, key=press_order)
+            panels.append(((model, length, setting), rows, tasks, ratios, average, presses))
     if not panels:
         return []
     # past 8 lines the legend goes beside each panel (inside, it covers the lines and the title)
-    beside = max(len({p for p, b in panel[4] if b in panel[3]}) for panel in panels) > 8
+    beside = max(len(panel[-1]) for panel in panels) > 8
     width = 5.2 + (3.6 if beside else 0.0)
     fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4.0), squeeze=False)
-    for ax, ((model, length, setting), rows, tasks, ratios, average) in zip(axes.flat, panels, strict=True):
+    for ax, panel in zip(axes.flat, panels, strict=True):
+        (model, length, setting), rows, tasks, ratios, average, presses = panel
         factors = [1.0 / (1.0 - float(b[1:])) for b in ratios]
-        presses = sorted({p for p, b in average if b in ratios}, key=press_order)
         styles = _styles(presses)
         for press in presses:
             ax.plot(factors, [average[press, b] for b in ratios], label=press, **styles[press])
