@@ -73,6 +73,7 @@ def coverage(press, record: PrefillRecord, values: torch.Tensor, sentences: torc
                 layer=rank,
                 n_layers=len(record.layers),
                 pad_mask=record.pad_mask,
+                inv_freq=None if record.inv_freq is None else record.inv_freq[layer_idx],
             )
         )
         keep = torch.ones(*key.shape[:2], key.shape[2], dtype=torch.bool)

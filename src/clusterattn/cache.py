@@ -24,6 +24,7 @@ the model, so a compressed cache decodes correctly in any call, thread or turn.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,8 +38,10 @@ from clusterattn.hf import (
     StaticLayer,
     extend_layers,
     fill_layer,
+    rope_frequencies,
     text_config,
 )
+from clusterattn.rope import reads_unrotated_keys
 from clusterattn.timing import timer
 
 _local = threading.local()
@@ -82,11 +85,14 @@ class CompressionStats:
 @dataclass
 class Plan:
     """What an armed cache will do to its first prefill: ``press`` on the ``layers`` (their order
-    gives each layer's rank, as per-layer budgets need), recording into ``stats``."""
+    gives each layer's rank, as per-layer budgets need), recording into ``stats``. ``inv_freq``:
+    layer index -> that layer's RoPE inverse frequencies, for a press that reads keys before RoPE
+    (:attr:`~clusterattn.presses.base.BasePress.reads_unrotated_keys`); None for the others."""
 
     press: object
     layers: list[int]
     stats: CompressionStats = field(default_factory=CompressionStats)
+    inv_freq: Callable[[int], torch.Tensor] | None = None
 
     def rank(self, layer_idx: int) -> int:
         return self.layers.index(layer_idx)
@@ -142,6 +148,7 @@ def compress_layer(layer, plan: Plan, query, key, value, scaling, pad_mask) -> N
             layer=plan.rank(layer.layer_idx),
             n_layers=len(plan.layers),
             pad_mask=pad_mask,
+            inv_freq=None if plan.inv_freq is None else plan.inv_freq(layer.layer_idx),
         )
         stats.prompt_tokens = key.shape[2]
         if idx is None:
@@ -359,8 +366,8 @@ def holds_tokens(cache: Cache) -> bool:
     )
 
 
-def arm(cache: Cache, press, config) -> CompressionStats:
-    """Make the empty ``cache`` compress its first prefill with ``press``, in place: its
+def arm(cache: Cache, press, model) -> CompressionStats:
+    """Make the empty ``cache`` compress ``model``'s first prefill with ``press``, in place: its
     full-attention layers become :class:`CompressedLayer` s (sliding-window layers stay as they
     are). Returns the stats the compression will fill in. Raises for a non-empty or unsupported
     cache."""
@@ -370,7 +377,7 @@ def arm(cache: Cache, press, config) -> CompressionStats:
             "a press compresses the prefill of an empty cache; this cache already holds tokens "
             "(chunked prefill into a non-empty cache is not supported)"
         )
-    text = text_config(config)
+    text = text_config(model)
     n_layers = text.num_hidden_layers
     layers = compressible_layers(text)
     if not layers:
@@ -378,7 +385,8 @@ def arm(cache: Cache, press, config) -> CompressionStats:
             "this model has no full-attention layer to compress (every layer uses a sliding window: "
             f"sliding_window={getattr(text, 'sliding_window', None)})"
         )
-    plan = Plan(press=press, layers=layers)
+    inv_freq = rope_frequencies(model) if reads_unrotated_keys(press) else None
+    plan = Plan(press=press, layers=layers, inv_freq=inv_freq)
     extend_layers(cache, n_layers)
     for i in layers:
         layer = cache.layers[i]
@@ -440,7 +448,7 @@ class CompressedCache(DynamicCache):
     def __init__(self, model, press) -> None:
         prepare(model, press)
         super().__init__(config=model.config)
-        arm(self, press, model.config)
+        arm(self, press, model)
 
     @property
     def stats(self) -> CompressionStats:

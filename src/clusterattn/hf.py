@@ -13,7 +13,8 @@ The rest of the package reaches transformers through these names: the cache and 
 compressed cache builds on (:mod:`clusterattn.cache` and :mod:`clusterattn.static_cache` subclass
 the layers and override their public protocol: ``update``, ``get_seq_length``, ``get_mask_sizes``,
 ...), the attention-function registry (:func:`register_attention`, :func:`base_attention`), the
-model's attention implementation, and the few layer internals a copied or stacked cache needs
+model's attention implementation, the rotary module's inverse frequencies
+(:func:`rope_frequencies`), and the few layer internals a copied or stacked cache needs
 (:func:`fill_layer`, :func:`extend_layers`). ``tests/test_packaging.py`` checks that no other module
 imports transformers' submodules or touches these internals.
 """
@@ -27,6 +28,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
@@ -54,6 +56,7 @@ __all__ = [
     "new_cache",
     "prompt_mask",
     "register_attention",
+    "rope_frequencies",
     "set_attn_implementation",
     "text_config",
 ]
@@ -253,3 +256,37 @@ def masked_gqa(active: bool = True, how: str | None = None) -> Iterator[None]:
         yield
     finally:
         setattr(_gqa, counter, getattr(_gqa, counter) - 1)
+
+
+@dataclass(frozen=True)
+class RopeFrequencies:
+    """Each layer's RoPE inverse frequencies, read from the model's rotary module when asked (a
+    dynamic RoPE updates them during the forward). ``layer_types``: per layer, the name under
+    which a module with several RoPE bases (Gemma-3's local and global layers) keeps that layer's
+    frequencies, ``<type>_inv_freq``; None when one ``inv_freq`` serves every layer."""
+
+    rotary: torch.nn.Module
+    layer_types: tuple[str, ...] | None = None
+
+    def __call__(self, layer_idx: int) -> torch.Tensor:
+        """``(r / 2,)`` inverse frequencies of layer ``layer_idx``."""
+        if self.layer_types is None:
+            return self.rotary.inv_freq
+        return getattr(self.rotary, f"{self.layer_types[layer_idx]}_inv_freq")
+
+
+def rope_frequencies(model) -> RopeFrequencies:
+    """The RoPE inverse frequencies of ``model``'s layers. Raises ``ValueError`` for a model whose
+    rotary module is not found (no RoPE, or a layout this reader does not know)."""
+    layer_types = getattr(text_config(model), "layer_types", None)
+    for module in model.modules():
+        if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+            return RopeFrequencies(module)
+        if layer_types and all(
+            isinstance(getattr(module, f"{t}_inv_freq", None), torch.Tensor) for t in layer_types
+        ):
+            return RopeFrequencies(module, tuple(layer_types))
+    raise ValueError(
+        f"{type(model).__name__} has no rotary module with an inv_freq buffer: keys cannot be turned back "
+        "to before RoPE (a press with unrotate_keys=True needs them)"
+    )

@@ -223,14 +223,14 @@ def _before_forward(model, args, kwargs):
                 "call the model with use_cache=True (the default) or outside the press"
             )
         cache = DynamicCache(config=model.config)
-        session.stats = arm(cache, session.press, model.config)
+        session.stats = arm(cache, session.press, model)
         name = next((k for k in ("past_key_values", "cache") if k in kwargs), cache_kwarg(model))
         kwargs[name] = cache
         return args, kwargs
     if is_compressed(cache):
         return None  # an armed or compressed cache carries its own press
     if not holds_tokens(cache):
-        session.stats = arm(cache, session.press, model.config)
+        session.stats = arm(cache, session.press, model)
     elif q_len > 1:
         raise ValueError(
             f"{type(session.press).__name__} compresses the prefill of an empty cache; this call feeds "

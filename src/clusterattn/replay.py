@@ -34,7 +34,7 @@ class Recorder:
     def warm_up(self) -> None:
         """Nothing to load."""
 
-    def select(self, query, key, scaling, *, layer, n_layers, pad_mask):
+    def select(self, query, key, scaling, *, layer, n_layers, pad_mask, inv_freq=None):
         self.queries[layer] = query.detach().clone()
         self.scaling[layer] = scaling
         self.pad_mask = pad_mask
@@ -57,13 +57,15 @@ class PrefillRecord:
     pad_mask: torch.Tensor | None
     next_pos: torch.Tensor
     logits: torch.Tensor
+    inv_freq: dict[int, torch.Tensor] | None = None  # per layer index, for presses that unrotate keys
 
 
 def replay(record: PrefillRecord, press) -> tuple[Cache, CompressionStats]:
     """A new cache holding ``press``'s selection from a recorded prefill; the record is unchanged."""
     cache = copy.copy(record.cache)
     cache.layers = [copy.copy(layer) for layer in record.cache.layers]  # decoding grows its own layers
-    plan = Plan(press=press, layers=list(record.layers))
+    inv_freq = None if record.inv_freq is None else record.inv_freq.__getitem__
+    plan = Plan(press=press, layers=list(record.layers), inv_freq=inv_freq)
     press.warm_up()  # outside the timed compression, as in a live prefill
     start = time.perf_counter()
     with torch.no_grad():

@@ -116,7 +116,7 @@ class CompressedStaticCache(StaticCache):
     def __init__(self, model, press, max_cache_len: int) -> None:
         prepare(model, press)
         super().__init__(config=model.config, max_cache_len=max_cache_len)
-        arm(self, press, model.config)
+        arm(self, press, model)
 
     @property
     def stats(self) -> CompressionStats:

@@ -14,7 +14,7 @@ import torch
 from clusterattn.batching import select_rows
 from clusterattn.cache import CompressedCache, CompressedLayer
 from clusterattn.chunked import prefill_chunks
-from clusterattn.hf import cache_kwarg
+from clusterattn.hf import cache_kwarg, rope_frequencies
 from clusterattn.replay import PrefillRecord, Recorder
 
 _PLACEHOLDER = "\u2063clusterattn-context\u2063"
@@ -214,9 +214,14 @@ def record_prefill(model, inputs: Inputs) -> tuple[PrefillRecord, float]:
     logits, next_pos = prefill(model, inputs, cache)
     prefill_s = time.perf_counter() - start
     layers = [i for i, layer in enumerate(cache.layers) if isinstance(layer, CompressedLayer)]
+    try:
+        frequencies = rope_frequencies(model)
+        inv_freq = {i: frequencies(i).detach().clone() for i in layers}
+    except ValueError:  # a model without RoPE: presses that unrotate keys refuse its record
+        inv_freq = None
     record = PrefillRecord(
         cache=cache, queries=recorder.queries, scaling=recorder.scaling, layers=layers,
-        pad_mask=recorder.pad_mask, next_pos=next_pos, logits=logits,
+        pad_mask=recorder.pad_mask, next_pos=next_pos, logits=logits, inv_freq=inv_freq,
     )  # fmt: skip
     return record, prefill_s
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from clusterattn.dbac import topk_indices
+from clusterattn.rope import unrotate
 
 
 def check_int(name: str, value: object, minimum: int) -> None:
@@ -103,6 +104,12 @@ class BasePress:
         return True
 
     @property
+    def reads_unrotated_keys(self) -> bool:
+        """True when :meth:`select_indices` scores the keys before RoPE (and reads no query, which
+        stays rotated); :meth:`select` then needs ``inv_freq``. Default False."""
+        return False
+
+    @property
     def queries_read(self) -> int | None:
         """How many of the prompt's last queries :meth:`select` reads (None: all of them). A
         chunked prefill (:mod:`clusterattn.chunked`) keeps only these from the earlier chunks."""
@@ -118,15 +125,20 @@ class BasePress:
         layer: int,
         n_layers: int,
         pad_mask: torch.Tensor | None = None,
+        inv_freq: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Kept token indices for one layer, or None to leave the layer untouched.
 
         Args:
             query: ``(batch, q_heads, seq, head_dim)`` post-RoPE prompt queries.
-            key: ``(batch, kv_heads, seq, head_dim)`` post-RoPE prompt keys.
+            key: ``(batch, kv_heads, seq, head_dim)`` post-RoPE prompt keys, at positions
+                ``0 .. seq - 1`` (up to one shift per row).
             scaling: the model's attention scale.
             layer: index among the compressible layers; n_layers: their count.
             pad_mask: ``(batch, seq)`` True on real tokens, left padding only.
+            inv_freq: ``(rotated_dims / 2,)`` the layer's RoPE inverse frequencies. Needed only by a
+                press that :attr:`reads_unrotated_keys`: its :meth:`select_indices` then gets the keys
+                turned back to before RoPE (:func:`clusterattn.rope.unrotate`).
 
         Returns:
             ``(batch, kv_heads, budget)`` int64, unique and ascending per head, or None.
@@ -135,6 +147,13 @@ class BasePress:
         budget = self.layer_budget(seq, layer, n_layers)
         if seq <= self.total_budget(seq) or seq <= budget:
             return None
+        if self.reads_unrotated_keys:
+            if inv_freq is None:
+                raise ValueError(
+                    f"{type(self).__name__} scores keys before RoPE and needs the layer's inverse "
+                    "frequencies (select(..., inv_freq=...)); the transformers integration passes them"
+                )
+            key = unrotate(key, inv_freq)
         return self.select_indices(query, key, scaling, budget, layer=layer, pad_mask=pad_mask)
 
     def select_indices(self, query, key, scaling, budget, *, layer, pad_mask):  # pragma: no cover

@@ -59,6 +59,11 @@ class ClusterAttnPress(WindowPress):
             stand out from the rest (a needle's names and numbers in a haystack of prose). The
             scores are rescaled to the window's total mass (``window_size``), so ``alpha`` keeps
             its meaning: 1.0 puts the threshold near the mean score. ``aggregation`` plays no part.
+        unrotate_keys: with ``scorer="leverage"``, score the keys as they were before RoPE
+            (:func:`clusterattn.rope.unrotate`, with the model's own inverse frequencies, which the
+            transformers integration passes), as Compactor does: a rotated key's direction depends on
+            its position, which blurs what the leverage measures. Default False. Not available inside
+            vLLM or under a :class:`~clusterattn.presses.decoding.DecodingPress`.
     """
 
     num_block: int | None = None
@@ -73,6 +78,7 @@ class ClusterAttnPress(WindowPress):
     expand: int = 1
     recent_ratio: float = 0.0
     scorer: str = "window"
+    unrotate_keys: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,11 +103,22 @@ class ClusterAttnPress(WindowPress):
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_choice("variant", self.variant, VARIANTS)
         check_choice("scorer", self.scorer, SCORERS)
+        if not isinstance(self.unrotate_keys, bool):
+            raise TypeError(f"unrotate_keys must be a bool, got {self.unrotate_keys!r}")
+        if self.unrotate_keys and self.scorer != "leverage":
+            raise ValueError(
+                "unrotate_keys=True needs scorer='leverage' (the window scorer reads rotated queries "
+                "against the keys, which must then stay rotated)"
+            )
         ratio = self.recent_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
             raise TypeError(f"recent_ratio must be a float, got {type(ratio).__name__}")
         if not 0.0 <= ratio <= 1.0:  # also rejects NaN
             raise ValueError(f"recent_ratio must be in [0, 1], got {ratio}")
+
+    @property
+    def reads_unrotated_keys(self) -> bool:
+        return self.unrotate_keys
 
     def prefix_scores(self, query, key, scaling, *, layer, pad_mask):
         if self.scorer == "leverage":

@@ -68,6 +68,12 @@ class DecodingPress:
         for name in ("compress_prompt", "protect_prompt"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.press.reads_unrotated_keys:
+            raise ValueError(
+                f"DecodingPress cannot re-select with a press that scores keys before RoPE "
+                f"({type(self.press).__name__} with unrotate_keys=True): after the first selection the "
+                "cache's slots no longer sit at consecutive positions, so its keys cannot be turned back"
+            )
         if not self.press.uniform_layers:
             raise ValueError(
                 f"DecodingPress needs a press that keeps one budget in every layer; "
@@ -95,7 +101,11 @@ class DecodingPress:
     def uniform_layers(self) -> bool:
         return True
 
-    def select(self, query, key, scaling, *, layer, n_layers, pad_mask=None):
+    @property
+    def reads_unrotated_keys(self) -> bool:
+        return False  # refused in __post_init__
+
+    def select(self, query, key, scaling, *, layer, n_layers, pad_mask=None, inv_freq=None):
         """The prefill's selection: the wrapped press's, or None with ``compress_prompt=False``."""
         if not self.compress_prompt:
             return None
