@@ -261,6 +261,17 @@ def test_leaderboard_of_many_presses_puts_the_legend_beside_the_panel(tmp_path, 
     assert anchors[0] is not None and anchors[0][0] > 1.0
 
 
+def test_report_of_a_partial_run_draws_its_figures(tmp_path):
+    """A run stopped part way (presses scored on some tasks only: every average over the run's
+    tasks is NaN, and a task panel may hold no press at all) still gets its figures."""
+    rows = [_row("full", "full", task, 0, 1.0) for task in ("vt", "cwe")]
+    rows += [_row("snapkv", budget, "vt", 0, 0.5) for budget in ("r0.875", "r0.9375", "64", "128")]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    names = {p.name for p in write_report(tmp_path)}
+    assert "leaderboard.png" in names
+    assert any(name.startswith("score_vs_budget") for name in names)
+
+
 def test_report_of_ratio_budgets_alone_draws_the_leaderboard_and_no_score_vs_budget(tmp_path):
     """A run without token budgets has no score-vs-budget axis (it used to fail on an empty log axis)."""
     rows = [_row("full", "full", "vt", 0, 1.0), _row("snapkv", "r0.875", "vt", 0, 0.0)]

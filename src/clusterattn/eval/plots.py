@@ -76,6 +76,7 @@ def score_vs_budget(metrics: list[dict], out: Path) -> list[Path]:
                 ax.axhline(full, color="black", linestyle=":", linewidth=1.2, label="full cache")
             ax.set_title(panel, fontsize=9)
             ax.set_xscale("log", base=2)
+            ax.set_xlim(budgets[0] / 1.25, budgets[-1] * 1.25)  # set, not fitted: a panel may have no data
             ax.set_xticks(budgets, [str(b) for b in budgets], fontsize=7)
             ax.set_ylim(-3, 103)
             ax.grid(alpha=0.3)
@@ -124,6 +125,8 @@ def leaderboard(metrics: list[dict], out: Path) -> list[Path]:
             top = max(top, float(np.mean(full)))
         ax.set_ylim(0, min(103, top + 8))
         ax.set_xscale("log", base=2)
+        # set, not fitted: a press still running has no average over every task yet (all NaN)
+        ax.set_xlim(factors[0] / 1.25, factors[-1] * 1.25)
         ax.set_xticks(factors, [f"{f:.0f}:1" for f in factors], fontsize=8)
         ax.set_xlabel("compression (prompt tokens : kept tokens)", fontsize=8)
         ax.set_ylabel(f"average score over {len(tasks)} tasks", fontsize=8)
