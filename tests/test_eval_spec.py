@@ -210,11 +210,27 @@ def test_plot_styles_tell_every_press_apart():
     presses = ["chunkkv", "clusterattn", "clusterattn:recent_ratio=0.75", "clusterattn:recent_ratio=0.875"]
     presses += ["h2o", "kvpress:snapkv", "pyramidkv", "snapkv", "streamingllm"]
     styles = _styles(presses)
-    looks = {(s["color"], s["linestyle"]) for s in styles.values()}
+    looks = {(s["color"], s["linestyle"], s["marker"]) for s in styles.values()}
     assert len(looks) == len(presses)  # no two lines drawn alike
     reds = {"tab:red", "darkred", "lightcoral", "maroon"}
     assert {p for p, s in styles.items() if s["color"] in reds} == {p for p in presses if "clusterattn" in p}
     assert styles["kvpress:snapkv"]["linestyle"] == "--"
+    # a leaderboard with kvpress's presses beside ours: more lines than shades or colours
+    many = [f"clusterattn:window_size={8 + i}" for i in range(9)] + [f"kvpress:p{i}" for i in range(14)]
+    many += ["snapkv", "chunkkv", "streamingllm"]
+    styles = _styles(many)
+    assert len({(s["color"], s["linestyle"], s["marker"]) for s in styles.values()}) == len(many)
+
+
+def test_long_press_labels_wrap_after_commas():
+    from clusterattn.eval.plots import _wrapped
+
+    spec = "clusterattn:max_clusters=None,n_sink=4,scorer=leverage,span_before=0.5,span_width=24,"
+    spec += "unrotate_keys=True"
+    lines = _wrapped(spec).split("\n")
+    assert len(lines) == 3 and all(len(line) <= 45 for line in lines)
+    assert "".join(line.strip() for line in lines) == spec
+    assert _wrapped("snapkv") == "snapkv"
 
 
 def test_leaderboard_plots_ratio_budgets_against_the_compression_factor(tmp_path, monkeypatch):

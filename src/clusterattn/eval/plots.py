@@ -31,23 +31,42 @@ _OTHERS = (
 
 
 def _styles(presses: list[str]) -> dict[str, dict]:
-    """A line style per press: ClusterAttn thick and in reds (each configuration its own shade and
-    dash), every other press thin in a colour that is never red (kvpress's dashed)."""
+    """A line style per press, no two alike: ClusterAttn thick and in reds (each configuration its
+    own shade and dash; the dashes shift once the shades wrap), every other press thin in a colour
+    that is never red (kvpress's dashed; the marker changes once the colours wrap)."""
     ours = [p for p in presses if p == "clusterattn" or p.startswith("clusterattn:")]
     others = [p for p in presses if p not in ours]
     styles = {}
     for i, press in enumerate(ours):
-        dash = ("-", "--", "-.", ":")[i % 4]
+        dash = ("-", "--", "-.", ":")[(i + i // len(_OURS)) % 4]
         styles[press] = {"linewidth": 2.6, "color": _OURS[i % len(_OURS)], "linestyle": dash, "marker": "o"}
-    for i, press in enumerate(others):
-        dash = "--" if press.startswith("kvpress:") else "-"
-        styles[press] = {
-            "linewidth": 1.2,
-            "color": _OTHERS[i % len(_OTHERS)],
-            "linestyle": dash,
-            "marker": ".",
-        }
+    groups = (
+        [p for p in others if p.startswith("kvpress:")],
+        [p for p in others if not p.startswith("kvpress:")],
+    )
+    for dash, group in zip(("--", "-"), groups, strict=True):
+        for i, press in enumerate(group):
+            styles[press] = {
+                "linewidth": 1.2,
+                "color": _OTHERS[i % len(_OTHERS)],
+                "linestyle": dash,
+                "marker": (".", "x", "^", "s")[(i // len(_OTHERS)) % 4],
+            }
     return styles
+
+
+def _wrapped(label: str, width: int = 44) -> str:
+    """``label`` broken after commas into lines of about ``width`` characters (a press spec with
+    many fields, e.g. ``clusterattn:scorer=leverage,...``, would otherwise crowd out the axes)."""
+    lines = [""]
+    for part in label.split(","):
+        piece = part if not lines[-1] else "," + part
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines[-1] += ","
+            lines.append("  " + part)
+        else:
+            lines[-1] += piece
+    return "\n".join(lines)
 
 
 def score_vs_budget(metrics: list[dict], out: Path) -> list[Path]:
@@ -117,7 +136,8 @@ def leaderboard(metrics: list[dict], out: Path) -> list[Path]:
         factors = [1.0 / (1.0 - float(b[1:])) for b in ratios]
         styles = _styles(presses)
         for press in presses:
-            ax.plot(factors, [average[press, b] for b in ratios], label=press, **styles[press])
+            label = _wrapped(press) if beside else press
+            ax.plot(factors, [average[press, b] for b in ratios], label=label, **styles[press])
         full = [r["score"] for r in rows if r["budget"] == "full"]
         top = max([average[p, b] for p in presses for b in ratios if not math.isnan(average[p, b])] or [0])
         if len(full) == len(tasks):
@@ -138,7 +158,7 @@ def leaderboard(metrics: list[dict], out: Path) -> list[Path]:
             ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     path = Path(out) / "leaderboard.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend beside a panel stays in the picture
     plt.close(fig)
     return [path]
 
