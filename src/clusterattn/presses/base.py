@@ -151,7 +151,8 @@ class BasePress:
             if inv_freq is None:
                 raise ValueError(
                     f"{type(self).__name__} scores keys before RoPE and needs the layer's inverse "
-                    "frequencies (select(..., inv_freq=...)); the transformers integration passes them"
+                    "frequencies (select(..., inv_freq=...)); the transformers integration and the "
+                    "vLLM plugin pass them"
                 )
             key = unrotate(key, inv_freq)
         return self.select_indices(query, key, scaling, budget, layer=layer, pad_mask=pad_mask)

@@ -61,9 +61,9 @@ class ClusterAttnPress(WindowPress):
             its meaning: 1.0 puts the threshold near the mean score. ``aggregation`` plays no part.
         unrotate_keys: with ``scorer="leverage"``, score the keys as they were before RoPE
             (:func:`clusterattn.rope.unrotate`, with the model's own inverse frequencies, which the
-            transformers integration passes), as Compactor does: a rotated key's direction depends on
-            its position, which blurs what the leverage measures. Default False. Not available inside
-            vLLM or under a :class:`~clusterattn.presses.decoding.DecodingPress`.
+            transformers integration and the vLLM plugin pass), as Compactor does: a rotated key's
+            direction depends on its position, which blurs what the leverage measures. Default
+            False. Not under a :class:`~clusterattn.presses.decoding.DecodingPress`.
     """
 
     num_block: int | None = None

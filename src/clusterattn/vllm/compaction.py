@@ -28,15 +28,17 @@ def select_kept(
     *,
     layer: int,
     n_layers: int,
+    inv_freq: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Kept prompt indices ``(kv_heads, budget)`` from token-major prompt ``query`` / ``key``.
 
     Calls the core library's press on ``(1, heads, seq, head_dim)`` views, exactly as the
-    transformers integration does; None when the press leaves the layer untouched.
+    transformers integration does (``inv_freq``: the layer's RoPE inverse frequencies, for a press
+    that scores the keys before RoPE); None when the press leaves the layer untouched.
     """
     q = query.transpose(0, 1).unsqueeze(0)
     k = key.transpose(0, 1).unsqueeze(0)
-    idx = press.select(q, k, scaling, layer=layer, n_layers=n_layers, pad_mask=None)
+    idx = press.select(q, k, scaling, layer=layer, n_layers=n_layers, pad_mask=None, inv_freq=inv_freq)
     return None if idx is None else idx[0]
 
 
@@ -60,6 +62,7 @@ def compact(
     prompt_len: int,
     layer: int,
     n_layers: int,
+    inv_freq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Keys and values ``(kept + extra, kv_heads, head_dim)`` for the request's first slots.
 
@@ -68,7 +71,15 @@ def compact(
     prefilled again with its earlier output) are appended whole, after the kept prompt tokens.
     Returns None when the press keeps the whole prompt.
     """
-    idx = select_kept(press, query[:prompt_len], key[:prompt_len], scaling, layer=layer, n_layers=n_layers)
+    idx = select_kept(
+        press,
+        query[:prompt_len],
+        key[:prompt_len],
+        scaling,
+        layer=layer,
+        n_layers=n_layers,
+        inv_freq=inv_freq,
+    )
     if idx is None:
         return None
     keys = gather_tokens(key[:prompt_len], idx)
@@ -95,9 +106,10 @@ def compact_or_log(item, query, key, value, scale, layer_idx: int):
     the press raises or keeps the wrong count: one request's fault must not take the engine down."""
     try:
         with torch.no_grad():
+            inv_freq = None if item.inv_freq is None else item.inv_freq.get(layer_idx)
             pair = compact(
                 item.press, query, key, value, scale,
-                prompt_len=item.prompt_len, layer=layer_idx, n_layers=item.n_layers,
+                prompt_len=item.prompt_len, layer=layer_idx, n_layers=item.n_layers, inv_freq=inv_freq,
             )  # fmt: skip
         if pair is None or pair[0].shape[0] != item.tokens - (item.prompt_len - item.kept):
             raise RuntimeError(f"it did not keep {item.kept} tokens")

@@ -236,6 +236,7 @@ class _Compression:
     press: BasePress
     n_layers: int  # decoder attention layers of the model (the press's n_layers)
     failed: bool = False  # the press raised: this request keeps its most recent tokens instead
+    inv_freq: dict[int, torch.Tensor] | None = None  # per layer, for a press that unrotates keys
 
 
 @dataclass
@@ -247,6 +248,7 @@ class WorkerState:
     trims: list[tuple[str, int]] = field(default_factory=list)  # (req_id, physical length)
     n_layers: int = 0
     decoding: decode_eviction.DecodeEviction | None = None  # requests with a decode budget
+    inv_freq: dict[int, torch.Tensor] | None = None  # read once, when a press first needs them
 
 
 _STEP: list[_Compression] = []  # compressions of the step being executed (read by the attention hook)
@@ -261,6 +263,48 @@ def worker_state(runner) -> WorkerState:
         state = WorkerState(n_layers=len(decoders), decoding=decode_eviction.DecodeEviction(len(decoders)))
         runner._clusterattn = state
     return state
+
+
+def rope_frequencies(model) -> dict[int, torch.Tensor]:
+    """Each decoder layer's RoPE inverse frequencies (fp32), for a press that scores the keys
+    before RoPE: the angle of position 1 in the cos/sin table the layer's rotary module computes
+    (recomputed in fp32, whatever the engine's dtype), so that every scaled variant comes out as
+    vLLM applies it. Raises ``ValueError`` without rotary modules, or for GPT-J-style (interleaved)
+    rotation, which :func:`clusterattn.rope.unrotate` does not undo."""
+    table: dict[int, torch.Tensor] = {}
+    seen: dict[int, torch.Tensor] = {}  # one rotary module is often shared by every layer
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name.endswith("rotary_emb") or not hasattr(module, "_compute_cos_sin_cache"):
+            continue
+        if id(module) not in seen:
+            if not module.is_neox_style:
+                raise ValueError(f"{name}: interleaved (GPT-J style) RoPE cannot be turned back here")
+            angles = module._compute_cos_sin_cache().float()[1]  # (cos | sin) of position 1
+            half = angles.shape[-1] // 2
+            seen[id(module)] = torch.atan2(angles[half:], angles[:half])
+        table[extract_layer_index(name)] = seen[id(module)]
+    if not table:
+        raise ValueError(f"{type(model).__name__} has no rotary module: keys cannot be turned back")
+    return table
+
+
+def _with_frequencies(item: _Compression, state: WorkerState, runner) -> _Compression:
+    """``item`` with the model's RoPE frequencies when its press scores keys before RoPE; a model
+    whose frequencies cannot be read fails this request alone (it keeps its most recent tokens)."""
+    if not item.press.reads_unrotated_keys:
+        return item
+    try:
+        if state.inv_freq is None:
+            state.inv_freq = rope_frequencies(runner.get_model())
+        item.inv_freq = state.inv_freq
+    except Exception as err:  # noqa: BLE001 (one request's press must not take the engine down)
+        item.failed = True
+        logger.error(
+            "clusterattn: request %s: %r needs the model's RoPE frequencies (%s); the request keeps its "
+            "most recent %d prompt tokens instead",
+            item.req_id, item.press, err, item.kept,
+        )  # fmt: skip
+    return item
 
 
 def _update_states(self, scheduler_output):
@@ -316,7 +360,8 @@ def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         if kept is None or computed >= prompt_len:
             continue
         decode_eviction.check_whole_prompt(req_id, computed, count, prompt_len)
-        _STEP.append(_Compression(req_id, int(starts[row]), count, prompt_len, kept, press, state.n_layers))
+        item = _Compression(req_id, int(starts[row]), count, prompt_len, kept, press, state.n_layers)
+        _STEP.append(_with_frequencies(item, state, self))
     if offsets.any():
         total = int(num_scheduled_tokens.sum())
         per_token = torch.from_numpy(np.repeat(offsets, num_scheduled_tokens[:num_reqs]))

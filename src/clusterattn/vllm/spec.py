@@ -57,11 +57,6 @@ def parse_press(spec: str | None) -> BasePress | DecodingPress | None:
             f"{type(press).__name__} gives layers different budgets; the paged cache of vLLM holds "
             "one length per request for all layers: use a uniform press"
         )
-    if press.reads_unrotated_keys:
-        raise ValueError(
-            f"press {spec!r}: unrotate_keys needs each layer's RoPE frequencies, which the vLLM plugin "
-            "does not read (it scores the keys as vLLM caches them, after RoPE); use it with transformers"
-        )
     press.warm_up()  # once per spec (cached): a press's one-time set-up runs before the first request
     return press
 
