@@ -124,15 +124,21 @@ EVAL_PRESSES := full clusterattn snapkv chunkkv streamingllm h2o pyramidkv
 EVAL_PEERS := snapkv chunkkv chunkkv:window_size=32,chunk_length=32 expectedattention tova
 # ClusterAttn's recency preset for SmolLM2 (7/8 of the budget to recency, chosen on seed-1 samples at
 # 4k and 2k, docs/eval-agnostic-recent-4k and docs/eval-agnostic-recent) and the share first chosen at
-# 2k (3/4, docs/eval-agnostic-recent), scored in that setting only. (The leverage preset, chosen on
-# Qwen, is in docs/eval-qwen05b-8k-agnostic-probe; these tables predate it.)
+# 2k (3/4, docs/eval-agnostic-recent), scored in that setting only.
 EVAL_AGNOSTIC := clusterattn:recent_ratio=0.875 clusterattn:recent_ratio=0.75
+# The leverage presets chosen on Qwen2.5-Coder-0.5B (docs/eval-qwen05b-8k-agnostic-probe/selection):
+# the query-agnostic preset and the same on rotated keys with 16-token spans, at 2k only.
+EVAL_LEVERAGE := clusterattn:scorer=leverage,max_clusters=none,span_before=0.5,n_sink=4 \
+  clusterattn:scorer=leverage,unrotate_keys=true,max_clusters=none,span_width=24,span_before=0.5,n_sink=4
 eval-table: .venv/.installed .venv-peers/.installed
 	.venv/bin/clusterattn --threads 2 eval --tasks all --lengths 2048 4096 --samples 10 \
 	  --budgets 64 128 256 512 1024 --settings query_aware query_agnostic --presses $(EVAL_PRESSES) \
 	  --peer $(EVAL_PEERS) --max-new-tokens 64 --seed 0 --out docs/eval --doc docs/benchmarks.md
 	.venv/bin/clusterattn --threads 2 eval --tasks all --lengths 2048 4096 --samples 10 \
 	  --budgets 64 128 256 512 1024 --settings query_agnostic --presses $(EVAL_AGNOSTIC) \
+	  --max-new-tokens 64 --seed 0 --out docs/eval --doc docs/benchmarks.md
+	.venv/bin/clusterattn --threads 2 eval --tasks all --lengths 2048 --samples 10 \
+	  --budgets 64 128 256 512 1024 --settings query_agnostic --presses $(EVAL_LEVERAGE) \
 	  --max-new-tokens 64 --seed 0 --out docs/eval --doc docs/benchmarks.md
 	.venv/bin/clusterattn --threads 2 eval --models gemma3-270m --tasks niah --lengths 8192 --samples 10 \
 	  --budgets 64 128 256 512 1024 --settings query_aware --presses $(EVAL_PRESSES) \
