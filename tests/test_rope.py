@@ -16,6 +16,7 @@ from clusterattn.rope import unrotate
 from clusterattn.vllm.spec import parse_press
 from conftest import tiny_model
 from test_eval_grid import recorded
+from test_presses import qk
 
 
 def naive_rotate(x: torch.Tensor, inv_freq: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -89,11 +90,6 @@ def test_unrotate_gives_back_the_keys_the_model_computed_before_rope(family):
 def test_rope_frequencies_refuses_a_model_without_a_rotary_module():
     with pytest.raises(ValueError, match="inv_freq"):
         rope_frequencies(torch.nn.Linear(2, 2))
-
-
-def qk(seq=200, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 4, seq, 16, generator=g), torch.randn(2, 2, seq, 16, generator=g)
 
 
 def test_unrotating_press_scores_the_keys_before_rope_and_ignores_a_position_shift():
